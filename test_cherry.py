@@ -1,0 +1,222 @@
+"""Tests of behaviour and invariants. Tiny models and data: the whole file runs in a few minutes on 2 CPU cores."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cherry
+import train
+from data import prepare as data_prep
+
+
+def tiny_config(**kw):
+    return cherry.GPTConfig(**{"block_size": 32, "vocab_size": 96, "n_layer": 2, "n_head": 2, "n_embd": 32, **kw})
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return cherry.GPT(tiny_config(**kw)).eval()
+
+
+# ----------------------------------------------------------------------------
+# the transformer
+
+
+def test_causality_future_tokens_never_change_earlier_logits():
+    model = tiny_model()
+    x = torch.randint(0, 96, (2, 24))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        a, b = model.lm_head(model.hidden(x)), model.lm_head(model.hidden(y))
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_kv_cache_generation_equals_full_recompute_past_the_block_size():
+    model = tiny_model()
+    prompt = torch.randint(0, 96, (2, 5))
+    # 40 new tokens run past block_size 32: the cache must refill exactly as the cropped context does
+    with_cache = model.generate(prompt, 40, temperature=0, use_cache=True)
+    without = model.generate(prompt, 40, temperature=0, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_kv_cache_logits_match_a_full_forward():
+    model = tiny_model()
+    x = torch.randint(0, 96, (1, 20))
+    cache = cherry.KVCache()
+    with torch.no_grad():
+        full = model.hidden(x)
+        parts = [model.hidden(x[:, :7], cache), model.hidden(x[:, 7:15], cache), model.hidden(x[:, 15:], cache)]
+    assert torch.allclose(full, torch.cat(parts, dim=1), atol=1e-5)
+
+
+def test_flops_per_token_counts_the_matmuls():
+    cfg = cherry.GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=4)
+    per_layer = 2 * 12 * 16 + 4 * 8 * 4
+    assert cherry.flops_per_token(cfg, training=False) == per_layer + 2 * 4 * 10
+    assert cherry.flops_per_token(cfg, sgt_fraction=0.5) == 3 * (per_layer + 4 * 10)
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny_model()
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu")
+    decayed, plain = opt.param_groups
+    assert all(p.dim() >= 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in plain["params"]) and plain["weight_decay"] == 0.0
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------
+# SGT
+
+
+def test_gathered_head_loss_and_gradients_equal_the_masked_full_loss():
+    x = torch.randint(0, 96, (3, 16))
+    y = torch.randint(0, 96, (3, 16))
+    select = cherry.select_tokens(y, 0.25, "random", generator=torch.Generator().manual_seed(0))
+    mask = cherry.selection_mask(select, 16)
+
+    m1 = tiny_model()
+    _, gathered = m1(x, y, select)
+    gathered.backward()
+    m2 = tiny_model()
+    logits = m2.lm_head(m2.hidden(x))
+    masked = F.cross_entropy(logits[mask], y[mask])  # mean over the selected positions only
+    masked.backward()
+
+    assert torch.allclose(gathered, masked, atol=1e-6)
+    for (name, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.allclose(p1.grad, p2.grad, atol=1e-6), name
+
+
+def test_selector_picks_ceil_f_T_distinct_positions_per_sequence():
+    y = torch.randint(0, 96, (4, 50))
+    for f in (0.05, 0.15, 0.5, 1.0):
+        for method in ("surprisal", "random"):
+            sel = cherry.select_tokens(y, f, method, torch.rand(96), torch.Generator().manual_seed(0))
+            assert sel.shape == (4, math.ceil(f * 50))
+            assert all(len(set(row.tolist())) == sel.size(1) for row in sel)
+
+
+def test_surprisal_selector_prefers_rare_tokens():
+    counts = {str(i): 1000 // (i + 1) for i in range(96)}  # token 0 frequent ... token 95 rare
+    surprisal = cherry.surprisal_table(counts, 96)
+    assert surprisal[95] > surprisal[0]
+    y = torch.randint(0, 96, (2, 40))
+    sel = cherry.select_tokens(y, 0.15, "surprisal", surprisal)
+    mask = cherry.selection_mask(sel, 40)
+    for b in range(2):  # every selected token is at least as surprising as every unselected one
+        assert surprisal[y[b][mask[b]]].min() >= surprisal[y[b][~mask[b]]].max()
+
+
+def test_gamma_equals_a_hand_computation():
+    x = torch.randint(0, 96, (2, 16))
+    y = torch.randint(0, 96, (2, 16))
+    select = cherry.select_tokens(y, 0.25, "random", generator=torch.Generator().manual_seed(1))
+    mask = cherry.selection_mask(select, 16)
+    model = tiny_model()
+    gamma, norm_s, norm_u = cherry.gradient_coupling(model, x, y, select)
+
+    grads = []
+    for part in (mask, ~mask):  # two separate backward passes, by hand
+        model.zero_grad()
+        logits = model.lm_head(model.hidden(x))
+        F.cross_entropy(logits[part], y[part]).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    g_s, g_u = grads
+    assert gamma == pytest.approx((g_s @ g_u / (g_s.norm() * g_u.norm())).item(), abs=1e-5)
+    assert norm_s == pytest.approx(g_s.norm().item(), rel=1e-5)
+    assert norm_u == pytest.approx(g_u.norm().item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# data
+
+
+def test_offline_gpt2_tokenizer_round_trip_and_known_ids():
+    enc = data_prep.get_tokenizer("gpt2")
+    assert enc.n_vocab == 50257 and enc.eot_token == 50256
+    assert enc.encode_ordinary("Hello world") == [15496, 995]  # GPT-2's own ids
+    text = "To be, or not to be: that is the question.\n\tnaïve café 한국어 🍒"
+    assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_prepare_is_deterministic_and_splits_every_document(tmp_path):
+    docs = ["First document. " * 50, "Second one, different words! " * 40]
+    m1 = data_prep.prepare(docs, tmp_path / "a")
+    m2 = data_prep.prepare(docs, tmp_path / "b")
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    enc = data_prep.get_tokenizer()
+    train_ids = np.fromfile(tmp_path / "a" / "train.bin", dtype=np.uint16)
+    val_ids = np.fromfile(tmp_path / "a" / "val.bin", dtype=np.uint16)
+    assert m1["train_tokens"] + m1["val_tokens"] == sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
+    assert (val_ids == enc.eot_token).sum() == 2 and (train_ids == enc.eot_token).sum() == 0
+    assert sum(m1["unigram_counts"].values()) == m1["train_tokens"] == m2["train_tokens"]
+
+
+def test_prepare_reports_a_missing_input_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        data_prep.main(["--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "x")])
+
+
+# ----------------------------------------------------------------------------
+# training end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """About 60k tokens of real text: the first part of four plays."""
+    path = tmp_path_factory.mktemp("data") / "tiny"
+    data_prep.prepare([d[:60_000] for d in data_prep.shakespeare_documents()[:4]], path)
+    return str(path)
+
+
+def run_train(data, out_dir, *extra):
+    flags = ["--data", data, "--out_dir", str(out_dir), "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+             "--block_size", "32", "--batch_size", "8", "--eval_iters", "4", "--log_interval", "1000",
+             "--warmup_iters", "5", "--lr", "3e-3", "--device", "cpu", *extra]
+    train.main(flags)
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return rows, json.load(open(os.path.join(out_dir, "summary.json")))
+
+
+def test_sgt_training_lowers_every_held_out_loss_and_writes_the_outputs(tiny_data, tmp_path):
+    rows, summary = run_train(tiny_data, tmp_path, "--sgt", "0.15", "--max_iters", "60", "--eval_interval", "30")
+    assert [r["iter"] for r in rows] == [0, 30, 60]
+    first, last = rows[0], rows[-1]
+    for key in ("loss", "loss_sup", "loss_unsup"):
+        assert last[key] < first[key], key
+    assert last["loss_unsup"] < first["loss_unsup"] - 1.0  # never supervised, yet they improve most
+    assert all(-1 <= r["gamma"] <= 1 for r in rows)
+    assert summary["best"]["loss"] == min(r["loss"] for r in rows)
+    assert summary["config"]["n_layer"] == 2 and summary["args"]["sgt"] == 0.15
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["iter"] == 60
+    cherry.GPT.from_checkpoint(ckpt)  # the checkpoint rebuilds the model on its own
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    common = ["--sgt", "0.3", "--sgt_select", "random", "--eval_interval", "4", "--lr_decay_iters", "8"]
+    run_train(tiny_data, tmp_path / "straight", *common, "--max_iters", "8")
+    run_train(tiny_data, tmp_path / "split", *common, "--max_iters", "4")
+    rows, _ = run_train(tiny_data, tmp_path / "split", *common, "--max_iters", "8", "--resume")
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["iter"] for r in rows] == [0, 4, 8]
+
+
+def test_bad_data_path_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no train.bin"):
+        train.main(["--data", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        train.main(["--sgt", "1.5"])
