@@ -19,6 +19,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------
 # 1. Config
@@ -36,6 +37,22 @@ class GPTConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+# Model shapes by name. The paper's figures (abstract): 1B dense with 48 layers, its 6-layer compression
+# at 227M, a 566M dense model. They fit ~18.7M parameters per layer (12 d^2, d = 1248) plus ~117M of
+# embeddings, which implies a vocabulary near 93k (the paper's Korean tokenizer is not public).
+GPT2 = dict(block_size=1024, vocab_size=50304, bias=True)
+PAPER = dict(n_embd=1248, n_head=13, vocab_size=93440, block_size=2048)
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, **GPT2),         # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **GPT2),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, **GPT2),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **GPT2),      # 1558M
+    "cherry-1b": dict(n_layer=48, **PAPER),      # the dense model the paper compresses
+    "cherry-566m": dict(n_layer=24, **PAPER),    # the dense model with ~2.5x the compressed parameters
+    "cherry-227m": dict(n_layer=6, **PAPER),     # the 6-layer compression, before unrolling
+}
 
 
 # ----------------------------------------------------------------------------
@@ -118,6 +135,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.grad_checkpoint = False  # activation checkpointing, for the big presets
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -155,7 +173,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, cache_slot=i)
+            if self.grad_checkpoint and self.training and cache is None:  # recompute activations in backward: less memory
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, cache_slot=i)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, select=None):

@@ -220,3 +220,35 @@ def test_bad_data_path_is_a_one_line_error(tmp_path):
         train.main(["--data", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         train.main(["--sgt", "1.5"])
+
+
+# ----------------------------------------------------------------------------
+# scale: presets and distributed training
+
+
+@pytest.mark.parametrize("name, paper_params", [("cherry-1b", 1.0e9), ("cherry-227m", 227e6), ("cherry-566m", 566e6),
+                                                ("gpt2", 124e6), ("gpt2-xl", 1558e6)])
+def test_presets_match_the_published_parameter_counts(name, paper_params):
+    with torch.device("meta"):  # no memory, no time: shapes only
+        model = cherry.GPT(cherry.GPTConfig(**cherry.PRESETS[name]))
+    assert cherry.count_params(model) == pytest.approx(paper_params, rel=0.05)
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_data, tmp_path):
+    import subprocess
+    import sys
+    flags = ["--data", tiny_data, "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+             "--batch_size", "4", "--grad_accum", "2", "--max_iters", "6", "--eval_interval", "3", "--eval_iters", "2",
+             "--sgt", "0.3", "--sgt_select", "random", "--device", "cpu", "--log_interval", "100"]
+    train.main(flags + ["--out_dir", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                    *flags, "--out_dir", str(tmp_path / "two")], check=True, env=env, capture_output=True,
+                   cwd=os.path.dirname(os.path.abspath(__file__)))
+    one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [r["iter"] for r in one] == [r["iter"] for r in two] == [0, 3, 6]
+    for a, b in zip(one, two):
+        for key in ("loss", "loss_sup", "loss_unsup"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["iter"], key)
+    assert one[-1]["loss"] < one[0]["loss"]

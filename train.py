@@ -38,10 +38,12 @@ def training_args(parser=None):
     a("--out_dir", default="out", help="where ckpt.pt, metrics.jsonl, summary.json go")
     a("--resume", action="store_true", help="continue exactly from <out_dir>/ckpt.pt")
     # model
+    a("--preset", choices=sorted(cherry.PRESETS), help="a named model shape (GPT-2 sizes, the paper's); other model flags override it")
     a("--n_layer", type=int, default=4, help="transformer layers")
     a("--n_head", type=int, default=4, help="attention heads")
     a("--n_embd", type=int, default=256, help="residual width")
     a("--block_size", type=int, default=128, help="context length in tokens")
+    a("--vocab_size", type=int, default=None, help="model vocabulary (default: the data's, padded to a multiple of 64)")
     a("--dropout", type=float, default=0.0, help="dropout probability")
     a("--bias", action="store_true", help="biases in linears and LayerNorms (GPT-2 has them)")
     # optimisation
@@ -67,7 +69,18 @@ def training_args(parser=None):
     a("--device", default="auto", help="cpu, cuda, cuda:1, mps (auto: cuda if available)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast precision (auto: bfloat16 on a GPU that has it, else float32)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--grad_checkpoint", action="store_true", help="activation checkpointing: recompute in backward, for big models")
     return p
+
+
+def parse_args(p, argv=None):
+    """Parse with the preset's shape as defaults, so explicit flags still win."""
+    args = p.parse_args(argv)
+    if args.preset:
+        p.set_defaults(**cherry.PRESETS[args.preset])
+        args = p.parse_args(argv)
+    check_args(p, args)
+    return args
 
 
 def check_args(p, args):
@@ -131,6 +144,24 @@ class Selector:
 # training
 
 
+# Dense tensor-core peak FLOP/s by GPU name: (bf16/fp16, tf32). More specific names first.
+PEAK_FLOPS = [("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 494e12), ("H200", 989e12, 494e12),
+              ("GH200", 989e12, 494e12), ("B200", 2250e12, 1100e12), ("A100", 312e12, 156e12),
+              ("L40S", 362e12, 183e12), ("L4", 121e12, 60e12), ("A10", 125e12, 62e12),
+              ("RTX 4090", 165e12, 83e12), ("RTX 3090", 71e12, 36e12), ("V100", 125e12, 15.7e12), ("T4", 65e12, 8e12)]
+
+
+def peak_flops(device, dtype):
+    """The device's peak FLOP/s for this precision, or None where unknown (CPUs)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, half, tf32 in PEAK_FLOPS:
+        if key in name:
+            return tf32 if dtype == "float32" else half
+    return None
+
+
 def setup_device(args):
     """Process group (under torchrun), device, autocast context."""
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -184,6 +215,23 @@ def evaluate(model, x, y, select, args, ctx, device, rank, world):
     return {"loss": (sums[0] / sums[1]).item(), "loss_sup": (sums[2] / sums[3]).item(), "loss_unsup": (sums[4] / sums[5]).item()}
 
 
+def optimizer_step(model, optimizer, scaler, micro_batches, ctx, grad_clip):
+    """One optimizer step, accumulating gradients over micro-batches [(x, y, select or None), ...]."""
+    for i, (x, y, select) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # under DDP, all-reduce the gradients only once, on the last micro-batch
+        with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), ctx:
+            _, loss = model(x, y, select) if select is not None else model(x, y)
+        scaler.scale(loss / len(micro_batches)).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def atomic_save(obj, path):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -222,11 +270,14 @@ def train(args, model=None, summary_extra=None):
         data_gen.set_state(ckpt["data_rng"])
         select.generator.set_state(ckpt["select_rng"])
     elif model is None:
-        vocab = (data.meta["vocab_size"] + 63) // 64 * 64  # padded to a multiple of 64: faster matmuls
+        vocab = args.vocab_size or (data.meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64: faster matmuls
+        if vocab < data.meta["vocab_size"]:
+            raise SystemExit(f"train: --vocab_size {vocab} is smaller than the data's {data.meta['vocab_size']}")
         model = cherry.GPT(cherry.GPTConfig(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer,
                                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias))
     if model.config.block_size < args.block_size:
         raise SystemExit(f"train: --block_size {args.block_size} is longer than the model's {model.config.block_size}")
+    model.grad_checkpoint = args.grad_checkpoint
     model.to(device)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), device_type)
     if ckpt is not None:
@@ -245,6 +296,9 @@ def train(args, model=None, summary_extra=None):
     n_params = cherry.count_params(raw_model)
     tokens_per_iter = args.batch_size * args.grad_accum * args.block_size
     flops = cherry.flops_per_token(cfg, args.sgt)
+    peak = peak_flops(device, dtype)
+    pinned = device_type == "cuda"  # page-locked host memory lets the copy overlap with compute
+    to_device = lambda t: (t.pin_memory() if pinned else t).to(device, non_blocking=True)
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         print(f"model: {n_params / 1e6:.2f}M parameters (non-embedding {(n_params - cfg.vocab_size * cfg.n_embd) / 1e6:.2f}M), "
@@ -268,6 +322,8 @@ def train(args, model=None, summary_extra=None):
         if (it % args.eval_interval == 0 or it == args.max_iters) and not (args.resume and it == start_iter):
             row = {"iter": it, **evaluate(raw_model, eval_x, eval_y, eval_select, args, ctx, device, rank, world)}
             row["tokens_per_s"] = tokens_since_eval / (time.time() - t_eval) if tokens_since_eval else None
+            if peak and row["tokens_per_s"]:
+                row["mfu"] = row["tokens_per_s"] * flops / (peak * world)
             if sgt:  # gradient coupling on one training batch, drawn from its own stream (data order untouched)
                 gx, gy = data.train_batch(args.batch_size, torch.Generator().manual_seed(args.seed + 3 + it))
                 with ctx:
@@ -293,27 +349,16 @@ def train(args, model=None, summary_extra=None):
             group["lr"] = lr
         x, y = data.train_batch(args.batch_size * args.grad_accum, data_gen)
         sel = select(y) if sgt else None
-        for micro in range(accum):
-            part = slice((rank * accum + micro) * args.batch_size, (rank * accum + micro + 1) * args.batch_size)
-            xb, yb = x[part].to(device, non_blocking=True), y[part].to(device, non_blocking=True)
-            sb = sel[part].to(device) if sgt else None
-            sync = world == 1 or micro == accum - 1  # DDP: all-reduce the gradients only on the last micro-batch
-            with (nullcontext() if sync else model.no_sync()), ctx:
-                _, loss = model(xb, yb, sb)
-            scaler.scale(loss / accum).backward()
-        if args.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        parts = [slice((rank * accum + m) * args.batch_size, (rank * accum + m + 1) * args.batch_size) for m in range(accum)]
+        micro_batches = [tuple(to_device(t[part]) if t is not None else None for t in (x, y, sel)) for part in parts]
+        loss = optimizer_step(model, optimizer, scaler, micro_batches, ctx, args.grad_clip)
         tokens_since_eval += tokens_per_iter
 
         if master and (it + 1) % args.log_interval == 0:
-            elapsed = time.time() - t0
-            done = it + 1 - start_iter
-            print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr {lr:.2e} | "
-                  f"{tokens_since_eval / (time.time() - t_eval):,.0f} tok/s | "
+            elapsed, done = time.time() - t0, it + 1 - start_iter
+            tok_s = tokens_since_eval / (time.time() - t_eval)
+            mfu = f" | MFU {tok_s * flops / (peak * world):.1%}" if peak else ""
+            print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | "
                   f"{elapsed:.0f}s elapsed, ~{elapsed / done * (args.max_iters - it - 1):.0f}s left")
 
     summary = {"final": last, "best": best, "params": n_params, "flops_per_token": flops,
@@ -328,10 +373,7 @@ def train(args, model=None, summary_extra=None):
 
 
 def main(argv=None):
-    p = training_args()
-    args = p.parse_args(argv)
-    check_args(p, args)
-    train(args)
+    train(parse_args(training_args(), argv))
 
 
 if __name__ == "__main__":
