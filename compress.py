@@ -168,12 +168,13 @@ def main(argv=None):
     print(f"parameters {info['before']['params']:,} -> {info['after']['params']:,}; forward FLOPs per token "
           f"{info['before']['forward_flops_per_token'] / 1e6:.1f}M -> {info['after']['forward_flops_per_token'] / 1e6:.1f}M "
           f"(unrolling saves parameters, not compute)")
-    # held-out loss on the windows every evaluation of train() uses
-    for name, m in (("original", teacher), ("averaged", averaged), ("unrolled", unrolled), ("start", model)):
-        if name == "start" and not args.lora_rank:
-            info["loss_start"] = info["loss_unrolled"]  # the same model: step embeddings start at zero
-        else:
-            info[f"loss_{name}"] = train.held_out_loss(args, m)["loss"]
+    # held-out loss on the windows every evaluation of train() uses. Without an unroll the unrolled model is the
+    # averaged one; without LoRA the model to train is the unrolled one (its step embeddings start at zero).
+    held_out = lambda m: train.held_out_loss(args, m)["loss"]
+    info["loss_original"], info["loss_averaged"] = held_out(teacher), held_out(averaged)
+    info["loss_unrolled"] = info["loss_averaged"] if schedule == tuple(range(args.layers)) else held_out(unrolled)
+    info["loss_start"] = held_out(model) if args.lora_rank else info["loss_unrolled"]
+    for name in ("original", "averaged", "unrolled", "start"):
         print(f"held-out loss, {name:8s}: {info[f'loss_{name}']:.4f}")
     del teacher, averaged, unrolled
     return train.train(args, model, summary_extra={"compress": info})
