@@ -150,7 +150,8 @@ def main(argv=None):
         raise SystemExit(f"compress: --layers {args.layers} does not divide the model's {cfg.n_layer} layers into equal groups")
     if args.lora_rank < 0:
         raise SystemExit("compress: --lora_rank must be at least 0")
-    if os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")) == os.path.abspath(args.init_from):
+    source = os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else args.init_from
+    if os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")) == os.path.abspath(source):
         raise SystemExit(f"compress: --out_dir {args.out_dir} would overwrite the model it compresses")
     schedule = parse_unroll(args.unroll, args.layers)
 

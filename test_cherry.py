@@ -386,5 +386,7 @@ def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path):
         compress.main([*flags, "--n_layer", "2"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         compress.main([*flags, "--init_from", str(tmp_path / "nowhere" / "ckpt.pt")])
+    with pytest.raises(SystemExit, match="would overwrite"):
+        compress.main([*flags, "--layers", "2", "--init_from", str(tmp_path / "dense"), "--out_dir", str(tmp_path / "dense")])
     with pytest.raises(SystemExit, match="already compressed"):
         compress.main([*flags, "--init_from", str(tmp_path / "small" / "ckpt.pt"), "--out_dir", str(tmp_path / "again")])
