@@ -3,9 +3,10 @@ CHERRY in one file: a GPT (nanoGPT-style) plus the paper's three techniques.
 
 Sections:
   1. Config
-  2. Transformer: attention (with KV cache), MLP, block, GPT
+  2. Transformer: attention (with KV cache), MLP, block, GPT (optionally a recurrent unroll of its layers)
   3. SGT: selective ground-truth token training (the token selector, the coupling measure)
   4. FLOPs and parameter counts
+  5. Depth compression: averaging adjacent layers, the unroll schedules, LoRA from the SVD of the residue
 
 The model computes its loss either over every position (full supervision) or over
 a selected subset only (SGT). In the SGT case the hidden states of the selected
@@ -34,9 +35,17 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = False  # biases in linears and LayerNorms; False is a bit better and faster
+    # recurrent unroll (depth compression, section 5); the defaults are a plain dense GPT
+    schedule: tuple = None  # which layer each application runs, in order, e.g. (0, 1, 1, 1, 2); None: each once
+    step_embed: bool = False  # a learned vector per application, added to the residual stream before it
+    lora_rank: int = 0  # > 0: each application also has its own LoRA on the matrices (+ offsets on the vectors)
 
     def to_dict(self):
         return asdict(self)
+
+    def applications(self):
+        """The layer index of every application in order: the schedule, or each layer once."""
+        return tuple(self.schedule) if self.schedule is not None else tuple(range(self.n_layer))
 
 
 # Model shapes by name. The paper's figures (abstract): 1B dense with 48 layers, its 6-layer compression
@@ -143,11 +152,16 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
+        # recurrent unroll (section 5): the blocks run in this order, a block may run several times
+        self.schedule = config.applications()
+        assert self.schedule and all(0 <= i < config.n_layer for i in self.schedule), f"bad schedule {self.schedule}"
+        self.step_embed = nn.Parameter(torch.zeros(len(self.schedule), config.n_embd)) if config.step_embed else None
+        self.adapters = nn.ModuleList(Adapter(self.blocks[i], config.lora_rank) for i in self.schedule) if config.lora_rank else None
         self.apply(self._init_weights)
-        # GPT-2 init: residual projections scaled down by the depth of the residual stream
+        # GPT-2 init: residual projections scaled down by the depth of the residual stream (applications, not layers)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * len(self.schedule)))
 
     @classmethod
     def from_checkpoint(cls, ckpt):
@@ -172,12 +186,21 @@ class GPT(nn.Module):
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
-        for i, block in enumerate(self.blocks):
+        for a in range(len(self.schedule)):  # dense: application a runs block a, each once
+            if self.step_embed is not None:
+                x = x + self.step_embed[a]  # tells a shared block which application this is
             if self.grad_checkpoint and self.training and cache is None:  # recompute activations in backward: less memory
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(self.apply_layer, a, x, use_reentrant=False)
             else:
-                x = block(x, cache, cache_slot=i)
+                x = self.apply_layer(a, x, cache)
         return self.ln_f(x)
+
+    def apply_layer(self, a, x, cache=None):
+        """Application a of the schedule: its block, with this application's own LoRA difference if any."""
+        block = self.blocks[self.schedule[a]]
+        if self.adapters is None:
+            return block(x, cache, cache_slot=a)  # each application keeps its own keys and values
+        return torch.func.functional_call(block, self.adapters[a].weights(block), (x, cache, a))
 
     def forward(self, idx, targets=None, select=None):
         """
@@ -203,9 +226,10 @@ class GPT(nn.Module):
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
         # decay matrices (dim >= 2); leave biases, norms and the step embeddings alone
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decay = {n for n, p in params.items() if p.dim() >= 2 and n != "step_embed"}
+        groups = [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
+                  {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
     @torch.no_grad()
@@ -286,7 +310,10 @@ def gradient_coupling(model, x, y, select):
 
 
 def count_params(model, non_embedding=True):
-    """Parameters; by convention without the position embeddings (the token ones are tied to the head)."""
+    """
+    Parameters, each stored tensor once: a block that runs several times counts once, its step embeddings and
+    LoRA adapters count in full. By convention without the position embeddings (the token ones are tied to the head).
+    """
     n = sum(p.numel() for p in model.parameters())
     return n - model.wpe.weight.numel() if non_embedding else n
 
@@ -295,9 +322,120 @@ def flops_per_token(config, sgt_fraction=1.0, training=True):
     """
     Matmul FLOPs per token, counted from the shapes (2 FLOPs per multiply-add). Attention scores use the
     full block length, as in the PaLM appendix. Training = forward + backward = 3x forward. With SGT the
-    head runs on a fraction of the positions only.
+    head runs on a fraction of the positions only. An unrolled model pays for every application: unrolling
+    saves parameters, not compute. (LoRA adapters are merged into the weights once per forward pass,
+    a cost per batch, not per token, and left out.)
     """
     C, T, V = config.n_embd, config.block_size, config.vocab_size
     per_layer = 2 * (3 * C * C + C * C + 8 * C * C) + 2 * 2 * T * C  # qkv, proj, mlp; QK^T and AV
-    forward = config.n_layer * per_layer + 2 * C * V * sgt_fraction
+    forward = len(config.applications()) * per_layer + 2 * C * V * sgt_fraction
     return 3 * forward if training else forward
+
+
+# ----------------------------------------------------------------------------
+# 5. Depth compression: average adjacent layers, then unroll the few that are left
+
+
+class Adapter(nn.Module):
+    """
+    What makes one application of a shared block its own (Relaxed Recursive Transformers): a LoRA B @ A on each
+    matrix of the block, and a full offset on each vector (norm gains, biases: a few numbers, so no rank needed).
+    A fresh adapter is zero (B = 0, A small and random, the usual LoRA start); compress() sets it from the SVD of
+    (original layer - averaged layer).
+    """
+
+    def __init__(self, block, rank):
+        super().__init__()
+        self.A, self.B, self.offset = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        for name, p in block.named_parameters():
+            key = name.replace(".", "_")  # a ParameterDict key may not contain dots
+            if p.dim() == 2:
+                r = min(rank, *p.shape)
+                self.A[key] = nn.Parameter(torch.randn(r, p.size(1)) * 0.02)
+                self.B[key] = nn.Parameter(torch.zeros(p.size(0), r))
+            else:
+                self.offset[key] = nn.Parameter(torch.zeros_like(p))
+
+    def weights(self, block):
+        """This application's parameters: the shared block's plus this application's difference."""
+        out = {}
+        for name, p in block.named_parameters():
+            key = name.replace(".", "_")
+            out[name] = p + (self.B[key] @ self.A[key] if p.dim() == 2 else self.offset[key])
+        return out
+
+    @torch.no_grad()
+    def init_from_residue(self, original, shared):
+        """Set the difference to the best rank-r approximation of (original - shared): exact at full rank."""
+        for name, p in shared.named_parameters():
+            key = name.replace(".", "_")
+            residue = original.get_parameter(name).float() - p.float()
+            if p.dim() == 2:
+                U, S, Vh = torch.linalg.svd(residue, full_matrices=False)
+                r = self.A[key].size(0)
+                # A: orthonormal rows (never all zero, so B still gets a gradient when the residue is zero)
+                self.A[key].copy_(Vh[:r])
+                self.B[key].copy_(U[:, :r] * S[:r])
+            else:
+                self.offset[key].copy_(residue)
+
+
+def layer_groups(n_layer, k):
+    """k contiguous groups of n_layer / k adjacent layers: layer_groups(6, 3) = [[0, 1], [2, 3], [4, 5]]."""
+    if k < 1 or n_layer % k:
+        raise ValueError(f"{n_layer} layers do not split into {k} equal groups of adjacent layers")
+    g = n_layer // k
+    return [list(range(j * g, (j + 1) * g)) for j in range(k)]
+
+
+def repeat_schedule(repeats):
+    """Layer j runs repeats[j] times in a row: repeat_schedule((1, 3, 1)) = (0, 1, 1, 1, 2)."""
+    return tuple(j for j, n in enumerate(repeats) for _ in range(n))
+
+
+def loop_schedule(prelude, core, coda, loops):
+    """Huginn's shape: the first `prelude` layers once, the next `core` layers as a loop run `loops` times, then `coda` layers once."""
+    return (tuple(range(prelude)) + tuple(range(prelude, prelude + core)) * loops
+            + tuple(range(prelude + core, prelude + core + coda)))
+
+
+def default_repeats(k, group_size):
+    """The paper's (1, 8, 8, 8, 8, 1) for 48 -> 6 layers, at any size: the two ends once, the middle layers group-size times."""
+    if k <= 2:  # no middle: every layer runs group-size times
+        return (group_size,) * k
+    return (1,) + (group_size,) * (k - 2) + (1,)
+
+
+@torch.no_grad()
+def compress(model, k, schedule=None, step_embed=True, lora_rank=0):
+    """
+    Depth compression of a dense GPT: its n_layer layers -> k, layer j the exact mean of the j-th group of
+    adjacent layers (every tensor, norms included; not LaCo's sum of differences). The k layers then run in
+    `schedule` (default: default_repeats). Step embeddings start at zero, so at first the unroll is plain
+    repeated application. With lora_rank > 0, application t of the n_j applications of layer j gets a LoRA
+    set from the SVD of (original - mean), the original being the layer of group j at the same relative
+    depth, group[t * len(group) // n_j]: with n_j = group size and full rank, the original model comes back.
+    Returns a new GPT; the model passed in is left as it was.
+    """
+    cfg = model.config
+    if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed:
+        raise ValueError("compress takes a dense model (no schedule, step embeddings or LoRA)")
+    groups = layer_groups(cfg.n_layer, k)
+    schedule = tuple(schedule) if schedule is not None else repeat_schedule(default_repeats(k, len(groups[0])))
+    if sorted(set(schedule)) != list(range(k)):
+        raise ValueError(f"the schedule {schedule} must run each of the {k} layers at least once")
+    small = GPT(GPTConfig(**{**cfg.to_dict(), "n_layer": k, "schedule": schedule, "step_embed": step_embed,
+                             "lora_rank": lora_rank}))
+    for name in ("wte", "wpe", "ln_f"):  # everything outside the blocks is kept as it is (lm_head is tied to wte)
+        getattr(small, name).load_state_dict(getattr(model, name).state_dict())
+    for j, group in enumerate(groups):
+        for name, p in small.blocks[j].named_parameters():
+            p.copy_(torch.stack([model.blocks[i].get_parameter(name) for i in group]).mean(dim=0))
+    if lora_rank:
+        runs = [schedule.count(j) for j in range(k)]
+        done = [0] * k
+        for a, j in enumerate(schedule):
+            original = model.blocks[groups[j][done[j] * len(groups[j]) // runs[j]]]
+            small.adapters[a].init_from_residue(original, small.blocks[j])
+            done[j] += 1
+    return small

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import cherry
+import compress
 import train
 from data import prepare as data_prep
 
@@ -252,3 +254,171 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_da
         for key in ("loss", "loss_sup", "loss_unsup"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), (a["iter"], key)
     assert one[-1]["loss"] < one[0]["loss"]
+
+
+# ----------------------------------------------------------------------------
+# depth compression
+
+
+def distinct_layers_model(n_layer=4, seed=0, **kw):
+    """A tiny model whose layers (norms and biases included) all differ: fresh norms are all ones, so averaging them proves nothing."""
+    model = tiny_model(seed, n_layer=n_layer, bias=True, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def logits_of(model, x):
+    with torch.no_grad():
+        return model.lm_head(model.hidden(x))
+
+
+def test_averaging_is_an_exact_mean_of_every_tensor():
+    teacher = distinct_layers_model(n_layer=6)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    small = cherry.compress(teacher, 2, step_embed=False)
+    assert small.config.n_layer == 2 and len(small.blocks) == 2
+    for j, group in enumerate(([0, 1, 2], [3, 4, 5])):
+        for name, p in small.blocks[j].named_parameters():
+            mean = sum(teacher.blocks[i].get_parameter(name) for i in group) / 3
+            assert torch.allclose(p, mean, rtol=1e-6, atol=1e-7), name
+    assert small.blocks[0].ln_1.weight.std() > 0.01  # the norm gains were averaged, not left at ones
+    for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
+        assert torch.equal(small.state_dict()[name], teacher.state_dict()[name]), name
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # the original is untouched
+    with pytest.raises(ValueError, match="equal groups"):
+        cherry.compress(teacher, 4)
+
+
+def test_group_size_unroll_with_full_rank_lora_reproduces_the_original():
+    teacher = distinct_layers_model(n_layer=4)
+    x = torch.randint(0, 96, (2, 24))
+    for k in (2, 1):
+        g = 4 // k
+        small = cherry.compress(teacher, k, cherry.repeat_schedule([g] * k), lora_rank=32).eval()  # 32 = full rank
+        assert torch.allclose(logits_of(small, x), logits_of(teacher, x), atol=1e-4), k
+    low = cherry.compress(teacher, 2, cherry.repeat_schedule([2, 2]), lora_rank=2).eval()
+    assert not torch.allclose(logits_of(low, x), logits_of(teacher, x), atol=1e-2)  # low rank only approximates
+
+
+def test_zero_step_embeddings_without_lora_equal_plain_repeated_application():
+    teacher = distinct_layers_model(n_layer=4)
+    x = torch.randint(0, 96, (2, 20))
+    for schedule in (cherry.repeat_schedule([3, 2]), cherry.loop_schedule(0, 2, 0, 3)):
+        small = cherry.compress(teacher, 2, schedule, step_embed=True).eval()
+        with torch.no_grad():
+            h = small.wte(x) + small.wpe(torch.arange(20))
+            for layer in schedule:  # by hand: the averaged blocks applied in the schedule's order
+                h = small.blocks[layer](h)
+            by_hand = small.lm_head(small.ln_f(h))
+            assert torch.allclose(logits_of(small, x), by_hand, atol=1e-6), schedule
+            small.step_embed.normal_()  # a learned step embedding makes the applications differ
+        assert not torch.allclose(logits_of(small, x), by_hand, atol=1e-3)
+
+
+def test_schedules():
+    assert cherry.default_repeats(6, 8) == (1, 8, 8, 8, 8, 1) and sum(cherry.default_repeats(6, 8)) == 34
+    assert cherry.repeat_schedule((1, 3, 1)) == (0, 1, 1, 1, 2)
+    assert cherry.loop_schedule(1, 2, 1, 3) == (0, 1, 2, 1, 2, 1, 2, 3)
+    assert len(compress.parse_unroll("1,8,8,8,8,1", 6)) == 34 and len(compress.parse_unroll("1+4x8+1", 6)) == 34
+    assert compress.parse_unroll("none", 3) == (0, 1, 2) and compress.parse_unroll(None, 3) is None
+    for bad in ("1,2", "1,0,1", "1+1x2+2", "two", "1,,2"):
+        with pytest.raises(SystemExit):
+            compress.parse_unroll(bad, 3)
+
+
+def test_params_and_flops_of_an_unrolled_model_by_hand():
+    C, V, T, r = 32, 96, 32, 4
+    schedule = (0, 0, 1, 1, 1)
+    model = cherry.GPT(tiny_config(schedule=schedule, step_embed=True, lora_rank=r))
+    layer = 12 * C * C + 2 * C  # qkv, proj, 4x MLP; two norm gains
+    adapter = r * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C)) + 2 * C  # B and A of each matrix; norm offsets
+    assert cherry.count_params(model) == V * C + 2 * layer + C + 5 * C + 5 * adapter  # + ln_f, + step embeddings
+    assert cherry.count_params(model, non_embedding=False) == cherry.count_params(model) + T * C
+    per_layer = 2 * 12 * C * C + 4 * T * C
+    assert cherry.flops_per_token(model.config, training=False) == 5 * per_layer + 2 * C * V  # every application pays
+    assert cherry.flops_per_token(model.config) == 3 * cherry.flops_per_token(tiny_config(n_layer=5), training=False)
+
+
+def test_kv_cache_generation_of_an_unrolled_model_equals_full_recompute():
+    torch.manual_seed(0)
+    model = cherry.GPT(tiny_config(schedule=cherry.loop_schedule(0, 2, 0, 3), step_embed=True, lora_rank=3)).eval()
+    with torch.no_grad():
+        model.step_embed.normal_(std=0.1)
+        for adapter in model.adapters:  # every application different
+            for b in adapter.B.values():
+                b.normal_(std=0.05)
+    prompt = torch.randint(0, 96, (2, 5))
+    with_cache = model.generate(prompt, 40, temperature=0, use_cache=True)
+    assert torch.equal(with_cache, model.generate(prompt, 40, temperature=0, use_cache=False))
+    x = torch.randint(0, 96, (1, 20))
+    cache = cherry.KVCache()
+    with torch.no_grad():
+        parts = [model.hidden(x[:, :9], cache), model.hidden(x[:, 9:], cache)]
+    assert len(cache.k) == 6  # one slot per application
+    assert torch.allclose(model.hidden(x), torch.cat(parts, dim=1), atol=1e-5)
+
+
+def test_nanogpt_and_hugging_face_layouts_load(tmp_path, monkeypatch):
+    model = distinct_layers_model(n_layer=2)
+    x = torch.randint(0, 96, (2, 16))
+    nanogpt = {}
+    for name, t in model.state_dict().items():  # nanoGPT's names, torch.compile's prefix, its causal-mask buffers
+        name = "transformer." + name.replace("blocks.", "h.") if name != "lm_head.weight" else name
+        nanogpt["_orig_mod." + name] = t
+    nanogpt["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
+    c = model.config
+    torch.save({"model": nanogpt, "model_args": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "bias": True,
+                                                 "vocab_size": 96, "dropout": 0.0}}, tmp_path / "ckpt.pt")
+    assert torch.allclose(logits_of(compress.load_dense(str(tmp_path)).eval(), x), logits_of(model, x), atol=1e-6)
+    # Hugging Face: Conv1D weights are stored (in, out)
+    hf = {("transformer." + k.replace("blocks.", "h.") if k != "lm_head.weight" else k):
+          (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v) for k, v in model.state_dict().items()}
+    loaded = compress.build(c, compress.gpt2_state_to_cherry(hf, conv1d=True)).eval()
+    assert torch.allclose(logits_of(loaded, x), logits_of(model, x), atol=1e-6)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: a one-line error, no network
+    with pytest.raises(SystemExit, match="needs the transformers package"):
+        compress.load_dense("gpt2-xl")
+
+
+def test_real_hugging_face_gpt2_matches_after_conversion():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                        activation_function="gelu")  # our exact GELU; GPT-2's own is the tanh one
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    model = compress.build(tiny_config(bias=True), compress.gpt2_state_to_cherry(hf.state_dict(), conv1d=True)).eval()
+    x = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(logits_of(model, x), hf(x).logits, atol=1e-5)
+
+
+def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path):
+    run_train(tiny_data, tmp_path / "dense", "--n_layer", "4", "--max_iters", "10", "--eval_interval", "10")
+    dense = json.load(open(tmp_path / "dense" / "summary.json"))
+    flags = ["--data", tiny_data, "--init_from", str(tmp_path / "dense" / "ckpt.pt"), "--out_dir", str(tmp_path / "small"),
+             "--block_size", "32", "--batch_size", "8", "--eval_iters", "4", "--log_interval", "1000",
+             "--warmup_iters", "5", "--lr", "3e-3", "--device", "cpu", "--max_iters", "10", "--eval_interval", "5"]
+    summary = compress.main([*flags, "--layers", "2", "--unroll", "2,3", "--lora_rank", "4"])
+    info = summary["compress"]
+    assert info["loss_original"] == pytest.approx(dense["final"]["loss"], abs=1e-5)  # the same held-out windows
+    assert info["effective_layers"] == 5 and info["schedule"] == [0, 0, 1, 1, 1]
+    assert info["after"]["params"] == summary["params"] < info["before"]["params"]
+    assert info["after"]["training_flops_per_token"] == summary["flops_per_token"] > info["before"]["training_flops_per_token"]
+    rows = [json.loads(line) for line in open(tmp_path / "small" / "metrics.jsonl")]
+    assert rows[0]["loss"] == pytest.approx(info["loss_start"], abs=1e-5)  # train()'s step 0 is the compressed model
+    assert rows[-1]["loss"] < rows[0]["loss"]  # recovery
+    assert json.load(open(tmp_path / "small" / "summary.json"))["compress"]["layers"] == 2
+    rebuilt = cherry.GPT.from_checkpoint(torch.load(tmp_path / "small" / "ckpt.pt", weights_only=False))
+    assert rebuilt.schedule == (0, 0, 1, 1, 1) and len(rebuilt.adapters) == 5
+    with pytest.raises(SystemExit, match="does not divide"):
+        compress.main([*flags, "--layers", "3"])
+    with pytest.raises(SystemExit, match="leave out --n_layer"):
+        compress.main([*flags, "--n_layer", "2"])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        compress.main([*flags, "--init_from", str(tmp_path / "nowhere" / "ckpt.pt")])
+    with pytest.raises(SystemExit, match="would overwrite"):
+        compress.main([*flags, "--layers", "2", "--init_from", str(tmp_path / "dense"), "--out_dir", str(tmp_path / "dense")])
+    with pytest.raises(SystemExit, match="already compressed"):
+        compress.main([*flags, "--init_from", str(tmp_path / "small" / "ckpt.pt"), "--out_dir", str(tmp_path / "again")])

@@ -177,12 +177,16 @@ def setup_device(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return (rank, world, device, *autocast_for(device, args.dtype))
+
+
+def autocast_for(device, dtype):
+    """Device type, precision and autocast context for --dtype on this device."""
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    return rank, world, device, device_type, dtype, ctx
+    return device_type, dtype, ctx
 
 
 def lr_at(it, args):
@@ -232,6 +236,29 @@ def optimizer_step(model, optimizer, scaler, micro_batches, ctx, grad_clip):
     return loss
 
 
+def eval_windows(args, data, select):
+    """The fixed held-out windows of every evaluation, and the positions the selector picks in them."""
+    x, y = data.eval_batch(args.eval_iters * args.batch_size)
+    return x, y, select(y, torch.Generator().manual_seed(args.seed + 2))
+
+
+def check_model_fits(model, data, args):
+    if model.config.block_size < args.block_size:
+        raise SystemExit(f"train: --block_size {args.block_size} is longer than the model's {model.config.block_size}")
+    if model.config.vocab_size < data.meta["vocab_size"]:
+        raise SystemExit(f"train: the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.meta['vocab_size']})")
+
+
+def held_out_loss(args, model):
+    """The evaluation train() makes at step 0 (same windows, same split), for a model that is not trained here."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    _, _, ctx = autocast_for(device, args.dtype)
+    data = Data(args.data, args.block_size)
+    check_model_fits(model, data, args)
+    x, y, select = eval_windows(args, data, Selector(args, data.meta))
+    return evaluate(model.to(device), x, y, select, args, ctx, device, rank=0, world=1)
+
+
 def atomic_save(obj, path):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -275,8 +302,7 @@ def train(args, model=None, summary_extra=None):
             raise SystemExit(f"train: --vocab_size {vocab} is smaller than the data's {data.meta['vocab_size']}")
         model = cherry.GPT(cherry.GPTConfig(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer,
                                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias))
-    if model.config.block_size < args.block_size:
-        raise SystemExit(f"train: --block_size {args.block_size} is longer than the model's {model.config.block_size}")
+    check_model_fits(model, data, args)
     model.grad_checkpoint = args.grad_checkpoint
     model.to(device)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), device_type)
@@ -289,8 +315,7 @@ def train(args, model=None, summary_extra=None):
     if world > 1:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
-    eval_x, eval_y = data.eval_batch(args.eval_iters * args.batch_size)
-    eval_select = select(eval_y, torch.Generator().manual_seed(args.seed + 2))
+    eval_x, eval_y, eval_select = eval_windows(args, data, select)
     sgt = args.sgt < 1
     cfg = raw_model.config
     n_params = cherry.count_params(raw_model)
