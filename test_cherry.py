@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -251,6 +252,29 @@ def test_shuffled_windows_keep_each_windows_tokens_but_not_their_order(tiny_data
     a = shuffled.train_batch(4, torch.Generator().manual_seed(3))
     b = shuffled.train_batch(4, torch.Generator().manual_seed(3))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_recovery_and_efficiency_from_hand_made_curves():
+    from studies import sgt
+    rows = lambda losses: [{"iter": 10 * i, "loss": l, "loss_unsup": l, "tokens_per_s": 100.0} for i, l in enumerate(losses)]
+    full = {"rows": rows([10.0, 6.0, 4.0, 4.5]), "summary": {"unigram_loss": 6.0}}  # best 4.0 at step 20
+    run = {"rows": rows([10.0, 8.0, 7.5, 7.0]), "summary": {}}                         # best 7.0 at step 30
+    for r, gamma in zip(run["rows"], (0.2, 0.4, 0.6, 0.8)):
+        r["gamma"] = gamma
+    c = sgt.compare(run, full, 0.15)
+    assert c["iter"] == 30 and c["loss"] == 7.0
+    assert c["R"] == pytest.approx((10 - 7) / (10 - 4))              # 0.5
+    assert c["eff"] == pytest.approx(0.5 / 0.15)                     # 3.33x per supervised token
+    assert c["R_ctx"] == pytest.approx((6 - 7) / (6 - 4))            # -0.5: worse than the unigram model
+    assert c["gamma_bar"] == pytest.approx(0.5)
+    assert sgt.compare(full, full, 1.0)["R"] == sgt.compare(full, full, 1.0)["eff"] == 1.0
+
+
+def test_study_writes_no_plots_but_says_so_without_matplotlib(monkeypatch, capsys):
+    from studies import sgt
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    sgt.plots(None, None, None, None, None)
+    assert "no matplotlib" in capsys.readouterr().out
 
 
 def test_theorem1_first_order_check_on_a_tiny_model():
