@@ -14,6 +14,7 @@ positions are gathered first, so the LM head and the softmax run on ~15% of the
 positions: that is where the compute saving comes from.
 """
 
+import copy
 import math
 from dataclasses import dataclass, asdict
 
@@ -303,6 +304,28 @@ def gradient_coupling(model, x, y, select):
     flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(gs, params)])
     g_s, g_u = flat(g_s), flat(g_u)
     return F.cosine_similarity(g_s, g_u, dim=0).item(), g_s.norm().item(), g_u.norm().item()
+
+
+def theorem1_check(model, x, y, select, lr):
+    """
+    First-order check of Theorem 1 on one batch: a plain SGD step of size lr along -g_S (the gradient of
+    the selected tokens' loss) changes the unselected tokens' loss L_U by about
+    -lr * g_S . g_U = -lr * |g_S| * |g_U| * gamma. Takes the step on a copy (model is left as it was).
+    Returns (predicted, measured) change of L_U; they agree as lr -> 0 and part as curvature takes over.
+    """
+    model = copy.deepcopy(model)
+    mask = selection_mask(select, y.size(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = model.token_losses(x, y)
+    loss_u = losses[~mask].mean()
+    g_s = torch.autograd.grad(losses[mask].mean(), params, retain_graph=True)
+    g_u = torch.autograd.grad(loss_u, params)
+    predicted = -lr * sum((a * b).sum() for a, b in zip(g_s, g_u)).item()
+    with torch.no_grad():
+        for p, g in zip(params, g_s):
+            p -= lr * g
+        measured = model.token_losses(x, y)[~mask].mean().item() - loss_u.item()
+    return predicted, measured
 
 
 # ----------------------------------------------------------------------------

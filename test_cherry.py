@@ -164,6 +164,19 @@ def test_prepare_is_deterministic_and_splits_every_document(tmp_path):
     assert sum(m1["unigram_counts"].values()) == m1["train_tokens"] == m2["train_tokens"]
 
 
+def test_compact_vocab_keeps_the_text_and_only_the_types_that_occur(tmp_path):
+    docs = ["To be, or not to be: that is the question. " * 30, "Whether 'tis nobler in the mind to suffer " * 30]
+    full, compact = data_prep.prepare(docs, tmp_path / "a"), data_prep.prepare(docs, tmp_path / "b", compact_vocab=True)
+    read = lambda d: {split: np.fromfile(tmp_path / d / f"{split}.bin", dtype=np.uint16) for split in ("train", "val")}
+    plain, small = read("a"), read("b")
+    token_ids = np.array(compact["token_ids"])  # compact id -> tokenizer id
+    assert compact["vocab_size"] == len(token_ids) == len(np.unique(np.concatenate([plain["train"], plain["val"]])))
+    for split in ("train", "val"):  # mapped back, the compact ids are the tokenizer's ids, token for token
+        assert np.array_equal(token_ids[small[split]], plain[split])
+    assert sum(compact["unigram_counts"].values()) == full["train_tokens"]
+    assert sorted(compact["unigram_counts"].values()) == sorted(full["unigram_counts"].values())
+
+
 def test_prepare_reports_a_missing_input_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no such file or folder"):
         data_prep.main(["--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "x")])
@@ -422,3 +435,64 @@ def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path):
         compress.main([*flags, "--layers", "2", "--init_from", str(tmp_path / "dense"), "--out_dir", str(tmp_path / "dense")])
     with pytest.raises(SystemExit, match="already compressed"):
         compress.main([*flags, "--init_from", str(tmp_path / "small" / "ckpt.pt"), "--out_dir", str(tmp_path / "again")])
+# the SGT study's pieces
+
+
+def test_shuffled_windows_keep_each_windows_tokens_but_not_their_order(tiny_data):
+    plain, shuffled = train.Data(tiny_data, 32), train.Data(tiny_data, 32, shuffle=True)
+    (x0, y0), (x1, y1) = plain.eval_batch(12), shuffled.eval_batch(12)
+    window = lambda x, y: torch.cat([x, y[:, -1:]], dim=1)  # the block_size + 1 tokens of each window
+    w0, w1 = window(x0, y0), window(x1, y1)
+    assert torch.equal(w0.sort(dim=1).values, w1.sort(dim=1).values)  # the same multiset, window by window
+    assert (w0 != w1).float().mean() > 0.5  # yet mostly in other places
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are still the next inputs
+    assert torch.equal(shuffled.eval_batch(12)[0], x1)  # the same permutation every time
+    a = shuffled.train_batch(4, torch.Generator().manual_seed(3))
+    b = shuffled.train_batch(4, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_recovery_and_efficiency_from_hand_made_curves():
+    from studies import sgt
+    rows = lambda losses: [{"iter": 10 * i, "loss": l, "loss_unsup": l, "tokens_per_s": 100.0} for i, l in enumerate(losses)]
+    full = {"rows": rows([10.0, 6.0, 4.0, 4.5]), "summary": {"unigram_loss": 6.0}}  # best 4.0 at step 20
+    run = {"rows": rows([10.0, 8.0, 7.5, 7.0]), "summary": {}}                         # best 7.0 at step 30
+    for r, gamma in zip(run["rows"], (0.2, 0.4, 0.6, 0.8)):
+        r["gamma"] = gamma
+    c = sgt.compare(run, full, 0.15)
+    assert c["iter"] == 30 and c["loss"] == 7.0
+    assert c["R"] == pytest.approx((10 - 7) / (10 - 4))              # 0.5
+    assert c["eff"] == pytest.approx(0.5 / 0.15)                     # 3.33x per supervised token
+    assert c["R_ctx"] == pytest.approx((6 - 7) / (6 - 4))            # -0.5: worse than the unigram model
+    assert c["gamma_bar"] == pytest.approx(0.5)
+    assert sgt.compare(full, full, 1.0)["R"] == sgt.compare(full, full, 1.0)["eff"] == 1.0
+
+
+def test_study_writes_no_plots_but_says_so_without_matplotlib(monkeypatch, capsys):
+    from studies import sgt
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    sgt.plots(None, None, None, None, None)
+    assert "no matplotlib" in capsys.readouterr().out
+
+
+def test_theorem1_first_order_check_on_a_tiny_model():
+    model = tiny_model()
+    x = torch.randint(0, 96, (4, 32))
+    select = cherry.select_tokens(x, 0.25, "random", generator=torch.Generator().manual_seed(0))
+    mask = cherry.selection_mask(select, 32)
+    before = [p.clone() for p in model.parameters()]
+    # every target the same token: the selected and the unselected tokens pull the same way, gamma > 0
+    y = torch.zeros(4, 32, dtype=torch.long)
+    gamma, norm_s, norm_u = cherry.gradient_coupling(model, x, y, select)
+    predicted, measured = cherry.theorem1_check(model, x, y, select, lr=1e-2)
+    assert gamma > 0.3
+    assert predicted == pytest.approx(-1e-2 * norm_s * norm_u * gamma, rel=1e-4)
+    assert measured < 0 and measured == pytest.approx(predicted, rel=0.05)  # L_U falls, as predicted
+    big_predicted, big_measured = cherry.theorem1_check(model, x, y, select, lr=30.0)
+    assert abs(big_measured - big_predicted) > 0.5 * abs(big_predicted)  # a large step leaves the first order behind
+    # selected and unselected targets from disjoint sets pull against each other: gamma < 0 and L_U rises
+    y = torch.where(mask, torch.randint(0, 2, (4, 32)), torch.randint(2, 4, (4, 32)))
+    gamma, _, _ = cherry.gradient_coupling(model, x, y, select)
+    predicted, measured = cherry.theorem1_check(model, x, y, select, lr=1e-2)
+    assert gamma < 0 and measured > 0 and measured == pytest.approx(predicted, rel=0.1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the check works on a copy

@@ -60,6 +60,7 @@ def training_args(parser=None):
     # SGT
     a("--sgt", type=float, default=1.0, help="fraction of target tokens supervised per sequence (1.0: full supervision)")
     a("--sgt_select", default="surprisal", choices=["surprisal", "random"], help="which tokens SGT supervises")
+    a("--shuffle_tokens", action="store_true", help="control: permute the tokens within every training and held-out window (same tokens, no order)")
     # evaluation and logging
     a("--eval_interval", type=int, default=100, help="evaluate (and checkpoint) every this many steps")
     a("--eval_iters", type=int, default=10, help="held-out batches per evaluation (fixed windows of val)")
@@ -98,9 +99,14 @@ def check_args(p, args):
 
 
 class Data:
-    """train.bin / val.bin as memory maps; random training windows, fixed evaluation windows."""
+    """
+    train.bin / val.bin as memory maps; random training windows, fixed evaluation windows.
+    shuffle: permute the block_size + 1 tokens of every window (inputs and targets alike) by a permutation
+    seeded with the window's start, so a window is always shuffled the same way: the token multiset, and
+    so every unigram statistic, stays; the order, and so all context, goes.
+    """
 
-    def __init__(self, path, block_size):
+    def __init__(self, path, block_size, shuffle=False):
         if not os.path.exists(os.path.join(path, "train.bin")):
             if os.path.abspath(path) != os.path.abspath(data_prep.DEFAULT_DIR):
                 raise SystemExit(f"train: no train.bin in {path}; make it with: python data/prepare.py --input ... --out_dir {path}")
@@ -110,12 +116,16 @@ class Data:
         self.train = np.memmap(os.path.join(path, "train.bin"), dtype=self.meta["dtype"], mode="r")
         self.val = np.memmap(os.path.join(path, "val.bin"), dtype=self.meta["dtype"], mode="r")
         self.block_size = block_size
+        self.shuffle = shuffle
         for split, arr in (("train", self.train), ("val", self.val)):
             if len(arr) <= block_size + 1:
                 raise SystemExit(f"train: {split} split of {path} has {len(arr)} tokens, too few for --block_size {block_size}")
 
     def _windows(self, arr, starts):
         chunks = torch.from_numpy(np.stack([arr[i:i + self.block_size + 1].astype(np.int64) for i in starts]))
+        if self.shuffle:
+            chunks = torch.stack([c[torch.randperm(len(c), generator=torch.Generator().manual_seed(int(i)))]
+                                  for c, i in zip(chunks, starts)])
         return chunks[:, :-1], chunks[:, 1:]
 
     def train_batch(self, n, generator):
@@ -281,7 +291,7 @@ def train(args, model=None, summary_extra=None):
         raise SystemExit(f"train: --grad_accum {args.grad_accum} must be divisible by the {world} processes")
     accum = args.grad_accum // world
     torch.manual_seed(args.seed)
-    data = Data(args.data, args.block_size)
+    data = Data(args.data, args.block_size, args.shuffle_tokens)
     select = Selector(args, data.meta)
     data_gen = torch.Generator().manual_seed(args.seed)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -316,6 +326,8 @@ def train(args, model=None, summary_extra=None):
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
     eval_x, eval_y, eval_select = eval_windows(args, data, select)
+    # the held-out loss of the training split's unigram distribution: what a model without context can reach
+    unigram_loss = select.surprisal[eval_y].mean().item()
     sgt = args.sgt < 1
     cfg = raw_model.config
     n_params = cherry.count_params(raw_model)
@@ -328,7 +340,8 @@ def train(args, model=None, summary_extra=None):
         os.makedirs(args.out_dir, exist_ok=True)
         print(f"model: {n_params / 1e6:.2f}M parameters (non-embedding {(n_params - cfg.vocab_size * cfg.n_embd) / 1e6:.2f}M), "
               f"{flops / 1e6:.1f} MFLOPs/token for training | device {device}, {dtype}, {world} process(es)")
-        print(f"{tokens_per_iter:,} tokens per step | supervising {'all' if not sgt else f'{args.sgt:.0%} ({args.sgt_select})'} of the targets")
+        print(f"{tokens_per_iter:,} tokens per step | supervising {'all' if not sgt else f'{args.sgt:.0%} ({args.sgt_select})'} of the targets"
+              f" | unigram held-out loss {unigram_loss:.4f}")
         if args.resume:  # keep only the evaluations the checkpoint had seen
             rows = [r for r in map(json.loads, open(metrics_path)) if r["iter"] <= start_iter] if os.path.exists(metrics_path) else []
             with open(metrics_path, "w") as f:
@@ -387,7 +400,7 @@ def train(args, model=None, summary_extra=None):
                   f"{elapsed:.0f}s elapsed, ~{elapsed / done * (args.max_iters - it - 1):.0f}s left")
 
     summary = {"final": last, "best": best, "params": n_params, "flops_per_token": flops,
-               "tokens_per_step": tokens_per_iter, "wall_s": time.time() - t0, "device": device, "dtype": dtype,
+               "tokens_per_step": tokens_per_iter, "unigram_loss": unigram_loss, "wall_s": time.time() - t0, "device": device, "dtype": dtype,
                "processes": world, "config": cfg.to_dict(), "args": vars(args), **(summary_extra or {})}
     if master:
         write_json(summary, os.path.join(args.out_dir, "summary.json"))

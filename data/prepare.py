@@ -6,6 +6,7 @@ that the SGT surprisal selector uses).
   python data/prepare.py                                         # default: Shakespeare's 38 plays
   python data/prepare.py --input notes.txt --out_dir data/notes  # any text file or folder
   python data/prepare.py --input /usr/lib/python3.11 --glob '*.py' --out_dir data/pycode
+  python data/prepare.py --compact_vocab --out_dir data/sgt-text             # only the ~19k types that occur
   python data/prepare.py --hf_dataset HuggingFaceFW/fineweb-edu --hf_config sample-10BT \
       --max_tokens 50000000 --out_dir data/fineweb               # online, needs `pip install datasets`
 
@@ -61,18 +62,24 @@ def shakespeare_documents():
     return docs
 
 
-def file_documents(path, pattern="*"):
-    """One document per file: a single file, or every file under a folder matching pattern, sorted."""
+def file_documents(path, pattern="*", max_tokens=None):
+    """
+    One document per file: a single file, or every file under a folder matching pattern, sorted.
+    max_tokens: stop reading files after roughly this many tokens (4 characters a token).
+    """
     if os.path.isfile(path):
         paths = [path]
     elif os.path.isdir(path):
         paths = sorted(p for p in glob.glob(os.path.join(path, "**", pattern), recursive=True) if os.path.isfile(p))
     else:
         raise SystemExit(f"prepare: no such file or folder: {path}")
-    docs = []
+    docs, chars = [], 0
     for p in paths:
+        if max_tokens and chars >= 4 * max_tokens:
+            break
         try:
             docs.append(open(p, encoding="utf-8").read())
+            chars += len(docs[-1])
         except (UnicodeDecodeError, OSError):
             pass  # binary or unreadable files are not text
     if not any(docs):
@@ -95,10 +102,15 @@ def hf_documents(name, config, split, field, max_tokens):
     return docs
 
 
-def prepare(documents, out_dir, tokenizer="gpt2", val_fraction=0.1):
-    """Tokenize documents, split each into train/val, write train.bin, val.bin, meta.json. Returns meta."""
+def prepare(documents, out_dir, tokenizer="gpt2", val_fraction=0.1, compact_vocab=False):
+    """
+    Tokenize documents, split each into train/val, write train.bin, val.bin, meta.json. Returns meta.
+    compact_vocab: renumber the token types that occur (in either split) 0..n-1 and drop the rest, so the
+    model's head has n outputs instead of the tokenizer's 50k; meta["token_ids"] maps back for decoding.
+    """
     enc = get_tokenizer(tokenizer)
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
+    vocab_size = enc.n_vocab
     train, val = [], []
     for tokens in enc.encode_ordinary_batch(documents):
         tokens.append(enc.eot_token)
@@ -107,10 +119,18 @@ def prepare(documents, out_dir, tokenizer="gpt2", val_fraction=0.1):
         val.append(tokens[cut:])
     train = np.concatenate([np.array(t, dtype=dtype) for t in train])
     val = np.concatenate([np.array(t, dtype=dtype) for t in val])
-    counts = np.bincount(train, minlength=enc.n_vocab)
-    meta = {"tokenizer": tokenizer, "vocab_size": enc.n_vocab, "dtype": np.dtype(dtype).name,
+    token_ids = None
+    if compact_vocab:
+        token_ids = np.unique(np.concatenate([train, val]))  # sorted tokenizer ids of the types that occur
+        new_id = np.zeros(enc.n_vocab, dtype=dtype)
+        new_id[token_ids] = np.arange(len(token_ids))
+        train, val, vocab_size = new_id[train], new_id[val], len(token_ids)
+    counts = np.bincount(train, minlength=vocab_size)
+    meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name,
             "documents": len(documents), "train_tokens": int(train.size), "val_tokens": int(val.size),
             "unigram_counts": {str(i): int(c) for i, c in enumerate(counts) if c}}
+    if compact_vocab:
+        meta["token_ids"] = token_ids.tolist()
     os.makedirs(out_dir, exist_ok=True)
     for name, arr in (("train.bin", train), ("val.bin", val)):
         arr.tofile(os.path.join(out_dir, name + ".tmp"))
@@ -129,20 +149,21 @@ def main(argv=None):
     p.add_argument("--hf_config", default=None, help="its configuration, e.g. sample-10BT")
     p.add_argument("--hf_split", default="train", help="its split (default: train)")
     p.add_argument("--hf_field", default="text", help="the field that holds the text (default: text)")
-    p.add_argument("--max_tokens", type=int, default=10_000_000, help="with --hf_dataset: about this many tokens")
+    p.add_argument("--max_tokens", type=int, default=None, help="stop after about this many tokens (default: all of --input; 10M of --hf_dataset)")
     p.add_argument("--out_dir", default=DEFAULT_DIR, help="where train.bin, val.bin, meta.json go (default: data/shakespeare)")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2 (offline), or any tiktoken encoding name (online)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="the tail of each document held out (default: 0.1)")
+    p.add_argument("--compact_vocab", action="store_true", help="keep only the token types that occur, renumbered (a smaller, faster head)")
     args = p.parse_args(argv)
     if args.input and args.hf_dataset:
         raise SystemExit("prepare: give --input or --hf_dataset, not both")
     if args.input:
-        docs = file_documents(args.input, args.glob)
+        docs = file_documents(args.input, args.glob, args.max_tokens)
     elif args.hf_dataset:
-        docs = hf_documents(args.hf_dataset, args.hf_config, args.hf_split, args.hf_field, args.max_tokens)
+        docs = hf_documents(args.hf_dataset, args.hf_config, args.hf_split, args.hf_field, args.max_tokens or 10_000_000)
     else:
         docs = shakespeare_documents()
-    meta = prepare(docs, args.out_dir, args.tokenizer, args.val_fraction)
+    meta = prepare(docs, args.out_dir, args.tokenizer, args.val_fraction, args.compact_vocab)
     print(f"{meta['documents']} documents -> {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
           f"({meta['tokenizer']}, vocabulary {meta['vocab_size']:,}) in {args.out_dir}")
 
