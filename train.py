@@ -184,7 +184,7 @@ def setup_device(args):
         rank, world = 0, 1
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda"):
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(torch.device(device).index or 0)  # "cuda" alone means device 0
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return (rank, world, device, *autocast_for(device, args.dtype))
@@ -321,7 +321,7 @@ def train(args, model=None, summary_extra=None):
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     raw_model = model
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)  # static shapes: dynamic ones cost the SGT step 10% on an H100
     if world > 1:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
