@@ -7,6 +7,7 @@ Sections:
   3. SGT: selective ground-truth token training (the token selector, the coupling measure)
   4. FLOPs and parameter counts
   5. Depth compression: averaging adjacent layers, the unroll schedules, LoRA from the SVD of the residue
+  6. MoEE: a router over several experts' MLPs, fusing compressed models, multi-token prediction
 
 The model computes its loss either over every position (full supervision) or over
 a selected subset only (SGT). In the SGT case the hidden states of the selected
@@ -16,6 +17,7 @@ positions: that is where the compute saving comes from.
 
 import copy
 import math
+import re
 from dataclasses import dataclass, asdict
 
 import torch
@@ -40,6 +42,13 @@ class GPTConfig:
     schedule: tuple = None  # which layer each application runs, in order, e.g. (0, 1, 1, 1, 2); None: each once
     step_embed: bool = False  # a learned vector per application, added to the residual stream before it
     lora_rank: int = 0  # > 0: each application also has its own LoRA on the matrices (+ offsets on the vectors)
+    # MoEE (section 6); the defaults are a plain MLP and next-token prediction only
+    n_expert: int = 0  # > 0: every block's MLP is a mixture of this many experts behind a router
+    top_k: int = 1  # experts per token
+    aux_weight: float = 0.01  # Switch load-balancing loss, alpha
+    z_weight: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
+    mtp: int = 0  # multi-token prediction: modules predicting tokens t+2 .. t+1+mtp (training only)
+    mtp_weight: float = 0.3  # lambda: loss = L + lambda * mean(L_k)
 
     def to_dict(self):
         return asdict(self)
@@ -134,7 +143,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)  # MoE: section 6
 
     def forward(self, x, cache=None, cache_slot=0):
         x = x + self.attn(self.ln_1(x), cache, cache_slot)
@@ -158,6 +167,9 @@ class GPT(nn.Module):
         assert self.schedule and all(0 <= i < config.n_layer for i in self.schedule), f"bad schedule {self.schedule}"
         self.step_embed = nn.Parameter(torch.zeros(len(self.schedule), config.n_embd)) if config.step_embed else None
         self.adapters = nn.ModuleList(Adapter(self.blocks[i], config.lora_rank) for i in self.schedule) if config.lora_rank else None
+        # MoEE (section 6): the mixture layers (their routers' losses are collected per call), and the MTP modules
+        self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
+        self.mtp_modules = nn.ModuleList(MTPModule(config) for _ in range(config.mtp))
         self.apply(self._init_weights)
         # GPT-2 init: residual projections scaled down by the depth of the residual stream (applications, not layers)
         for name, p in self.named_parameters():
@@ -180,13 +192,16 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden(self, idx, cache=None):
-        """Final (normed) hidden states, (B, T, C). With a cache, idx continues the cached positions."""
+    def hidden(self, idx, cache=None, residual=False):
+        """Final (normed) hidden states, (B, T, C); the residual stream before the final norm if residual.
+        With a cache, idx continues the cached positions."""
         B, T = idx.shape
         start = len(cache) if cache is not None else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
+        for moe in self.moe_layers:
+            moe.calls.clear()  # each call of a mixture layer in this pass records its router loss and load
         for a in range(len(self.schedule)):  # dense: application a runs block a, each once
             if self.step_embed is not None:
                 x = x + self.step_embed[a]  # tells a shared block which application this is
@@ -194,7 +209,7 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(self.apply_layer, a, x, use_reentrant=False)
             else:
                 x = self.apply_layer(a, x, cache)
-        return self.ln_f(x)
+        return x if residual else self.ln_f(x)
 
     def apply_layer(self, a, x, cache=None):
         """Application a of the schedule: its block, with this application's own LoRA difference if any."""
@@ -210,15 +225,36 @@ class GPT(nn.Module):
         select (B, k):  SGT, loss = mean cross-entropy over the k selected positions per sequence;
                         the head runs on the gathered hidden states only.
         """
-        h = self.hidden(idx)
+        x = self.hidden(idx, residual=True)
+        h = self.ln_f(x)
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None
+        extra = 0.0  # MoEE (section 6): the routers' losses and the multi-token prediction losses
+        if self.moe_layers:
+            extra = extra + router_loss(self.moe_layers)
+        if self.mtp_modules:
+            extra = extra + self.config.mtp_weight * self.mtp_loss(x, targets)
         if select is not None:
             h = h.gather(1, select.unsqueeze(-1).expand(-1, -1, h.size(-1)))
             targets = targets.gather(1, select)
         logits = self.lm_head(h)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, loss + extra
+
+    def mtp_loss(self, x, targets):
+        """
+        Multi-token prediction (DeepSeek-V3): module k combines the previous depth's hidden state at position i
+        with the embedding of token t(i+k) and predicts t(i+k+1) through the shared ln_f and head. The mean of
+        the D losses. targets[:, i] is t(i+1), so module k reads targets shifted by k-1 and predicts targets
+        shifted by k; the last k positions have nothing to predict and are masked.
+        """
+        losses = []
+        for k, module in enumerate(self.mtp_modules, start=1):
+            x = module(x, self.wte(shift_left(targets, k - 1, fill=0)))
+            logits = self.lm_head(self.ln_f(x)).float()
+            losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), shift_left(targets, k, fill=-1).reshape(-1),
+                                          ignore_index=-1))
+        return torch.stack(losses).mean()
 
     def token_losses(self, idx, targets):
         """Per-position cross-entropy, (B, T): what evaluation splits into selected and unselected."""
@@ -332,12 +368,21 @@ def theorem1_check(model, x, y, select, lr):
 # 4. FLOPs and parameter counts
 
 
-def count_params(model, non_embedding=True):
+def count_params(model, non_embedding=True, active=False):
     """
     Parameters, each stored tensor once: a block that runs several times counts once, its step embeddings and
     LoRA adapters count in full. By convention without the position embeddings (the token ones are tied to the head).
+    active: what one token uses at inference: top_k of the n_expert experts' MLPs (and their LoRA), no MTP modules.
     """
-    n = sum(p.numel() for p in model.parameters())
+    n = 0
+    for name, p in model.named_parameters():
+        if active and name.startswith("mtp_modules."):
+            continue
+        if active and re.search(r"mlp[._]experts[._]", name):
+            n += p.numel() * model.config.top_k / model.config.n_expert
+        else:
+            n += p.numel()
+    n = int(n)
     return n - model.wpe.weight.numel() if non_embedding else n
 
 
@@ -347,12 +392,17 @@ def flops_per_token(config, sgt_fraction=1.0, training=True):
     full block length, as in the PaLM appendix. Training = forward + backward = 3x forward. With SGT the
     head runs on a fraction of the positions only. An unrolled model pays for every application: unrolling
     saves parameters, not compute. (LoRA adapters are merged into the weights once per forward pass,
-    a cost per batch, not per token, and left out.)
+    a cost per batch, not per token, and left out.) A mixture layer pays for its router and top_k experts;
+    in training each MTP module pays for its projection, its block and the head.
     """
     C, T, V = config.n_embd, config.block_size, config.vocab_size
-    per_layer = 2 * (3 * C * C + C * C + 8 * C * C) + 2 * 2 * T * C  # qkv, proj, mlp; QK^T and AV
-    forward = len(config.applications()) * per_layer + 2 * C * V * sgt_fraction
-    return 3 * forward if training else forward
+    attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV
+    mlp = 2 * 8 * C * C
+    moe = config.top_k * mlp + 2 * C * config.n_expert if config.n_expert else mlp
+    forward = len(config.applications()) * (attention + moe) + 2 * C * V * sgt_fraction
+    if not training:
+        return forward
+    return 3 * (forward + config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V))
 
 
 # ----------------------------------------------------------------------------
@@ -462,3 +512,115 @@ def compress(model, k, schedule=None, step_embed=True, lora_rank=0):
             small.adapters[a].init_from_residue(original, small.blocks[j])
             done[j] += 1
     return small
+
+
+# ----------------------------------------------------------------------------
+# 6. MoEE: Mixture of Efficient Experts, and multi-token prediction
+
+
+class MoE(nn.Module):
+    """
+    The MLPs of several experts behind a token-level router (Switch / Branch-Train-MiX). Each token goes to
+    its top_k experts; no capacity limit, so no token is ever dropped. Every call records its router loss
+    and how many tokens each expert got (self.calls), which GPT.forward adds up per call: the experts of
+    different layers, or of different applications of an unrolled layer, are never pooled.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.aux_weight, self.z_weight = config.top_k, config.aux_weight, config.z_weight
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.calls = []  # [(router loss, tokens per expert)] of the current forward pass
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(-1, C)
+        with torch.autocast(x.device.type, enabled=False):  # router in fp32: small logit errors flip the choice
+            logits = F.linear(x.float(), self.router.weight.float())
+        probs = logits.softmax(dim=-1)
+        top_p, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly one expert's
+        # output, top-1 included); the scale is detached, so the router still learns from the LM loss as in Switch
+        gates = top_p / top_p.sum(dim=-1, keepdim=True).detach()
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)  # every expert runs, even on no tokens (DDP needs its grads)
+            y = expert(x[token]) * gates[token, slot].unsqueeze(-1)
+            out.index_add_(0, token, y.to(out.dtype))
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts))
+        loss = self.aux_weight * switch_loss(probs, counts)
+        if self.z_weight:
+            loss = loss + self.z_weight * logits.logsumexp(dim=-1).square().mean()
+        self.calls.append((loss, counts))
+        return out.view(B, T, C)
+
+
+def switch_loss(probs, counts):
+    """
+    Switch Transformer's load-balancing loss, E * sum_i f_i * P_i: f_i the share of routed tokens expert i got
+    (not differentiable), P_i its mean router probability over the full softmax (differentiable). 1 when the
+    routing is uniform, E when one expert takes everything.
+    """
+    f = counts.float() / counts.sum()
+    return len(counts) * (f * probs.mean(dim=0)).sum()
+
+
+def router_loss(moe_layers):
+    """The mean over every mixture-layer call of the last forward pass of its router loss."""
+    return torch.stack([loss for moe in moe_layers for loss, _ in moe.calls]).mean()
+
+
+def expert_load(model):
+    """Share of the tokens each expert got in the last forward pass, per layer (all its calls): [[f_0, ..], ..]."""
+    out = []
+    for moe in model.moe_layers:
+        counts = torch.stack([c for _, c in moe.calls]).sum(dim=0).float()
+        out.append((counts / counts.sum()).tolist())
+    return out
+
+
+def shift_left(t, k, fill):
+    """t[:, i + k] at position i; the last k positions get fill."""
+    return torch.cat([t[:, k:], t.new_full((t.size(0), k), fill)], dim=1) if k else t
+
+
+class MTPModule(nn.Module):
+    """One multi-token prediction depth: norm both inputs, project their concatenation back to C, one dense block."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm_h = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.norm_e = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
+        self.block = Block(GPTConfig(**{**config.to_dict(), "n_expert": 0}))
+
+    def forward(self, h, emb):
+        return self.block(self.proj(torch.cat([self.norm_h(h), self.norm_e(emb)], dim=-1)))
+
+
+@torch.no_grad()
+def fuse(experts, top_k=1, mtp=0, **moe_config):
+    """
+    Fuse N models of one shape (compressed or dense) into one MoEE model: every shared tensor (embeddings,
+    attention, norms, step embeddings, their LoRA) is the mean over the experts; each expert keeps its own MLPs
+    (and their LoRA) as expert i of each mixture layer. The routers and MTP modules start fresh.
+    Returns a new GPT; the experts are left as they were.
+    """
+    cfg = experts[0].config
+    for i, m in enumerate(experts[1:], start=1):
+        if m.config != cfg:
+            diff = [k for k, v in cfg.to_dict().items() if m.config.to_dict()[k] != v]
+            raise ValueError(f"expert {i} differs from expert 0 in {', '.join(diff)}: experts must have one shape")
+    if cfg.n_expert or cfg.mtp:
+        raise ValueError("fuse takes models without experts or MTP modules")
+    fused = GPT(GPTConfig(**{**cfg.to_dict(), "n_expert": len(experts), "top_k": top_k, "mtp": mtp, **moe_config}))
+    states = [m.state_dict() for m in experts]
+    for name, p in fused.state_dict().items():
+        # blocks.0.mlp.experts.1.c_fc.weight <- blocks.0.mlp.c_fc.weight of expert 1 (adapters: mlp_experts_1_c_fc)
+        match = re.search(r"mlp([._])experts[._](\d+)[._]", name)
+        if match:
+            p.copy_(states[int(match.group(2))][name.replace(match.group(0), "mlp" + match.group(1))])
+        elif name in states[0]:
+            p.copy_(torch.stack([state[name].float() for state in states]).mean(dim=0))
+    return fused

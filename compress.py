@@ -26,7 +26,6 @@ import cherry
 import train
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "bias", "dropout")  # taken from the checkpoint, never from flags
 
 
 def compress_args():
@@ -39,7 +38,7 @@ def compress_args():
     a("--lora_rank", type=int, default=0, help="rank of each application's LoRA, set from the SVD of (original - mean); 0: none")
     a("--no_step_embed", action="store_true", help="no per-application step embedding")
     # the model's shape comes from the checkpoint; block_size defaults to the checkpoint's
-    p.set_defaults(out_dir="out-compress", block_size=None, **{name: None for name in SHAPE_FLAGS})
+    p.set_defaults(out_dir="out-compress", block_size=None, **{name: None for name in train.SHAPE_FLAGS})
     return p
 
 
@@ -135,17 +134,11 @@ def parse_unroll(text, k):
 def main(argv=None):
     p = compress_args()
     args = p.parse_args(argv)
-    given = [f"--{name}" for name in SHAPE_FLAGS if getattr(args, name) is not None]
-    if given:
-        raise SystemExit(f"compress: the model's shape comes from --init_from; leave out {' '.join(given)}")
     teacher = load_dense(args.init_from).eval()
     cfg = teacher.config
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed:
         raise SystemExit(f"compress: {args.init_from} is already compressed; give a dense model")
-    for name in SHAPE_FLAGS:
-        setattr(args, name, getattr(cfg, name))
-    args.block_size = args.block_size or cfg.block_size
-    train.check_args(p, args)
+    train.shape_flags_from_model(p, args, cfg, "compress", "--init_from")
     if not 1 <= args.layers <= cfg.n_layer or cfg.n_layer % args.layers:
         raise SystemExit(f"compress: --layers {args.layers} does not divide the model's {cfg.n_layer} layers into equal groups")
     if args.lora_rank < 0:

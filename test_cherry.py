@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import cherry
 import compress
+import fuse
 import train
 from data import prepare as data_prep
 
@@ -496,3 +497,135 @@ def test_theorem1_first_order_check_on_a_tiny_model():
     predicted, measured = cherry.theorem1_check(model, x, y, select, lr=1e-2)
     assert gamma < 0 and measured > 0 and measured == pytest.approx(predicted, rel=0.1)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the check works on a copy
+
+
+# ----------------------------------------------------------------------------
+# MoEE: mixture of experts and multi-token prediction
+
+
+def compressed_model(seed=0):
+    """A tiny compressed model with every part an expert can have: unroll, step embeddings, LoRA."""
+    small = cherry.compress(distinct_layers_model(n_layer=4, seed=seed), 2, cherry.repeat_schedule([2, 3]), lora_rank=4)
+    with torch.no_grad():
+        small.step_embed.normal_(std=0.1)
+    return small.eval()
+
+
+def test_fusing_identical_experts_gives_the_single_experts_logits():
+    expert = compressed_model()
+    x = torch.randint(0, 96, (2, 24))
+    for top_k in (1, 2):
+        fused = cherry.fuse([expert, expert, expert], top_k=top_k).eval()
+        with torch.no_grad():
+            fused.blocks[0].mlp.router.weight.normal_()  # whatever the routing, the output is the expert's
+        assert torch.allclose(logits_of(fused, x), logits_of(expert, x), atol=1e-5), top_k
+    prompt = torch.randint(0, 96, (2, 4))
+    assert torch.equal(fused.generate(prompt, 20, temperature=0), expert.generate(prompt, 20, temperature=0))
+    assert torch.equal(fused.generate(prompt, 20, temperature=0, use_cache=False), fused.generate(prompt, 20, temperature=0))
+    # different experts: the fused model is something else, and each expert's MLP weights sit in their own slot
+    other = compressed_model(seed=1)
+    fused = cherry.fuse([expert, other])
+    assert torch.equal(fused.blocks[1].mlp.experts[1].c_fc.weight, other.blocks[1].mlp.c_fc.weight)
+    assert torch.equal(fused.adapters[3].B["mlp_experts_0_c_proj_weight"], expert.adapters[3].B["mlp_c_proj_weight"])
+    mean = (expert.blocks[0].attn.c_attn.weight + other.blocks[0].attn.c_attn.weight) / 2
+    assert torch.allclose(fused.blocks[0].attn.c_attn.weight, mean)
+    with pytest.raises(ValueError, match="n_embd"):
+        cherry.fuse([tiny_model(), tiny_model(n_embd=64, n_head=2)])
+
+
+def test_top1_active_params_are_one_experts_plus_the_routers():
+    expert = compressed_model()
+    fused = cherry.fuse([expert] * 4, top_k=1, mtp=2)
+    routers = sum(b.mlp.router.weight.numel() for b in fused.blocks)
+    router_lora = sum(p.numel() for n, p in fused.adapters.named_parameters() if "router" in n)
+    assert cherry.count_params(fused, active=True) == cherry.count_params(expert) + routers + router_lora
+    mlp = sum(p.numel() for n, p in expert.named_parameters() if "mlp" in n)
+    mtp = sum(p.numel() for p in fused.mtp_modules.parameters())
+    assert cherry.count_params(fused) == cherry.count_params(expert) + 3 * mlp + routers + router_lora + mtp
+    two = cherry.fuse([expert] * 2, top_k=2)
+    assert cherry.count_params(two, active=True) == cherry.count_params(two)
+    # FLOPs: the router and top_k MLPs per application; MTP modules only in training
+    C, T, V, E, apps = 32, 32, 96, 4, 5
+    attention, mlp_flops = 2 * 4 * C * C + 4 * T * C, 2 * 8 * C * C
+    assert cherry.flops_per_token(fused.config, training=False) == apps * (attention + mlp_flops + 2 * C * E) + 2 * C * V
+    assert cherry.flops_per_token(fused.config) == 3 * (cherry.flops_per_token(fused.config, training=False)
+                                                        + 2 * (4 * C * C + attention + mlp_flops + 2 * C * V))
+
+
+def test_switch_loss_is_minimal_at_uniform_routing():
+    E, N = 4, 64
+    uniform = cherry.switch_loss(torch.full((N, E), 1 / E), torch.full((E,), N // E))
+    assert uniform.item() == pytest.approx(1.0)
+    collapsed = cherry.switch_loss(torch.tensor([[0.97, 0.01, 0.01, 0.01]]).expand(N, E), torch.tensor([N, 0, 0, 0]))
+    assert collapsed.item() == pytest.approx(E * 0.97)
+    for _ in range(20):  # any routing is at least as costly as the uniform one
+        probs = torch.randn(N, E).mul(3).softmax(-1)
+        assert cherry.switch_loss(probs, torch.bincount(probs.argmax(-1), minlength=E)) >= uniform - 1e-6
+
+
+def test_router_loss_is_per_layer_and_never_pools_experts_across_layers():
+    torch.manual_seed(0)
+    expert = tiny_model(bias=True)
+    fused = cherry.fuse([expert, expert], aux_weight=1.0)
+    with torch.no_grad():  # each layer routes every token to one expert: layer 0 to expert 0, layer 1 to expert 1
+        for layer, block in enumerate(fused.blocks):
+            block.ln_2.weight.zero_()
+            block.ln_2.bias.fill_(1.0)  # the router sees the same input for every token
+            block.mlp.router.weight.zero_()
+            block.mlp.router.weight[layer].fill_(1.0)
+    x = torch.randint(0, 96, (2, 16))
+    fused(x, x)
+    assert [c.tolist() for m in fused.moe_layers for _, c in m.calls] == [[32, 0], [0, 32]]
+    # pooled over the two layers the load would look balanced (loss 1); per layer each is fully collapsed (~E = 2)
+    assert cherry.router_loss(fused.moe_layers).item() > 1.9
+    assert cherry.expert_load(fused) == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_mtp_targets_are_shifted_and_the_last_positions_masked():
+    y = torch.arange(10).view(1, 10)
+    assert cherry.shift_left(y, 2, fill=-1).tolist() == [[2, 3, 4, 5, 6, 7, 8, 9, -1, -1]]
+    assert torch.equal(cherry.shift_left(y, 0, fill=-1), y)
+    torch.manual_seed(0)
+    model = cherry.GPT(tiny_config(mtp=2, mtp_weight=0.5)).eval()
+    x, y = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
+    _, loss = model(x, y)
+    # by hand: module k reads the token k-1 steps past each target and predicts the one k steps past it
+    h = model.hidden(x, residual=True)
+    next_token = F.cross_entropy(model.lm_head(model.ln_f(h)).view(-1, 96), y.view(-1))
+    extra = []
+    for k, module in enumerate(model.mtp_modules, start=1):
+        h = module(h, model.wte(torch.cat([y[:, k - 1:], torch.zeros(2, k - 1, dtype=torch.long)], 1)))
+        logits = model.lm_head(model.ln_f(h))[:, :16 - k]  # the last k positions have no target
+        extra.append(F.cross_entropy(logits.reshape(-1, 96), y[:, k:].reshape(-1)))
+    assert loss.item() == pytest.approx((next_token + 0.5 * (extra[0] + extra[1]) / 2).item(), abs=1e-5)
+    # the MTP modules never touch inference: logits are the next-token model's
+    assert torch.equal(model(x)[0], model.lm_head(model.ln_f(model.hidden(x, residual=True)))[:, [-1]])
+
+
+def test_fuse_end_to_end_from_compress_checkpoints(tiny_data, tmp_path):
+    run_train(tiny_data, tmp_path / "dense", "--n_layer", "4", "--max_iters", "6", "--eval_interval", "6")
+    common = ["--data", tiny_data, "--block_size", "32", "--batch_size", "8", "--eval_iters", "4", "--log_interval", "1000",
+              "--warmup_iters", "2", "--lr", "3e-3", "--device", "cpu", "--max_iters", "6", "--eval_interval", "6"]
+    for seed in ("1", "2"):  # two experts: the same teacher recovered with different data order
+        compress.main([*common, "--init_from", str(tmp_path / "dense" / "ckpt.pt"), "--layers", "2", "--seed", seed,
+                       "--out_dir", str(tmp_path / f"e{seed}")])
+    experts = [str(tmp_path / "e1" / "ckpt.pt"), str(tmp_path / "e2" / "ckpt.pt")]
+    summary = fuse.main([*common, "--experts", *experts, "--mtp", "1", "--out_dir", str(tmp_path / "moe")])
+    info = summary["fuse"]
+    assert info["n_expert"] == 2 and info["params_active"] < info["params_total"]
+    assert len(info["expert_load"]) == 2 and all(sum(layer) == pytest.approx(1.0) for layer in info["expert_load"])
+    rows = [json.loads(line) for line in open(tmp_path / "moe" / "metrics.jsonl")]
+    assert rows[0]["loss"] == pytest.approx(info["loss_start"], abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
+    on_disk = json.load(open(tmp_path / "moe" / "summary.json"))
+    assert on_disk["fuse"]["expert_load"] == info["expert_load"]
+    rebuilt = cherry.GPT.from_checkpoint(torch.load(tmp_path / "moe" / "ckpt.pt", weights_only=True))
+    assert rebuilt.config.n_expert == 2 and rebuilt.schedule == (0, 0, 1, 1)
+    with pytest.raises(SystemExit, match="at least two"):
+        fuse.main([*common, "--experts", experts[0], "--out_dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="top_k"):
+        fuse.main([*common, "--experts", *experts, "--top_k", "3", "--out_dir", str(tmp_path / "x")])
+    torch.save({"model": cherry.GPT(tiny_config(n_layer=3)).state_dict(), "config": tiny_config(n_layer=3).to_dict()},
+               tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="fuse: expert 1 differs .* n_layer"):
+        fuse.main([*common, "--experts", experts[0], str(tmp_path / "other.pt"), "--out_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

@@ -84,6 +84,21 @@ def parse_args(p, argv=None):
     return args
 
 
+# compress.py and fuse.py start from trained models: the shape comes from them, never from these flags
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "bias", "dropout")
+
+
+def shape_flags_from_model(p, args, cfg, script, source):
+    """Fill the shape flags (and block_size, unless given) from a loaded model's config; giving them is a mistake."""
+    given = [f"--{name}" for name in SHAPE_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise SystemExit(f"{script}: the model's shape comes from {source}; leave out {' '.join(given)}")
+    for name in SHAPE_FLAGS:
+        setattr(args, name, getattr(cfg, name))
+    args.block_size = args.block_size or cfg.block_size
+    check_args(p, args)
+
+
 def check_args(p, args):
     if not 0 < args.sgt <= 1:
         p.error(f"--sgt must be in (0, 1], got {args.sgt}")

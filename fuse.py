@@ -1,0 +1,98 @@
+"""
+MoEE: fuse several compressed models of one shape into a Mixture of Efficient Experts, then train it (router
+and all) with train.py's loop, optionally with multi-token prediction.
+
+  python compress.py --init_from out-dense/ckpt.pt --data data/text --out_dir out-text    # expert A
+  python compress.py --init_from out-dense/ckpt.pt --data data/code --out_dir out-code    # expert B
+  python fuse.py --experts out-text/ckpt.pt out-code/ckpt.pt --data data/mix               # top-1, no MTP
+  python fuse.py --experts out-text/ckpt.pt out-code/ckpt.pt --data data/mix --mtp 1 --out_dir out-fuse-mtp
+
+Shared tensors (embeddings, attention, norms, step embeddings) are averaged over the experts; each expert's MLPs
+become one expert of each mixture layer (cherry.fuse). The shape comes from the experts; every training flag is
+train.py's. Writes what train.py writes into --out_dir (default out-fuse); summary.json adds total and active
+parameters, each expert's held-out loss, the fused model's before training, and the share of held-out tokens
+each expert gets in each layer. The held-out `loss` is next-token loss only (no MTP or router terms): the number
+to compare with a single expert's.
+"""
+
+import os
+import sys
+
+import torch
+
+import cherry
+import compress
+import train
+
+
+def fuse_args():
+    p = train.training_args()
+    p.description = __doc__
+    a = p.add_argument
+    a("--experts", nargs="+", required=True, help="two or more checkpoints of one shape (compress.py's, train.py's)")
+    a("--top_k", type=int, default=1, help="experts per token (1: active parameters ~ one expert)")
+    a("--mtp", type=int, default=0, help="multi-token prediction depth D: extra modules predict tokens t+2 .. t+1+D")
+    a("--mtp_weight", type=float, default=0.3, help="lambda in loss = L + lambda * mean(L_k)")
+    a("--aux_weight", type=float, default=0.01, help="Switch load-balancing loss weight, per mixture-layer call")
+    a("--z_weight", type=float, default=0.0, help="router z-loss weight (1e-3 is usual; 0: off)")
+    p.set_defaults(out_dir="out-fuse", block_size=None, **{name: None for name in train.SHAPE_FLAGS})
+    return p
+
+
+@torch.no_grad()
+def expert_load(model, x, batch_size):
+    """Share of the tokens of x each expert gets, per layer (every application of an unrolled layer counted)."""
+    model.eval()
+    total = 0
+    for i in range(0, len(x), batch_size):
+        model.hidden(x[i:i + batch_size])
+        total = total + torch.stack([torch.stack([c for _, c in moe.calls]).sum(dim=0) for moe in model.moe_layers])
+    return (total / total.sum(dim=1, keepdim=True)).tolist()
+
+
+def main(argv=None):
+    p = fuse_args()
+    args = p.parse_args(argv)
+    if len(args.experts) < 2:
+        raise SystemExit("fuse: give at least two --experts")
+    experts = [compress.load_dense(path).eval() for path in args.experts]
+    train.shape_flags_from_model(p, args, experts[0].config, "fuse", "--experts")
+    if not 1 <= args.top_k <= len(experts):
+        raise SystemExit(f"fuse: --top_k {args.top_k} must be between 1 and the {len(experts)} experts")
+    if args.mtp < 0:
+        raise SystemExit("fuse: --mtp must be at least 0")
+    for path in args.experts:
+        if os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")) == os.path.abspath(path):
+            raise SystemExit(f"fuse: --out_dir {args.out_dir} would overwrite expert {path}")
+    try:
+        model = cherry.fuse(experts, args.top_k, args.mtp, mtp_weight=args.mtp_weight, aux_weight=args.aux_weight,
+                            z_weight=args.z_weight)
+    except ValueError as e:
+        raise SystemExit(f"fuse: {e}")
+
+    info = {"experts": args.experts, "n_expert": len(experts), "top_k": args.top_k, "mtp": args.mtp,
+            "params_total": cherry.count_params(model), "params_active": cherry.count_params(model, active=True),
+            "params_expert": cherry.count_params(experts[0]),
+            "training_flops_per_token": cherry.flops_per_token(model.config),
+            "forward_flops_per_token": cherry.flops_per_token(model.config, training=False)}
+    print(f"fusing {len(experts)} experts: {info['params_expert']:,} parameters each -> {info['params_total']:,} in all, "
+          f"{info['params_active']:,} active per token (top-{args.top_k}{', MTP modules excluded' if args.mtp else ''})")
+    info["loss_experts"] = [train.held_out_loss(args, m)["loss"] for m in experts]
+    info["loss_start"] = train.held_out_loss(args, model)["loss"]
+    for path, loss in zip(args.experts, info["loss_experts"]):
+        print(f"held-out loss, expert {path}: {loss:.4f}")
+    print(f"held-out loss, fused before training: {info['loss_start']:.4f}")
+    del experts
+
+    summary = train.train(args, model, summary_extra={"fuse": info})
+    x, _ = train.Data(args.data, args.block_size).eval_batch(args.eval_iters * args.batch_size)
+    summary["fuse"]["expert_load"] = expert_load(model, x.to(next(model.parameters()).device), args.batch_size)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("held-out tokens per expert, by layer: " + "; ".join(" ".join(f"{f:.2f}" for f in layer)
+                                                                  for layer in summary["fuse"]["expert_load"]))
+        train.write_json(summary, os.path.join(args.out_dir, "summary.json"))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
