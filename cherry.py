@@ -63,6 +63,7 @@ class GPTConfig:
 # embeddings, which implies a vocabulary near 93k (the paper's Korean tokenizer is not public).
 GPT2 = dict(block_size=1024, vocab_size=50304, bias=True)
 PAPER = dict(n_embd=1248, n_head=13, vocab_size=93440, block_size=2048)
+UNROLL_34 = (0,) + (1,) * 8 + (2,) * 8 + (3,) * 8 + (4,) * 8 + (5,)  # layer per application: 1,8,8,8,8,1
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, **GPT2),         # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **GPT2),  # 350M
@@ -71,6 +72,11 @@ PRESETS = {
     "cherry-1b": dict(n_layer=48, **PAPER),      # the dense model the paper compresses
     "cherry-566m": dict(n_layer=24, **PAPER),    # the dense model with ~2.5x the compressed parameters
     "cherry-227m": dict(n_layer=6, **PAPER),     # the 6-layer compression, before unrolling
+    # unrolled 1,8,8,8,8,1 (34 applications, with step embeddings), and MoEE of it: 2 or 8 experts, top-1. Experts
+    # share embeddings, attention and norms (section 6), so 8 experts are ~0.75B in all, not 8 x 227M = 1.8B.
+    "cherry-227m-x34": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, **PAPER),
+    "cherry-moee-2": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, n_expert=2, **PAPER),
+    "cherry-moee-8": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, n_expert=8, **PAPER),
 }
 
 
@@ -543,17 +549,23 @@ class MoE(nn.Module):
         # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly one expert's
         # output, top-1 included); the scale is detached, so the router still learns from the LM loss as in Switch
         gates = top_p / top_p.sum(dim=-1, keepdim=True).detach()
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)  # every expert runs, even on no tokens (DDP needs its grads)
-            y = expert(x[token]) * gates[token, slot].unsqueeze(-1)
-            out.index_add_(0, token, y.to(out.dtype))
+        out = self.dispatch(x, chosen, gates)
         counts = torch.bincount(chosen.flatten(), minlength=len(self.experts))
         loss = self.aux_weight * switch_loss(probs, counts)
         if self.z_weight:
             loss = loss + self.z_weight * logits.logsumexp(dim=-1).square().mean()
         self.calls.append((loss, counts))
         return out.view(B, T, C)
+
+    @torch.compiler.disable  # token counts per expert change every step: torch.compile would recompile, so run eagerly
+    def dispatch(self, x, chosen, gates):
+        """Each expert on its own tokens, outputs weighted by their gates and summed back in place."""
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)  # every expert runs, even on no tokens (DDP needs its grads)
+            y = expert(x[token]) * gates[token, slot].unsqueeze(-1)
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
 
 
 def switch_loss(probs, counts):

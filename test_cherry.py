@@ -250,6 +250,19 @@ def test_presets_match_the_published_parameter_counts(name, paper_params):
     assert cherry.count_params(model) == pytest.approx(paper_params, rel=0.05)
 
 
+def test_moee_presets_count_shared_parts_once():
+    with torch.device("meta"):
+        base, unrolled = (cherry.GPT(cherry.GPTConfig(**cherry.PRESETS[name])) for name in ("cherry-227m", "cherry-227m-x34"))
+        two, eight = (cherry.GPT(cherry.GPTConfig(**cherry.PRESETS[name])) for name in ("cherry-moee-2", "cherry-moee-8"))
+    d, layers = 1248, 6
+    assert len(unrolled.schedule) == 34 and cherry.count_params(unrolled) == cherry.count_params(base) + 34 * d
+    mlp, router = 8 * d * d, lambda e: layers * d * e
+    for model, e in ((two, 2), (eight, 8)):
+        assert cherry.count_params(model) == cherry.count_params(unrolled) + layers * (e - 1) * mlp + router(e)
+        assert cherry.count_params(model, active=True) == cherry.count_params(unrolled) + router(e)  # top-1
+    assert cherry.count_params(eight) == pytest.approx(0.75e9, rel=0.02)  # not the 1.8B of eight whole 227M models
+
+
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_data, tmp_path):
     import subprocess
     import sys

@@ -325,8 +325,10 @@ def train(args, model=None, summary_extra=None):
         vocab = args.vocab_size or (data.meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64: faster matmuls
         if vocab < data.meta["vocab_size"]:
             raise SystemExit(f"train: --vocab_size {vocab} is smaller than the data's {data.meta['vocab_size']}")
-        model = cherry.GPT(cherry.GPTConfig(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer,
-                                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias))
+        shape = dict(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head,
+                     n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
+        preset = cherry.PRESETS.get(args.preset, {})  # adds what has no flag: the unroll, the experts
+        model = cherry.GPT(cherry.GPTConfig(**{**preset, **shape}))
     check_model_fits(model, data, args)
     model.grad_checkpoint = args.grad_checkpoint
     model.to(device)

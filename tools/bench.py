@@ -92,7 +92,9 @@ def main():
     k = max(1, args.n_layer // 3)
     unrolled = cherry.GPTConfig(**{**cfg.to_dict(), "n_layer": k, "schedule": cherry.repeat_schedule([3] * k),
                                    "step_embed": True, "lora_rank": 8})
-    variants = [("dense", cfg, 1.0), ("SGT 0.15", cfg, 0.15), (f"unrolled {k} layers x 3, LoRA 8", unrolled, 1.0)]
+    moee = cherry.GPTConfig(**{**unrolled.to_dict(), "n_expert": 2, "top_k": 1})  # two such experts, top-1
+    variants = [("dense", cfg, 1.0), ("SGT 0.15", cfg, 0.15), (f"unrolled {k} layers x 3, LoRA 8", unrolled, 1.0),
+                ("MoEE of 2 such, top-1", moee, 1.0)]
     for name, vcfg, sgt in variants:
         torch.manual_seed(0)
         print(bench(name, cherry.GPT(vcfg), sgt, args, device, dtype, ctx, cherry.flops_per_token(vcfg, sgt)), flush=True)
