@@ -338,7 +338,7 @@ def train(args, model=None, summary_extra=None):
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     raw_model = model
     if args.compile:
-        model = torch.compile(model, dynamic=False)  # static shapes: dynamic ones cost the SGT step 10% on an H100
+        model = torch.compile(model)
     if world > 1:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
