@@ -15,8 +15,11 @@ positions: that is where the compute saving comes from.
 """
 
 import copy
+import json
 import math
-from dataclasses import dataclass, asdict
+import os
+import re
+from dataclasses import dataclass, asdict, fields
 
 import torch
 import torch.nn as nn
@@ -40,6 +43,7 @@ class GPTConfig:
     schedule: tuple = None  # which layer each application runs, in order, e.g. (0, 1, 1, 1, 2); None: each once
     step_embed: bool = False  # a learned vector per application, added to the residual stream before it
     lora_rank: int = 0  # > 0: each application also has its own LoRA on the matrices (+ offsets on the vectors)
+    gelu_approximate: str = "none"  # "tanh": GPT-2's own GELU (set when its weights are loaded); "none": the exact one
 
     def to_dict(self):
         return asdict(self)
@@ -121,9 +125,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = config.gelu_approximate
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -165,12 +170,38 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * len(self.schedule)))
 
     @classmethod
-    def from_checkpoint(cls, ckpt):
-        """Rebuild a model from a checkpoint dict of this project (config + state dict)."""
-        model = cls(GPTConfig(**ckpt["config"]))
-        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # torch.compile's prefix
-        model.load_state_dict(state)
-        return model
+    def from_checkpoint(cls, ckpt, dropout=None, source="the checkpoint"):
+        """Rebuild a model from a checkpoint dict: this project's (config + model) or nanoGPT's (model_args + model)."""
+        if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # this project's
+            return build_model(ckpt["config"], ckpt["model"], source, dropout)
+        if isinstance(ckpt, dict) and "model_args" in ckpt and "model" in ckpt:  # nanoGPT's
+            a = ckpt["model_args"]
+            missing = [k for k in NANOGPT_ARGS if k not in a]
+            if missing:
+                raise ValueError(f"{source} is a nanoGPT checkpoint without {', '.join(missing)} in its model_args")
+            config = {k: a[k] for k in NANOGPT_ARGS}
+            return build_model(config, gpt2_state_to_cherry(ckpt["model"], conv1d=False), source, dropout)
+        raise ValueError(f"{source} is neither this project's checkpoint nor nanoGPT's nor a Hugging Face GPT-2 folder")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=None):
+        """
+        A model from any of: this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2
+        folder (what save_pretrained writes: config.json + model.safetensors or pytorch_model.bin), or a GPT-2
+        size by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; through the transformers package, online or cached).
+        GPT-2's weights come with its tanh GELU, so the logits equal Hugging Face's. dropout: None keeps the
+        checkpoint's (0 for GPT-2). Problems raise ValueError / FileNotFoundError with a one-line message.
+        """
+        path = name_or_path
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+            return load_hf_gpt2_folder(path, dropout)
+        if os.path.isdir(path):
+            path = os.path.join(path, "ckpt.pt")
+        if not os.path.exists(path) and name_or_path in GPT2_NAMES:
+            return load_hf_gpt2_by_name(name_or_path, dropout)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint at {path} (train one with train.py, or give a GPT-2 name: {', '.join(GPT2_NAMES)})")
+        return cls.from_checkpoint(load_checkpoint(path), dropout, source=path)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -253,6 +284,113 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+# Loading weights: this project's checkpoints, nanoGPT's, Hugging Face GPT-2. Everything goes through
+# GPT.from_pretrained (above), and every file through load_checkpoint: plain data only, never pickled code.
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+NANOGPT_ARGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+def load_checkpoint(path):
+    """
+    torch.load(weights_only=True): tensors, numbers, strings, lists, dicts. A file whose loading would have to
+    run pickled code (any other object) is refused, never executed; a corrupt or truncated one is a ValueError too.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unsafe = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise ValueError(f"{path} holds a pickled Python object ({unsafe.group(1)}) that loading would have to run; "
+                             f"refused, nothing was executed (save plain tensors and dicts instead)") from None
+        raise ValueError(f"{path} is corrupt, truncated or not a torch checkpoint; it was not loaded "
+                         f"(write it again, or use another checkpoint)") from None
+
+
+def build_model(config, state, source, dropout=None):
+    """A GPT of this config (a dict) with these weights; a state that does not fit the config is a ValueError."""
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise ValueError(f"{source} holds no config and weights of this model")
+    unknown = sorted(set(config) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise ValueError(f"{source} is a checkpoint of another architecture (config fields unknown here: {', '.join(unknown)})")
+    if dropout is not None:
+        config = {**config, "dropout": dropout}
+    model = GPT(GPTConfig(**config))
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile's prefix
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} is {tuple(getattr(state[k], 'shape', ()))}, the config needs {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and getattr(state[k], "shape", None) != v.shape]
+    if problems:
+        raise ValueError(f"{source} does not fit its own config, a checkpoint of another architecture? "
+                         f"{problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}")
+    model.load_state_dict(state)
+    return model
+
+
+def gpt2_state_to_cherry(state, conv1d):
+    """GPT-2 parameter names (nanoGPT's and Hugging Face's) -> this project's. Hugging Face's Conv1D stores weights transposed."""
+    out = {}
+    for name, t in state.items():
+        name = name.removeprefix("_orig_mod.").removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers, not parameters
+        if name.startswith("h."):
+            name = "blocks." + name[2:]
+        if conv1d and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            t = t.t()
+        out[name] = t
+    if "wte.weight" in out:
+        out.setdefault("lm_head.weight", out["wte.weight"])  # tied; some files leave it out
+    return out
+
+
+def hf_gpt2_config(c, source):
+    """Hugging Face's GPT2Config (as a dict) -> ours. GPT-2's "gelu_new" is the tanh GELU."""
+    gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(c.get("activation_function", "gelu_new"))
+    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or c.get("n_inner") not in (None, 4 * c["n_embd"]) \
+            or c.get("scale_attn_by_inverse_layer_idx") or c.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise ValueError(f"{source} is not a GPT-2 this model can run (model_type {c.get('model_type')!r}, "
+                         f"activation {c.get('activation_function')!r})")
+    return dict(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                n_embd=c["n_embd"], bias=True, dropout=0.0, gelu_approximate=gelu)
+
+
+def load_hf_gpt2_folder(path, dropout=None):
+    """A folder written by Hugging Face's save_pretrained: config.json + model.safetensors or pytorch_model.bin."""
+    config = hf_gpt2_config(json.load(open(os.path.join(path, "config.json"))), path)
+    weights = os.path.join(path, "model.safetensors")
+    if os.path.isfile(weights):
+        try:
+            from safetensors.torch import load_file  # comes with transformers
+        except ImportError:
+            raise ValueError(f"{weights} needs the safetensors package (pip install transformers)") from None
+        state = load_file(weights)
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        weights = os.path.join(path, "pytorch_model.bin")
+        state = load_checkpoint(weights)
+    else:
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+    return build_model(config, gpt2_state_to_cherry(state, conv1d=True), weights, dropout)
+
+
+def load_hf_gpt2_by_name(name, dropout=None):
+    """gpt2 ... gpt2-xl through transformers (downloaded once, then from its cache), as nanoGPT does."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise ValueError(f"{name} needs the transformers package (pip install transformers)") from None
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(name)
+    except Exception as e:  # offline and not cached, or no such model
+        raise ValueError(f"could not load {name} from Hugging Face: {str(e).strip().splitlines()[0]}") from None
+    return build_model(hf_gpt2_config(hf.config.to_dict(), name), gpt2_state_to_cherry(hf.state_dict(), conv1d=True), name, dropout)
 
 
 # ----------------------------------------------------------------------------

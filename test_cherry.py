@@ -213,7 +213,7 @@ def test_sgt_training_lowers_every_held_out_loss_and_writes_the_outputs(tiny_dat
     assert all(-1 <= r["gamma"] <= 1 for r in rows)
     assert summary["best"]["loss"] == min(r["loss"] for r in rows)
     assert summary["config"]["n_layer"] == 2 and summary["args"]["sgt"] == 0.15
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = cherry.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter"] == 60
     cherry.GPT.from_checkpoint(ckpt)  # the checkpoint rebuilds the model on its own
 
@@ -223,8 +223,8 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "straight", *common, "--max_iters", "8")
     run_train(tiny_data, tmp_path / "split", *common, "--max_iters", "4")
     rows, _ = run_train(tiny_data, tmp_path / "split", *common, "--max_iters", "8", "--resume")
-    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    a = cherry.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = cherry.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert [r["iter"] for r in rows] == [0, 4, 8]
@@ -388,23 +388,37 @@ def test_nanogpt_and_hugging_face_layouts_load(tmp_path, monkeypatch):
     # Hugging Face: Conv1D weights are stored (in, out)
     hf = {("transformer." + k.replace("blocks.", "h.") if k != "lm_head.weight" else k):
           (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v) for k, v in model.state_dict().items()}
-    loaded = compress.build(c, compress.gpt2_state_to_cherry(hf, conv1d=True)).eval()
+    loaded = cherry.build_model(c.to_dict(), cherry.gpt2_state_to_cherry(hf, conv1d=True), "hf").eval()
     assert torch.allclose(logits_of(loaded, x), logits_of(model, x), atol=1e-6)
+    # ... and as a save_pretrained folder with pytorch_model.bin: read without transformers
+    (tmp_path / "hf").mkdir()
+    json.dump({"model_type": "gpt2", "n_positions": 32, "vocab_size": 96, "n_layer": 2, "n_head": 2, "n_embd": 32,
+               "activation_function": "gelu"}, open(tmp_path / "hf" / "config.json", "w"))
+    torch.save({k: v for k, v in hf.items() if k != "lm_head.weight"}, tmp_path / "hf" / "pytorch_model.bin")  # tied: left out
+    assert torch.allclose(logits_of(cherry.GPT.from_pretrained(str(tmp_path / "hf")).eval(), x), logits_of(model, x), atol=1e-6)
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: a one-line error, no network
     with pytest.raises(SystemExit, match="needs the transformers package"):
         compress.load_dense("gpt2-xl")
 
 
-def test_real_hugging_face_gpt2_matches_after_conversion():
+def test_real_hugging_face_gpt2_folder_and_name_give_its_logits(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                        activation_function="gelu")  # our exact GELU; GPT-2's own is the tanh one
+    hf_config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)  # GPT-2's tanh GELU
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    model = compress.build(tiny_config(bias=True), compress.gpt2_state_to_cherry(hf.state_dict(), conv1d=True)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # norms and biases away from their 1 and 0, so that every conversion shows
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "hf")  # config.json + model.safetensors
     x = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
-        assert torch.allclose(logits_of(model, x), hf(x).logits, atol=1e-5)
+        expected = hf(x).logits
+    model = cherry.GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    assert model.config.gelu_approximate == "tanh"
+    assert torch.allclose(logits_of(model, x), expected, atol=2e-6)  # the exact GELU would be ~1e-4 off
+    # a GPT-2 name goes through transformers.GPT2LMHeadModel.from_pretrained (here: the model above, no network)
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", classmethod(lambda cls, name: hf))
+    assert torch.allclose(logits_of(cherry.GPT.from_pretrained("gpt2").eval(), x), expected, atol=1e-5)
 
 
 def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path):
@@ -423,18 +437,24 @@ def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path):
     assert rows[0]["loss"] == pytest.approx(info["loss_start"], abs=1e-5)  # train()'s step 0 is the compressed model
     assert rows[-1]["loss"] < rows[0]["loss"]  # recovery
     assert json.load(open(tmp_path / "small" / "summary.json"))["compress"]["layers"] == 2
-    rebuilt = cherry.GPT.from_checkpoint(torch.load(tmp_path / "small" / "ckpt.pt", weights_only=False))
+    rebuilt = cherry.GPT.from_pretrained(str(tmp_path / "small"))
     assert rebuilt.schedule == (0, 0, 1, 1, 1) and len(rebuilt.adapters) == 5
-    with pytest.raises(SystemExit, match="does not divide"):
-        compress.main([*flags, "--layers", "3"])
+    fresh = ["--out_dir", str(tmp_path / "fresh")]  # argparse keeps the last --out_dir
+    with pytest.raises(SystemExit, match="does not divide the model's 4 layers .*use one of 1, 2, 4"):
+        compress.main([*flags, "--layers", "3", *fresh])
     with pytest.raises(SystemExit, match="leave out --n_layer"):
-        compress.main([*flags, "--n_layer", "2"])
+        compress.main([*flags, "--n_layer", "2", *fresh])
     with pytest.raises(SystemExit, match="no checkpoint"):
-        compress.main([*flags, "--init_from", str(tmp_path / "nowhere" / "ckpt.pt")])
+        compress.main([*flags, "--init_from", str(tmp_path / "nowhere" / "ckpt.pt"), *fresh])
     with pytest.raises(SystemExit, match="would overwrite"):
         compress.main([*flags, "--layers", "2", "--init_from", str(tmp_path / "dense"), "--out_dir", str(tmp_path / "dense")])
     with pytest.raises(SystemExit, match="already compressed"):
-        compress.main([*flags, "--init_from", str(tmp_path / "small" / "ckpt.pt"), "--out_dir", str(tmp_path / "again")])
+        compress.main([*flags, "--init_from", str(tmp_path / "small" / "ckpt.pt"), *fresh])
+    with pytest.raises(SystemExit, match="already holds a run .*--resume"):  # small/ holds the run above
+        compress.main([*flags, "--layers", "2"])
+    assert not (tmp_path / "fresh").exists()  # no error wrote anything
+
+
 # the SGT study's pieces
 
 
