@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, asdict, fields
 
 import torch
@@ -301,9 +302,11 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails: the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        unsafe = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class the file would have had run
         if unsafe:
             raise ValueError(f"{path} holds a pickled Python object ({unsafe.group(1)}) that loading would have to run; "
                              f"refused, nothing was executed (save plain tensors and dicts instead)") from None
