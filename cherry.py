@@ -3,7 +3,8 @@ CHERRY in one file: a GPT (nanoGPT-style) plus the paper's three techniques.
 
 Sections:
   1. Config
-  2. Transformer: attention (with KV cache), MLP, block, GPT (optionally a recurrent unroll of its layers)
+  2. Transformer: attention (with KV cache), MLP, block, GPT (optionally a recurrent unroll of its layers);
+     loading weights (GPT.from_pretrained: this project's, nanoGPT's, Hugging Face GPT-2), safely
   3. SGT: selective ground-truth token training (the token selector, the coupling measure)
   4. FLOPs and parameter counts
   5. Depth compression: averaging adjacent layers, the unroll schedules, LoRA from the SVD of the residue

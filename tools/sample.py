@@ -28,11 +28,11 @@ class Codec:
     """Text <-> the model's token ids: the data's tokenizer, through its compact vocabulary if it has one."""
 
     def __init__(self, meta):
+        name = meta.get("tokenizer", "gpt2")
         try:
-            self.enc = data_prep.get_tokenizer(meta.get("tokenizer", "gpt2"))
-        except Exception as e:  # a name tiktoken does not know, or one it would fetch while offline
-            raise SystemExit(f"sample: no tokenizer {meta.get('tokenizer')!r} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
-                             f"give --data with a known one") from None
+            self.enc = data_prep.get_tokenizer(name)
+        except Exception:  # a name tiktoken does not know, or one it would have to fetch while offline
+            raise SystemExit(f"sample: cannot load the tokenizer {name!r}; give --data with the folder the model was trained on") from None
         self.token_ids = meta.get("token_ids")  # compact id -> tokenizer id, or None
         self.compact = {t: i for i, t in enumerate(self.token_ids)} if self.token_ids else None
 
