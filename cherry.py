@@ -176,8 +176,8 @@ class GPT(nn.Module):
         """Rebuild a model from a checkpoint dict: this project's (config + model) or nanoGPT's (model_args + model)."""
         if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # this project's
             return build_model(ckpt["config"], ckpt["model"], source, dropout)
-        if isinstance(ckpt, dict) and "model_args" in ckpt and "model" in ckpt:  # nanoGPT's
-            a = ckpt["model_args"]
+        if isinstance(ckpt, dict) and "model_args" in ckpt and isinstance(ckpt.get("model"), dict):  # nanoGPT's
+            a = ckpt["model_args"] if isinstance(ckpt["model_args"], dict) else {}
             missing = [k for k in NANOGPT_ARGS if k not in a]
             if missing:
                 raise ValueError(f"{source} is a nanoGPT checkpoint without {', '.join(missing)} in its model_args")
@@ -324,7 +324,10 @@ def build_model(config, state, source, dropout=None):
         raise ValueError(f"{source} is a checkpoint of another architecture (config fields unknown here: {', '.join(unknown)})")
     if dropout is not None:
         config = {**config, "dropout": dropout}
-    model = GPT(GPTConfig(**config))
+    try:
+        model = GPT(GPTConfig(**config))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"{source} has a config this model cannot build ({e})") from None
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile's prefix
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
@@ -358,8 +361,10 @@ def gpt2_state_to_cherry(state, conv1d):
 def hf_gpt2_config(c, source):
     """Hugging Face's GPT2Config (as a dict) -> ours. GPT-2's "gelu_new" is the tanh GELU."""
     gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(c.get("activation_function", "gelu_new"))
-    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or c.get("n_inner") not in (None, 4 * c["n_embd"]) \
-            or c.get("scale_attn_by_inverse_layer_idx") or c.get("layer_norm_epsilon", 1e-5) != 1e-5:
+    shape = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or any(k not in c for k in shape) \
+            or c.get("n_inner") not in (None, 4 * c["n_embd"]) or c.get("scale_attn_by_inverse_layer_idx") \
+            or c.get("layer_norm_epsilon", 1e-5) != 1e-5:
         raise ValueError(f"{source} is not a GPT-2 this model can run (model_type {c.get('model_type')!r}, "
                          f"activation {c.get('activation_function')!r})")
     return dict(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
@@ -368,14 +373,21 @@ def hf_gpt2_config(c, source):
 
 def load_hf_gpt2_folder(path, dropout=None):
     """A folder written by Hugging Face's save_pretrained: config.json + model.safetensors or pytorch_model.bin."""
-    config = hf_gpt2_config(json.load(open(os.path.join(path, "config.json"))), path)
+    try:
+        config = json.load(open(os.path.join(path, "config.json")))
+    except ValueError:
+        raise ValueError(f"{path}/config.json is not valid JSON") from None
+    config = hf_gpt2_config(config, path)
     weights = os.path.join(path, "model.safetensors")
     if os.path.isfile(weights):
         try:
             from safetensors.torch import load_file  # comes with transformers
         except ImportError:
             raise ValueError(f"{weights} needs the safetensors package (pip install transformers)") from None
-        state = load_file(weights)
+        try:
+            state = load_file(weights)
+        except Exception:
+            raise ValueError(f"{weights} is corrupt or truncated; it was not loaded (save it again)") from None
     elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
         weights = os.path.join(path, "pytorch_model.bin")
         state = load_checkpoint(weights)

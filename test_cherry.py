@@ -611,6 +611,10 @@ def test_real_hugging_face_gpt2_folder_and_name_give_its_logits(tmp_path, monkey
     # a GPT-2 name goes through transformers.GPT2LMHeadModel.from_pretrained (here: the model above, no network)
     monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", classmethod(lambda cls, name: hf))
     assert torch.allclose(logits_of(cherry.GPT.from_pretrained("gpt2").eval(), x), expected, atol=1e-5)
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors is corrupt or truncated"):
+        cherry.GPT.from_pretrained(str(tmp_path / "hf"))
 
 
 def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path):

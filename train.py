@@ -422,17 +422,18 @@ def train(args, model=None, summary_extra=None):
                      "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}, ckpt_path)
 
-    # the first step whose training loss was NaN or inf, kept on the device: no sync per step, read at each log
-    # line and before each checkpoint, so a bad state is never saved
+    # the first step whose loss was NaN or inf, kept on the device: no sync per step; read at each progress line
+    # and before each checkpoint, so a bad state is never saved
     first_bad = torch.full((), NO_STEP, dtype=torch.long, device=device)
 
     def stop_if_not_finite():
         bad = first_bad.clone()
         if world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        if bad.item() != NO_STEP:
+        step = bad.item()
+        if step != NO_STEP:
             kept = f"{ckpt_path} still holds step {rows[-1]['iter']}, the last good state" if rows else "no checkpoint was written"
-            raise SystemExit(f"train: the training loss became NaN or inf at step {bad.item()}; stopped, {kept}. "
+            raise SystemExit(f"train: the loss became NaN or inf at step {step}; stopped, {kept}. "
                              f"Lower --lr (or raise --warmup_iters), then continue with --resume")
 
     t0 = t_eval = time.time()
