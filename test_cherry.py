@@ -71,14 +71,14 @@ def test_sampling_with_the_kv_cache_equals_recomputation_at_temperature_and_top_
     unrolled = cherry.GPT(tiny_config(schedule=cherry.loop_schedule(1, 1, 0, 3), step_embed=True, lora_rank=2)).eval()
     with torch.no_grad():
         unrolled.step_embed.normal_(std=0.1)
-    prompt = torch.randint(0, 96, (3, 5))
+    prompt = torch.randint(0, 96, (2, 5))
     for model in (tiny_model(), unrolled):
         runs = []
         for use_cache in (True, False):  # the same seed: the same draws, so the same tokens if the logits agree
             torch.manual_seed(7)
-            runs.append(model.generate(prompt, 40, temperature=0.9, top_k=20, use_cache=use_cache))  # past block_size
+            runs.append(model.generate(prompt, 30, temperature=0.9, top_k=20, use_cache=use_cache))  # past block_size
         assert torch.equal(*runs)
-        assert not torch.equal(runs[0], model.generate(prompt, 40, temperature=0))  # it sampled, not argmax
+    assert not torch.equal(runs[0], unrolled.generate(prompt, 30, temperature=0))  # it sampled, not argmax
 
 
 def test_sample_script_decodes_dense_and_unrolled_checkpoints_with_a_compact_vocabulary(tmp_path):
@@ -89,11 +89,11 @@ def test_sample_script_decodes_dense_and_unrolled_checkpoints_with_a_compact_voc
     dense = cherry.GPT.from_pretrained(str(tmp_path / "dense"))
     unrolled = cherry.compress(dense, 1, (0, 0, 0), lora_rank=2)
     torch.save({"config": unrolled.config.to_dict(), "model": unrolled.state_dict(), "args": {"data": data}}, tmp_path / "unrolled.pt")
-    flags = ["--prompt", "The king", "--num_samples", "2", "--max_new_tokens", "40", "--temperature", "0.8", "--top_k", "50",
+    flags = ["--prompt", "The king", "--num_samples", "2", "--max_new_tokens", "20", "--temperature", "0.8", "--top_k", "50",
              "--seed", "1", "--device", "cpu"]
     for source in (str(tmp_path / "dense"), str(tmp_path / "unrolled.pt")):
         texts = sample.main(["--init_from", source, *flags])
-        assert len(texts) == 2 and all(t.startswith("The king") and len(t) > 40 for t in texts)
+        assert len(texts) == 2 and all(t.startswith("The king") and len(t) > 20 for t in texts)
         assert sample.main(["--init_from", source, *flags, "--no_cache"]) == texts  # the KV cache changes nothing
     one_line_error("the prompt has tokens the model's vocabulary lacks", sample.main, ["--init_from", str(tmp_path / "dense"), *flags, "--prompt", "🍒"])
 
