@@ -19,7 +19,6 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cherry  # noqa: E402
 import train  # noqa: E402
 from data import prepare as data_prep  # noqa: E402
 
