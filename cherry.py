@@ -3,7 +3,8 @@ CHERRY in one file: a GPT (nanoGPT-style) plus the paper's three techniques.
 
 Sections:
   1. Config
-  2. Transformer: attention (with KV cache), MLP, block, GPT (optionally a recurrent unroll of its layers)
+  2. Transformer: attention (with KV cache), MLP, block, GPT (optionally a recurrent unroll of its layers);
+     loading weights (GPT.from_pretrained: this project's, nanoGPT's, Hugging Face GPT-2), safely
   3. SGT: selective ground-truth token training (the token selector, the coupling measure)
   4. FLOPs and parameter counts
   5. Depth compression: averaging adjacent layers, the unroll schedules, LoRA from the SVD of the residue
@@ -16,9 +17,12 @@ positions: that is where the compute saving comes from.
 """
 
 import copy
+import json
 import math
+import os
 import re
-from dataclasses import dataclass, asdict
+import warnings
+from dataclasses import dataclass, asdict, fields
 
 import torch
 import torch.nn as nn
@@ -49,6 +53,7 @@ class GPTConfig:
     z_weight: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     mtp: int = 0  # multi-token prediction: modules predicting tokens t+2 .. t+1+mtp (training only)
     mtp_weight: float = 0.3  # lambda: loss = L + lambda * mean(L_k)
+    gelu_approximate: str = "none"  # "tanh": GPT-2's own GELU (set when its weights are loaded); "none": the exact one
 
     def to_dict(self):
         return asdict(self)
@@ -136,9 +141,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = config.gelu_approximate
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -183,12 +189,38 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * len(self.schedule)))
 
     @classmethod
-    def from_checkpoint(cls, ckpt):
-        """Rebuild a model from a checkpoint dict of this project (config + state dict)."""
-        model = cls(GPTConfig(**ckpt["config"]))
-        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # torch.compile's prefix
-        model.load_state_dict(state)
-        return model
+    def from_checkpoint(cls, ckpt, dropout=None, source="the checkpoint"):
+        """Rebuild a model from a checkpoint dict: this project's (config + model) or nanoGPT's (model_args + model)."""
+        if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # this project's
+            return build_model(ckpt["config"], ckpt["model"], source, dropout)
+        if isinstance(ckpt, dict) and "model_args" in ckpt and isinstance(ckpt.get("model"), dict):  # nanoGPT's
+            a = ckpt["model_args"] if isinstance(ckpt["model_args"], dict) else {}
+            missing = [k for k in NANOGPT_ARGS if k not in a]
+            if missing:
+                raise ValueError(f"{source} is a nanoGPT checkpoint without {', '.join(missing)} in its model_args")
+            config = {k: a[k] for k in NANOGPT_ARGS}
+            return build_model(config, gpt2_state_to_cherry(ckpt["model"], conv1d=False), source, dropout)
+        raise ValueError(f"{source} is neither this project's checkpoint nor nanoGPT's nor a Hugging Face GPT-2 folder")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=None):
+        """
+        A model from any of: this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2
+        folder (what save_pretrained writes: config.json + model.safetensors or pytorch_model.bin), or a GPT-2
+        size by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; through the transformers package, online or cached).
+        GPT-2's weights come with its tanh GELU, so the logits equal Hugging Face's. dropout: None keeps the
+        checkpoint's (0 for GPT-2). Problems raise ValueError / FileNotFoundError with a one-line message.
+        """
+        path = name_or_path
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+            return load_hf_gpt2_folder(path, dropout)
+        if os.path.isdir(path):
+            path = os.path.join(path, "ckpt.pt")
+        if not os.path.exists(path) and name_or_path in GPT2_NAMES:
+            return load_hf_gpt2_by_name(name_or_path, dropout)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint at {path} (train one with train.py, or give a GPT-2 name: {', '.join(GPT2_NAMES)})")
+        return cls.from_checkpoint(load_checkpoint(path), dropout, source=path)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -295,6 +327,127 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+# Loading weights: this project's checkpoints, nanoGPT's, Hugging Face GPT-2. Everything goes through
+# GPT.from_pretrained (above), and every file through load_checkpoint: plain data only, never pickled code.
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+NANOGPT_ARGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+def load_checkpoint(path):
+    """
+    torch.load(weights_only=True): tensors, numbers, strings, lists, dicts. A file whose loading would have to
+    run pickled code (any other object) is refused, never executed; a corrupt or truncated one is a ValueError too.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails: the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class the file would have had run
+        if unsafe:
+            raise ValueError(f"{path} holds a pickled Python object ({unsafe.group(1)}) that loading would have to run; "
+                             f"refused, nothing was executed (save plain tensors and dicts instead)") from None
+        raise ValueError(f"{path} is corrupt, truncated or not a torch checkpoint; it was not loaded "
+                         f"(write it again, or use another checkpoint)") from None
+
+
+def build_model(config, state, source, dropout=None):
+    """A GPT of this config (a dict) with these weights; a state that does not fit the config is a ValueError."""
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise ValueError(f"{source} holds no config and weights of this model")
+    unknown = sorted(set(config) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise ValueError(f"{source} is a checkpoint of another architecture (config fields unknown here: {', '.join(unknown)})")
+    if dropout is not None:
+        config = {**config, "dropout": dropout}
+    try:
+        model = GPT(GPTConfig(**config))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"{source} has a config this model cannot build ({e})") from None
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile's prefix
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} is {tuple(getattr(state[k], 'shape', ()))}, the config needs {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and getattr(state[k], "shape", None) != v.shape]
+    if problems:
+        raise ValueError(f"{source} does not fit its own config, a checkpoint of another architecture? "
+                         f"{problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}")
+    model.load_state_dict(state)
+    return model
+
+
+def gpt2_state_to_cherry(state, conv1d):
+    """GPT-2 parameter names (nanoGPT's and Hugging Face's) -> this project's. Hugging Face's Conv1D stores weights transposed."""
+    out = {}
+    for name, t in state.items():
+        name = name.removeprefix("_orig_mod.").removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers, not parameters
+        if name.startswith("h."):
+            name = "blocks." + name[2:]
+        if conv1d and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            t = t.t()
+        out[name] = t
+    if "wte.weight" in out:
+        out.setdefault("lm_head.weight", out["wte.weight"])  # tied; some files leave it out
+    return out
+
+
+def hf_gpt2_config(c, source):
+    """Hugging Face's GPT2Config (as a dict) -> ours. GPT-2's "gelu_new" is the tanh GELU."""
+    gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(c.get("activation_function", "gelu_new"))
+    shape = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or any(k not in c for k in shape) \
+            or c.get("n_inner") not in (None, 4 * c["n_embd"]) or c.get("scale_attn_by_inverse_layer_idx") \
+            or c.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise ValueError(f"{source} is not a GPT-2 this model can run (model_type {c.get('model_type')!r}, "
+                         f"activation {c.get('activation_function')!r})")
+    return dict(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                n_embd=c["n_embd"], bias=True, dropout=0.0, gelu_approximate=gelu)
+
+
+def load_hf_gpt2_folder(path, dropout=None):
+    """A folder written by Hugging Face's save_pretrained: config.json + model.safetensors or pytorch_model.bin."""
+    try:
+        config = json.load(open(os.path.join(path, "config.json")))
+    except ValueError:
+        raise ValueError(f"{path}/config.json is not valid JSON") from None
+    config = hf_gpt2_config(config, path)
+    weights = os.path.join(path, "model.safetensors")
+    if os.path.isfile(weights):
+        try:
+            from safetensors.torch import load_file  # comes with transformers
+        except ImportError:
+            raise ValueError(f"{weights} needs the safetensors package (pip install transformers)") from None
+        try:
+            state = load_file(weights)
+        except Exception:
+            raise ValueError(f"{weights} is corrupt or truncated; it was not loaded (save it again)") from None
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        weights = os.path.join(path, "pytorch_model.bin")
+        state = load_checkpoint(weights)
+    else:
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+    return build_model(config, gpt2_state_to_cherry(state, conv1d=True), weights, dropout)
+
+
+def load_hf_gpt2_by_name(name, dropout=None):
+    """gpt2 ... gpt2-xl through transformers (downloaded once, then from its cache), as nanoGPT does."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise ValueError(f"{name} needs the transformers package (pip install transformers)") from None
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(name)
+    except Exception as e:  # offline and not cached, or no such model
+        raise ValueError(f"could not load {name} from Hugging Face: {str(e).strip().splitlines()[0]}") from None
+    return build_model(hf_gpt2_config(hf.config.to_dict(), name), gpt2_state_to_cherry(hf.state_dict(), conv1d=True), name, dropout)
 
 
 # ----------------------------------------------------------------------------

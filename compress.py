@@ -7,7 +7,8 @@ compressed model, its few layers unrolled, to recover the loss.
   python compress.py --init_from out-dense/ckpt.pt --layers 3 --unroll 1+1x4+1 --lora_rank 8
   python compress.py --init_from gpt2-xl --layers 6 --unroll 1,8,8,8,8,1   # the paper's 48 -> 6 (needs transformers)
 
---init_from: a ckpt.pt of this project or of nanoGPT, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl (Hugging Face).
+--init_from: a ckpt.pt of this project or of nanoGPT, a Hugging Face GPT-2 folder, or gpt2 / gpt2-medium / gpt2-large /
+             gpt2-xl (through transformers); see cherry.GPT.from_pretrained.
 --unroll:    "1,8,8,8,8,1" runs compressed layer j n_j times in a row; "1+4x8+1" runs a prelude of 1 layer,
              a core of 4 layers looped 8 times, a coda of 1 layer (Huginn); "none" runs each layer once.
              Default: the two ends once, the middle layers group-size times (1,8,8,8,8,1 for 48 -> 6).
@@ -20,19 +21,16 @@ import os
 import re
 import sys
 
-import torch
-
 import cherry
 import train
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def compress_args():
     p = train.training_args()
     p.description = __doc__
     a = p.add_argument
-    a("--init_from", default=os.path.join("out", "ckpt.pt"), help="the dense model: a ckpt.pt (this project's or nanoGPT's) or a GPT-2 name")
+    a("--init_from", default=os.path.join("out", "ckpt.pt"), help="the dense model: a ckpt.pt (this project's or nanoGPT's), a Hugging Face GPT-2 folder, or a GPT-2 name")
     a("--layers", type=int, default=6, help="layers after compression; must divide the original number")
     a("--unroll", default=None, help="schedule of the compressed layers: n_1,...,n_k | P+CxL+D | none (see above)")
     a("--lora_rank", type=int, default=0, help="rank of each application's LoRA, set from the SVD of (original - mean); 0: none")
@@ -46,62 +44,9 @@ def compress_args():
 # loading a dense model
 
 
-def gpt2_state_to_cherry(state, conv1d):
-    """GPT-2 parameter names (nanoGPT's and Hugging Face's) -> this project's. Hugging Face's Conv1D stores weights transposed."""
-    out = {}
-    for name, t in state.items():
-        name = name.removeprefix("_orig_mod.").removeprefix("transformer.")
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers, not parameters
-        if name.startswith("h."):
-            name = "blocks." + name[2:]
-        if conv1d and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            t = t.t()
-        out[name] = t
-    out.setdefault("lm_head.weight", out["wte.weight"])  # tied; some files leave it out
-    return out
-
-
-def build(config, state):
-    model = cherry.GPT(config)
-    model.load_state_dict(state)
-    return model
-
-
-def load_hf_gpt2(name):
-    """GPT-2 from Hugging Face. Its MLP uses the tanh GELU, ours the exact one (as nanoGPT): logits differ slightly."""
-    try:
-        from transformers import GPT2LMHeadModel
-    except ImportError:
-        raise SystemExit(f"compress: --init_from {name} needs the transformers package (pip install transformers)")
-    try:
-        hf = GPT2LMHeadModel.from_pretrained(name)
-    except Exception as e:  # offline, not cached, or no such model
-        raise SystemExit(f"compress: could not load {name} from Hugging Face: {str(e).strip().splitlines()[0]}")
-    c = hf.config
-    config = cherry.GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                              n_embd=c.n_embd, bias=True)
-    return build(config, gpt2_state_to_cherry(hf.state_dict(), conv1d=True))
-
-
 def load_dense(init_from):
-    """A cherry.GPT from this project's ckpt.pt, nanoGPT's ckpt.pt (a file or its folder), or a GPT-2 name."""
-    if init_from in GPT2_NAMES:
-        return load_hf_gpt2(init_from)
-    path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
-    if not os.path.isfile(path):
-        raise SystemExit(f"compress: no checkpoint at {path} (make one with train.py, or use --init_from gpt2-xl)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"compress: cannot read {path}: {e}")
-    if isinstance(ckpt, dict) and "config" in ckpt:  # this project's
-        return cherry.GPT.from_checkpoint(ckpt)
-    if isinstance(ckpt, dict) and "model_args" in ckpt:  # nanoGPT's
-        a = ckpt["model_args"]
-        config = cherry.GPTConfig(**{k: a[k] for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")})
-        return build(config, gpt2_state_to_cherry(ckpt["model"], conv1d=False))
-    raise SystemExit(f"compress: {path} is neither this project's checkpoint nor nanoGPT's")
+    """A cherry.GPT from this project's ckpt.pt, nanoGPT's, a Hugging Face GPT-2 folder or a GPT-2 name (one-line errors)."""
+    return train.load_model(init_from, "compress")
 
 
 # ----------------------------------------------------------------------------
@@ -134,18 +79,22 @@ def parse_unroll(text, k):
 def main(argv=None):
     p = compress_args()
     args = p.parse_args(argv)
+    train.refuse_shape_flags(args, "compress", "--init_from")
+    source = os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else args.init_from
+    if os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")) == os.path.abspath(source):
+        raise SystemExit(f"compress: --out_dir {args.out_dir} would overwrite the model it compresses; choose another --out_dir")
+    train.check_out_dir(args, "compress")  # before loading what may be a large model
     teacher = load_dense(args.init_from).eval()
     cfg = teacher.config
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed:
         raise SystemExit(f"compress: {args.init_from} is already compressed; give a dense model")
-    train.shape_flags_from_model(p, args, cfg, "compress", "--init_from")
+    train.shape_flags_from_model(p, args, cfg, "compress")
     if not 1 <= args.layers <= cfg.n_layer or cfg.n_layer % args.layers:
-        raise SystemExit(f"compress: --layers {args.layers} does not divide the model's {cfg.n_layer} layers into equal groups")
+        divisors = [k for k in range(1, cfg.n_layer + 1) if cfg.n_layer % k == 0]
+        raise SystemExit(f"compress: --layers {args.layers} does not divide the model's {cfg.n_layer} layers into equal groups; "
+                         f"use one of {', '.join(map(str, divisors))}")
     if args.lora_rank < 0:
         raise SystemExit("compress: --lora_rank must be at least 0")
-    source = os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else args.init_from
-    if os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")) == os.path.abspath(source):
-        raise SystemExit(f"compress: --out_dir {args.out_dir} would overwrite the model it compresses")
     schedule = parse_unroll(args.unroll, args.layers)
 
     model = cherry.compress(teacher, args.layers, schedule, step_embed=not args.no_step_embed, lora_rank=args.lora_rank)

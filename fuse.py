@@ -21,7 +21,6 @@ import sys
 import torch
 
 import cherry
-import compress
 import train
 
 
@@ -55,15 +54,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(args.experts) < 2:
         raise SystemExit("fuse: give at least two --experts")
-    experts = [compress.load_dense(path).eval() for path in args.experts]
-    train.shape_flags_from_model(p, args, experts[0].config, "fuse", "--experts")
-    if not 1 <= args.top_k <= len(experts):
-        raise SystemExit(f"fuse: --top_k {args.top_k} must be between 1 and the {len(experts)} experts")
+    if not 1 <= args.top_k <= len(args.experts):
+        raise SystemExit(f"fuse: --top_k {args.top_k} must be between 1 and the {len(args.experts)} experts")
     if args.mtp < 0:
         raise SystemExit("fuse: --mtp must be at least 0")
-    for path in args.experts:
-        if os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")) == os.path.abspath(path):
-            raise SystemExit(f"fuse: --out_dir {args.out_dir} would overwrite expert {path}")
+    train.refuse_shape_flags(args, "fuse", "--experts")
+    train.check_out_dir(args, "fuse")  # before loading the experts; also refuses an --out_dir that holds one of them
+    experts = [train.load_model(path, "fuse").eval() for path in args.experts]
+    train.shape_flags_from_model(p, args, experts[0].config, "fuse")
     try:
         model = cherry.fuse(experts, args.top_k, args.mtp, mtp_weight=args.mtp_weight, aux_weight=args.aux_weight,
                             z_weight=args.z_weight)

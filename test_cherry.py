@@ -3,7 +3,11 @@
 import json
 import math
 import os
+import re
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +19,9 @@ import compress
 import fuse
 import train
 from data import prepare as data_prep
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_config(**kw):
@@ -58,6 +65,38 @@ def test_kv_cache_logits_match_a_full_forward():
         full = model.hidden(x)
         parts = [model.hidden(x[:, :7], cache), model.hidden(x[:, 7:15], cache), model.hidden(x[:, 15:], cache)]
     assert torch.allclose(full, torch.cat(parts, dim=1), atol=1e-5)
+
+
+def test_sampling_with_the_kv_cache_equals_recomputation_at_temperature_and_top_k():
+    torch.manual_seed(0)
+    unrolled = cherry.GPT(tiny_config(schedule=cherry.loop_schedule(1, 1, 0, 3), step_embed=True, lora_rank=2)).eval()
+    with torch.no_grad():
+        unrolled.step_embed.normal_(std=0.1)
+    prompt = torch.randint(0, 96, (2, 5))
+    for model in (tiny_model(), unrolled):
+        runs = []
+        for use_cache in (True, False):  # the same seed: the same draws, so the same tokens if the logits agree
+            torch.manual_seed(7)
+            runs.append(model.generate(prompt, 30, temperature=0.9, top_k=20, use_cache=use_cache))  # past block_size
+        assert torch.equal(*runs)
+    assert not torch.equal(runs[0], unrolled.generate(prompt, 30, temperature=0))  # it sampled, not argmax
+
+
+def test_sample_script_decodes_dense_and_unrolled_checkpoints_with_a_compact_vocabulary(tmp_path):
+    from tools import sample
+    data = str(tmp_path / "compact")
+    data_prep.prepare([d[:20_000] for d in data_prep.shakespeare_documents()[:2]], data, compact_vocab=True)
+    run_train(data, tmp_path / "dense", "--max_iters", "4", "--eval_interval", "4")
+    dense = cherry.GPT.from_pretrained(str(tmp_path / "dense"))
+    unrolled = cherry.compress(dense, 1, (0, 0, 0), lora_rank=2)
+    torch.save({"config": unrolled.config.to_dict(), "model": unrolled.state_dict(), "args": {"data": data}}, tmp_path / "unrolled.pt")
+    flags = ["--prompt", "The king", "--num_samples", "2", "--max_new_tokens", "20", "--temperature", "0.8", "--top_k", "50",
+             "--seed", "1", "--device", "cpu"]
+    for source in (str(tmp_path / "dense"), str(tmp_path / "unrolled.pt")):
+        texts = sample.main(["--init_from", source, *flags])
+        assert len(texts) == 2 and all(t.startswith("The king") and len(t) > 20 for t in texts)
+        assert sample.main(["--init_from", source, *flags, "--no_cache"]) == texts  # the KV cache changes nothing
+    one_line_error("the prompt has tokens the model's vocabulary lacks", sample.main, ["--init_from", str(tmp_path / "dense"), *flags, "--prompt", "🍒"])
 
 
 def test_flops_per_token_counts_the_matmuls():
@@ -214,7 +253,7 @@ def test_sgt_training_lowers_every_held_out_loss_and_writes_the_outputs(tiny_dat
     assert all(-1 <= r["gamma"] <= 1 for r in rows)
     assert summary["best"]["loss"] == min(r["loss"] for r in rows)
     assert summary["config"]["n_layer"] == 2 and summary["args"]["sgt"] == 0.15
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = cherry.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter"] == 60
     cherry.GPT.from_checkpoint(ckpt)  # the checkpoint rebuilds the model on its own
 
@@ -224,18 +263,173 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "straight", *common, "--max_iters", "8")
     run_train(tiny_data, tmp_path / "split", *common, "--max_iters", "4")
     rows, _ = run_train(tiny_data, tmp_path / "split", *common, "--max_iters", "8", "--resume")
-    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    a = cherry.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = cherry.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert [r["iter"] for r in rows] == [0, 4, 8]
 
 
-def test_bad_data_path_is_a_one_line_error(tmp_path):
-    with pytest.raises(SystemExit, match="no train.bin"):
-        train.main(["--data", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")])
-    with pytest.raises(SystemExit):
-        train.main(["--sgt", "1.5"])
+def one_line_error(pattern, fn, *args):
+    """fn(*args) must stop with one plain line matching pattern (a SystemExit, so no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    message = str(e.value.code)
+    assert re.search(pattern, message) and "\n" not in message, message
+    return message
+
+
+def test_data_problems_and_bad_flags_are_one_line_errors_that_write_nothing(tiny_data, tmp_path):
+    out = str(tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    base = ["--out_dir", out, "--device", "cpu", "--data", tiny_data]
+    one_line_error(r"--data \S+missing: no such folder; make it with: python data/prepare.py", train.main, [*base, "--data", str(tmp_path / "missing")])
+    one_line_error(r"no train.bin in it; make it with", train.main, [*base, "--data", str(tmp_path / "empty")])
+    one_line_error(r"too few for --block_size 100000; use a smaller --block_size", train.main, [*base, "--block_size", "100000"])
+    for bad in ("0", "1.5", "-0.2"):
+        one_line_error(r"--sgt must be in \(0, 1\], got", train.main, [*base, "--sgt", bad])
+    one_line_error(r"--n_embd 30 is not divisible by --n_head 4", train.main, [*base, "--n_embd", "30"])
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blob.dat").write_bytes(bytes(range(128, 256)) * 20)  # not UTF-8
+    for name in ("empty.txt", "blob.dat"):
+        one_line_error(r"no readable text .*empty or not UTF-8 text", data_prep.main,
+                       ["--input", str(tmp_path / name), "--out_dir", str(tmp_path / "prepared")])
+    one_line_error("has no text", data_prep.prepare, ["", ""], str(tmp_path / "prepared"))
+    assert not os.path.exists(out) and not (tmp_path / "prepared").exists()
+    # the scripts themselves: exit status non-zero, one line on stderr, no traceback
+    result = subprocess.run([sys.executable, "train.py", *base, "--sgt", "1.5"], capture_output=True, text=True, cwd=HERE)
+    assert result.returncode != 0 and result.stderr.strip().count("\n") == 0 and "--sgt must be in" in result.stderr, result.stderr
+
+
+def test_an_out_dir_that_holds_a_run_is_never_overwritten(tiny_data, tmp_path):
+    run_train(tiny_data, tmp_path / "run", "--max_iters", "2", "--eval_interval", "2")
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in train.RUN_FILES}
+    one_line_error(r"--out_dir \S+ already holds a run \(ckpt.pt\); add --resume to continue it, or choose a new --out_dir",
+                   run_train, tiny_data, tmp_path / "run", "--max_iters", "4")
+    one_line_error("already holds a run", run_train, tiny_data, tmp_path / "run", "--init_from", str(tmp_path / "run"))
+    assert before == {f: (tmp_path / "run" / f).read_bytes() for f in train.RUN_FILES}
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "metrics.jsonl").write_text("")  # any trace of a run counts
+    one_line_error(r"already holds a run \(metrics.jsonl\)", run_train, tiny_data, tmp_path / "partial")
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    real_step, calls = train.optimizer_step, []
+
+    def poisoned(model, *args):  # the 13th step runs on a model with a NaN in it: its loss is NaN for real
+        calls.append(1)
+        if len(calls) == 13:
+            with torch.no_grad():
+                model.ln_f.weight[0] = float("nan")
+        return real_step(model, *args)
+
+    monkeypatch.setattr(train, "optimizer_step", poisoned)
+    one_line_error(r"loss became NaN or inf at step 13; stopped, \S+ckpt.pt still holds step 10, the last good state",
+                   run_train, tiny_data, tmp_path, "--max_iters", "30", "--eval_interval", "10")
+    ckpt = cherry.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["iter"] == 10 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert [json.loads(line)["iter"] for line in open(tmp_path / "metrics.jsonl")] == [0, 10]
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_run_killed_with_sigkill_resumes_bit_for_bit(tiny_data, tmp_path):
+    """A real train.py process, killed at a random moment after its first checkpoints, then --resume'd."""
+    flags = ["--data", tiny_data, "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+             "--batch_size", "4", "--eval_iters", "2", "--max_iters", "120", "--eval_interval", "10", "--log_interval", "7",
+             "--dropout", "0.1", "--sgt", "0.3", "--sgt_select", "random", "--device", "cpu"]  # every RNG in play
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda out, *extra: subprocess.run([sys.executable, "train.py", *flags, "--out_dir", str(out), *extra],
+                                             env=env, cwd=HERE, capture_output=True, text=True)
+    assert run(tmp_path / "straight").returncode == 0
+    killed = subprocess.Popen([sys.executable, "train.py", *flags, "--out_dir", str(tmp_path / "killed")],
+                              env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    while killed.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL  # it was still running
+    assert cherry.load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["iter"] < 120
+    (tmp_path / "killed" / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill during a save leaves it
+    resumed = run(tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    timing = ("tokens_per_s", "mfu")
+    rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(out / "metrics.jsonl")]
+    assert rows(tmp_path / "killed") == rows(tmp_path / "straight") and len(rows(tmp_path / "straight")) == 13
+    a, b = (cherry.load_checkpoint(str(tmp_path / out / "ckpt.pt")) for out in ("straight", "killed"))
+    assert a["iter"] == b["iter"] == 120
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for s1, s2 in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
+
+
+def _touch(path):
+    open(path, "w").close()
+
+
+class Unsafe:
+    """Unpickling this calls _touch: what a malicious checkpoint could do with any function."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return _touch, (self.path,)
+
+
+def as_nanogpt(ckpt):
+    """Our checkpoint in nanoGPT's layout: model_args, transformer.h.N names, torch.compile's prefix."""
+    c = ckpt["config"]
+    state = {"_orig_mod." + ("transformer." + k.replace("blocks.", "h.") if k != "lm_head.weight" else k): v
+             for k, v in ckpt["model"].items()}
+    return {"model": state, "model_args": {k: c[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")}}
+
+
+def test_broken_foreign_or_unsafe_checkpoints_are_refused_in_one_line(tiny_data, tmp_path):
+    run_train(tiny_data, tmp_path / "run", "--max_iters", "2", "--eval_interval", "2")
+    good = cherry.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    raw = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "garbage.pt").write_bytes(b"\x80not a checkpoint" * 50)
+    (bad / "truncated.pt").write_bytes(raw[:len(raw) // 2])
+    torch.save({**good, "config": {**good["config"], "n_embd": 64}}, bad / "shapes.pt")
+    torch.save({**good, "config": {**good["config"], "n_kv_head": 4}}, bad / "fields.pt")
+    nano = as_nanogpt(good)
+    torch.save({**nano, "model": {k: v for k, v in nano["model"].items() if ".h.1." not in k}}, bad / "nanogpt_missing.pt")
+    torch.save({**nano, "model_args": {k: v for k, v in nano["model_args"].items() if k != "vocab_size"}}, bad / "nanogpt_args.pt")
+    torch.save({"weights": good["model"]}, bad / "neither.pt")
+    torch.save({"model": Unsafe(str(tmp_path / "pwned"))}, bad / "unsafe.pt")
+    cases = {"garbage": "is corrupt, truncated or not a torch checkpoint", "truncated": "is corrupt, truncated",
+             "shapes": r"does not fit its own config.*wte.weight is \(50304, 32\), the config needs \(50304, 64\)",
+             "fields": "another architecture .*n_kv_head", "nanogpt_missing": "missing blocks.1", "nanogpt_args": "without vocab_size",
+             "neither": "neither this project's checkpoint nor nanoGPT's", "unsafe": r"pickled Python object \(\S*_touch\).*refused, nothing was executed"}
+    out = str(tmp_path / "out")
+    common = ["--data", tiny_data, "--out_dir", out, "--device", "cpu", "--block_size", "32"]
+    from tools import sample
+    for name, pattern in cases.items():
+        path = str(bad / f"{name}.pt")
+        with pytest.raises(ValueError, match=pattern):
+            cherry.GPT.from_pretrained(path)
+        one_line_error("^train: .*" + pattern, train.main, [*common, "--init_from", path])
+        one_line_error("^compress: .*" + pattern, compress.main, [*common, "--init_from", path])
+        one_line_error("^sample: .*" + pattern, sample.main, ["--init_from", path, "--data", tiny_data, "--device", "cpu"])
+    assert not os.path.exists(out) and not (tmp_path / "pwned").exists()  # nothing written, nothing executed
+    # --resume from a damaged checkpoint: refused, and the file is left as it was
+    (tmp_path / "run" / "ckpt.pt").write_bytes(raw[:-100])
+    one_line_error("ckpt.pt is corrupt, truncated", run_train, tiny_data, tmp_path / "run", "--resume")
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == raw[:-100]
+
+
+def test_init_from_fine_tunes_our_checkpoint_or_nanogpts(tiny_data, tmp_path):
+    _, base = run_train(tiny_data, tmp_path / "base", "--max_iters", "10", "--eval_interval", "10")
+    torch.save(as_nanogpt(cherry.load_checkpoint(str(tmp_path / "base" / "ckpt.pt"))), tmp_path / "nanogpt.pt")
+    for source, out in ((tmp_path / "base", "ours"), (tmp_path / "nanogpt.pt", "nano")):
+        rows, summary = run_train(tiny_data, tmp_path / out, "--init_from", str(source), "--max_iters", "10", "--eval_interval", "10")
+        assert rows[0]["loss"] == pytest.approx(base["final"]["loss"], abs=1e-5)  # it starts where the source ended
+        assert rows[-1]["loss"] < rows[0]["loss"] and summary["args"]["init_from"] == str(source)
+    one_line_error("shape comes from --init_from; leave out --n_layer", run_train, tiny_data, tmp_path / "x",
+                   "--init_from", str(tmp_path / "base"), "--n_layer", "3")
 
 
 # ----------------------------------------------------------------------------
@@ -264,8 +458,6 @@ def test_moee_presets_count_shared_parts_once():
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_data, tmp_path):
-    import subprocess
-    import sys
     flags = ["--data", tiny_data, "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
              "--batch_size", "4", "--grad_accum", "2", "--max_iters", "6", "--eval_interval", "3", "--eval_iters", "2",
              "--sgt", "0.3", "--sgt_select", "random", "--device", "cpu", "--log_interval", "100"]
@@ -402,23 +594,41 @@ def test_nanogpt_and_hugging_face_layouts_load(tmp_path, monkeypatch):
     # Hugging Face: Conv1D weights are stored (in, out)
     hf = {("transformer." + k.replace("blocks.", "h.") if k != "lm_head.weight" else k):
           (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v) for k, v in model.state_dict().items()}
-    loaded = compress.build(c, compress.gpt2_state_to_cherry(hf, conv1d=True)).eval()
+    loaded = cherry.build_model(c.to_dict(), cherry.gpt2_state_to_cherry(hf, conv1d=True), "hf").eval()
     assert torch.allclose(logits_of(loaded, x), logits_of(model, x), atol=1e-6)
+    # ... and as a save_pretrained folder with pytorch_model.bin: read without transformers
+    (tmp_path / "hf").mkdir()
+    json.dump({"model_type": "gpt2", "n_positions": 32, "vocab_size": 96, "n_layer": 2, "n_head": 2, "n_embd": 32,
+               "activation_function": "gelu"}, open(tmp_path / "hf" / "config.json", "w"))
+    torch.save({k: v for k, v in hf.items() if k != "lm_head.weight"}, tmp_path / "hf" / "pytorch_model.bin")  # tied: left out
+    assert torch.allclose(logits_of(cherry.GPT.from_pretrained(str(tmp_path / "hf")).eval(), x), logits_of(model, x), atol=1e-6)
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: a one-line error, no network
     with pytest.raises(SystemExit, match="needs the transformers package"):
         compress.load_dense("gpt2-xl")
 
 
-def test_real_hugging_face_gpt2_matches_after_conversion():
+def test_real_hugging_face_gpt2_folder_and_name_give_its_logits(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                        activation_function="gelu")  # our exact GELU; GPT-2's own is the tanh one
+    hf_config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)  # GPT-2's tanh GELU
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    model = compress.build(tiny_config(bias=True), compress.gpt2_state_to_cherry(hf.state_dict(), conv1d=True)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # norms and biases away from their 1 and 0, so that every conversion shows
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "hf")  # config.json + model.safetensors
     x = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
-        assert torch.allclose(logits_of(model, x), hf(x).logits, atol=1e-5)
+        expected = hf(x).logits
+    model = cherry.GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    assert model.config.gelu_approximate == "tanh"
+    assert torch.allclose(logits_of(model, x), expected, atol=2e-6)  # the exact GELU would be ~1e-4 off
+    # a GPT-2 name goes through transformers.GPT2LMHeadModel.from_pretrained (here: the model above, no network)
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", classmethod(lambda cls, name: hf))
+    assert torch.allclose(logits_of(cherry.GPT.from_pretrained("gpt2").eval(), x), expected, atol=1e-5)
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors is corrupt or truncated"):
+        cherry.GPT.from_pretrained(str(tmp_path / "hf"))
 
 
 def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path):
@@ -437,18 +647,24 @@ def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path):
     assert rows[0]["loss"] == pytest.approx(info["loss_start"], abs=1e-5)  # train()'s step 0 is the compressed model
     assert rows[-1]["loss"] < rows[0]["loss"]  # recovery
     assert json.load(open(tmp_path / "small" / "summary.json"))["compress"]["layers"] == 2
-    rebuilt = cherry.GPT.from_checkpoint(torch.load(tmp_path / "small" / "ckpt.pt", weights_only=False))
+    rebuilt = cherry.GPT.from_pretrained(str(tmp_path / "small"))
     assert rebuilt.schedule == (0, 0, 1, 1, 1) and len(rebuilt.adapters) == 5
-    with pytest.raises(SystemExit, match="does not divide"):
-        compress.main([*flags, "--layers", "3"])
+    fresh = ["--out_dir", str(tmp_path / "fresh")]  # argparse keeps the last --out_dir
+    with pytest.raises(SystemExit, match="does not divide the model's 4 layers .*use one of 1, 2, 4"):
+        compress.main([*flags, "--layers", "3", *fresh])
     with pytest.raises(SystemExit, match="leave out --n_layer"):
-        compress.main([*flags, "--n_layer", "2"])
+        compress.main([*flags, "--n_layer", "2", *fresh])
     with pytest.raises(SystemExit, match="no checkpoint"):
-        compress.main([*flags, "--init_from", str(tmp_path / "nowhere" / "ckpt.pt")])
+        compress.main([*flags, "--init_from", str(tmp_path / "nowhere" / "ckpt.pt"), *fresh])
     with pytest.raises(SystemExit, match="would overwrite"):
         compress.main([*flags, "--layers", "2", "--init_from", str(tmp_path / "dense"), "--out_dir", str(tmp_path / "dense")])
     with pytest.raises(SystemExit, match="already compressed"):
-        compress.main([*flags, "--init_from", str(tmp_path / "small" / "ckpt.pt"), "--out_dir", str(tmp_path / "again")])
+        compress.main([*flags, "--init_from", str(tmp_path / "small" / "ckpt.pt"), *fresh])
+    with pytest.raises(SystemExit, match="already holds a run .*--resume"):  # small/ holds the run above
+        compress.main([*flags, "--layers", "2"])
+    assert not (tmp_path / "fresh").exists()  # no error wrote anything
+
+
 # the SGT study's pieces
 
 

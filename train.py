@@ -6,8 +6,12 @@ Train a GPT with full supervision or with SGT (selective ground-truth token trai
   python train.py --sgt 0.15 --sgt_select random
   torchrun --standalone --nproc_per_node=8 train.py --sgt 0.15 --n_layer 12 --n_embd 768 --n_head 12
 
-Writes <out_dir>/ckpt.pt (model, optimizer, data-order state: --resume continues exactly),
-<out_dir>/metrics.jsonl (one line per eval) and <out_dir>/summary.json.
+  python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune: GPT-2, nanoGPT's or our ckpt.pt
+
+Writes <out_dir>/ckpt.pt (model, optimizer, RNG and data-order state, atomically at every evaluation),
+<out_dir>/metrics.jsonl (one line per eval) and <out_dir>/summary.json. A run killed at any moment continues
+with --resume and ends bit for bit as if never stopped (on the CPU). An --out_dir that holds a run is never
+overwritten: --resume it or choose a new folder.
 compress.py and fuse.py build their models and then call train() from here: one training loop.
 """
 
@@ -74,13 +78,13 @@ def training_args(parser=None):
     return p
 
 
-def parse_args(p, argv=None):
+def parse_args(p, argv=None, script="train"):
     """Parse with the preset's shape as defaults, so explicit flags still win."""
     args = p.parse_args(argv)
     if args.preset:
         p.set_defaults(**cherry.PRESETS[args.preset])
         args = p.parse_args(argv)
-    check_args(p, args)
+    check_args(p, args, script)
     return args
 
 
@@ -88,25 +92,60 @@ def parse_args(p, argv=None):
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "bias", "dropout")
 
 
-def shape_flags_from_model(p, args, cfg, script, source):
-    """Fill the shape flags (and block_size, unless given) from a loaded model's config; giving them is a mistake."""
+def refuse_shape_flags(args, script, source):
+    """Giving a shape flag to a script whose model comes from checkpoints is a mistake: say so before loading."""
     given = [f"--{name}" for name in SHAPE_FLAGS if getattr(args, name) is not None]
     if given:
         raise SystemExit(f"{script}: the model's shape comes from {source}; leave out {' '.join(given)}")
+
+
+def shape_flags_from_model(p, args, cfg, script):
+    """Fill the shape flags (and block_size, unless given) from a loaded model's config."""
     for name in SHAPE_FLAGS:
         setattr(args, name, getattr(cfg, name))
     args.block_size = args.block_size or cfg.block_size
-    check_args(p, args)
+    check_args(p, args, script)
 
 
-def check_args(p, args):
+def check_args(p, args, script="train"):
+    """Flag values that cannot work: one line each, before anything runs."""
     if not 0 < args.sgt <= 1:
-        p.error(f"--sgt must be in (0, 1], got {args.sgt}")
+        raise SystemExit(f"{script}: --sgt must be in (0, 1], got {args.sgt}; use e.g. --sgt 0.15, or 1 for full supervision")
     for name in ("max_iters", "batch_size", "grad_accum", "block_size", "eval_interval", "eval_iters", "n_layer", "n_head", "n_embd"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+            raise SystemExit(f"{script}: --{name} must be at least 1, got {getattr(args, name)}")
     if args.n_embd % args.n_head:
-        p.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
+        raise SystemExit(f"{script}: --n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; pick sizes that divide")
+
+
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json")  # what marks a folder as holding a run
+
+
+def check_out_dir(args, script="train"):
+    """Never overwrite another run: an --out_dir that holds one needs --resume, or a new folder."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out_dir, name))]
+    if found and not args.resume:
+        raise SystemExit(f"{script}: --out_dir {args.out_dir} already holds a run ({found[0]}); "
+                         f"add --resume to continue it, or choose a new --out_dir")
+
+
+def load_model(init_from, script="train", dropout=None):
+    """
+    cherry.GPT.from_pretrained for the scripts: our ckpt.pt, nanoGPT's, a Hugging Face GPT-2 folder or a GPT-2 name.
+    A problem (missing, corrupt, unsafe, another architecture) ends the script with one line, not a traceback.
+    """
+    try:
+        return cherry.GPT.from_pretrained(init_from, dropout=dropout)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{script}: {e}")
+
+
+def load_checkpoint(path, script="train"):
+    """cherry.load_checkpoint (plain data only, never pickled code), a problem in one line."""
+    try:
+        return cherry.load_checkpoint(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{script}: {e}")
 
 
 # ----------------------------------------------------------------------------
@@ -122,9 +161,11 @@ class Data:
     """
 
     def __init__(self, path, block_size, shuffle=False):
-        if not os.path.exists(os.path.join(path, "train.bin")):
+        missing = [f for f in ("train.bin", "val.bin", "meta.json") if not os.path.exists(os.path.join(path, f))]
+        if missing:
             if os.path.abspath(path) != os.path.abspath(data_prep.DEFAULT_DIR):
-                raise SystemExit(f"train: no train.bin in {path}; make it with: python data/prepare.py --input ... --out_dir {path}")
+                what = "no such folder" if not os.path.isdir(path) else f"no {missing[0]} in it"
+                raise SystemExit(f"train: --data {path}: {what}; make it with: python data/prepare.py --input YOUR_TEXT --out_dir {path}")
             print("preparing the default data set (Shakespeare) ...")
             data_prep.main([])
         self.meta = json.load(open(os.path.join(path, "meta.json")))
@@ -134,7 +175,8 @@ class Data:
         self.shuffle = shuffle
         for split, arr in (("train", self.train), ("val", self.val)):
             if len(arr) <= block_size + 1:
-                raise SystemExit(f"train: {split} split of {path} has {len(arr)} tokens, too few for --block_size {block_size}")
+                raise SystemExit(f"train: the {split} split of {path} has {len(arr)} tokens, too few for --block_size {block_size}; "
+                                 f"use a smaller --block_size or more text")
 
     def _windows(self, arr, starts):
         chunks = torch.from_numpy(np.stack([arr[i:i + self.block_size + 1].astype(np.int64) for i in starts]))
@@ -245,20 +287,22 @@ def evaluate(model, x, y, select, args, ctx, device, rank, world):
 
 
 def optimizer_step(model, optimizer, scaler, micro_batches, ctx, grad_clip):
-    """One optimizer step, accumulating gradients over micro-batches [(x, y, select or None), ...]."""
+    """One optimizer step, accumulating gradients over micro-batches [(x, y, select or None), ...]. Returns their mean loss."""
+    total = 0.0
     for i, (x, y, select) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         # under DDP, all-reduce the gradients only once, on the last micro-batch
         with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), ctx:
             _, loss = model(x, y, select) if select is not None else model(x, y)
         scaler.scale(loss / len(micro_batches)).backward()
+        total = total + loss.detach() / len(micro_batches)
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss
+    return total
 
 
 def eval_windows(args, data, select):
@@ -285,7 +329,11 @@ def held_out_loss(args, model):
 
 
 def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
+    """Write a temporary file, then rename it: a kill during the save leaves the previous file whole."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
@@ -295,11 +343,24 @@ def write_json(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def write_metrics(rows, path):
+    """metrics.jsonl, rewritten whole and atomically (a few hundred rows at most): never a half-written line."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+RESUME_KEYS = ("model", "optimizer", "scaler", "config", "iter", "best", "metrics", "data_rng", "select_rng", "torch_rng")
+NO_STEP = 2**62  # "no step yet" for the first-bad-step tracker
+
+
 def train(args, model=None, summary_extra=None):
     """
-    The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py); None builds one from the flags.
-    Returns the summary dict (also written to summary.json).
+    The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, train.py --init_from); None builds one
+    from the flags. With --resume and <out_dir>/ckpt.pt, model, optimizer, RNGs and data position all come from the
+    checkpoint and the run goes on exactly as if it had never stopped. Returns the summary dict (also summary.json).
     """
+    check_out_dir(args)
     rank, world, device, device_type, dtype, ctx = setup_device(args)
     master = rank == 0
     if args.grad_accum % world:
@@ -312,16 +373,23 @@ def train(args, model=None, summary_extra=None):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
-    start_iter, best, ckpt = 0, None, None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"train: --resume but no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model = cherry.GPT.from_checkpoint(ckpt)
-        start_iter, best = ckpt["iter"], ckpt["best"]
+    start_iter, best, rows, ckpt = 0, None, [], None
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        missing = [k for k in RESUME_KEYS if k not in (ckpt if isinstance(ckpt, dict) else {})]
+        if missing:
+            raise SystemExit(f"train: {ckpt_path} has no {missing[0]}, so it cannot be resumed exactly; "
+                             f"start a new --out_dir (with --init_from {ckpt_path} to keep its weights)")
+        try:
+            model = cherry.GPT.from_checkpoint(ckpt, source=ckpt_path)
+        except ValueError as e:
+            raise SystemExit(f"train: {e}")
+        start_iter, best, rows = ckpt["iter"], ckpt["best"], ckpt["metrics"]
         data_gen.set_state(ckpt["data_rng"])
         select.generator.set_state(ckpt["select_rng"])
-    elif model is None:
+    elif args.resume and master:  # killed before its first checkpoint: nothing to continue, so start
+        print(f"--resume: no checkpoint in {args.out_dir} yet, starting from the beginning")
+    if model is None:
         vocab = args.vocab_size or (data.meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64: faster matmuls
         if vocab < data.meta["vocab_size"]:
             raise SystemExit(f"train: --vocab_size {vocab} is smaller than the data's {data.meta['vocab_size']}")
@@ -333,9 +401,14 @@ def train(args, model=None, summary_extra=None):
     model.grad_checkpoint = args.grad_checkpoint
     model.to(device)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+        if scaler.is_enabled() and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generators
+        if device_type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     raw_model = model
     if args.compile:
         model = torch.compile(model)
@@ -354,28 +427,45 @@ def train(args, model=None, summary_extra=None):
     pinned = device_type == "cuda"  # page-locked host memory lets the copy overlap with compute
     to_device = lambda t: (t.pin_memory() if pinned else t).to(device, non_blocking=True)
     if master:
-        os.makedirs(args.out_dir, exist_ok=True)
         print(f"model: {n_params / 1e6:.2f}M parameters (non-embedding {(n_params - cfg.vocab_size * cfg.n_embd) / 1e6:.2f}M), "
               f"{flops / 1e6:.1f} MFLOPs/token for training | device {device}, {dtype}, {world} process(es)")
         print(f"{tokens_per_iter:,} tokens per step | supervising {'all' if not sgt else f'{args.sgt:.0%} ({args.sgt_select})'} of the targets"
               f" | unigram held-out loss {unigram_loss:.4f}")
-        if args.resume:  # keep only the evaluations the checkpoint had seen
-            rows = [r for r in map(json.loads, open(metrics_path)) if r["iter"] <= start_iter] if os.path.exists(metrics_path) else []
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-        else:
-            open(metrics_path, "w").close()
+        if ckpt is not None:  # the evaluations the checkpoint had seen, and no later ones
+            write_metrics(rows, metrics_path)
 
     def save(it):
-        atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict(),
-                     "iter": it, "best": best, "args": vars(args), "data_rng": data_gen.get_state(),
-                     "select_rng": select.generator.get_state()}, ckpt_path)
+        """Everything the rest of the run depends on, so that --resume continues bit for bit."""
+        os.makedirs(args.out_dir, exist_ok=True)
+        atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "config": cfg.to_dict(), "iter": it, "best": best, "metrics": rows, "args": vars(args),
+                     "data_rng": data_gen.get_state(), "select_rng": select.generator.get_state(),
+                     "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}, ckpt_path)
+
+    # the first step whose loss was NaN or inf, kept on the device: no sync per step; read at each progress line
+    # and before each checkpoint, so a bad state is never saved
+    first_bad = torch.full((), NO_STEP, dtype=torch.long, device=device)
+
+    def stop_if_not_finite():
+        bad = first_bad.clone()
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        step = bad.item()
+        if step != NO_STEP:
+            kept = f"{ckpt_path} still holds step {rows[-1]['iter']}, the last good state" if rows else "no checkpoint was written"
+            raise SystemExit(f"train: the loss became NaN or inf at step {step}; stopped, {kept}. "
+                             f"Lower --lr (or raise --warmup_iters), then continue with --resume")
 
     t0 = t_eval = time.time()
-    tokens_since_eval, last = 0, None
+    tokens_since_eval = 0
     for it in range(start_iter, args.max_iters + 1):
-        if (it % args.eval_interval == 0 or it == args.max_iters) and not (args.resume and it == start_iter):
+        if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt is not None and it == start_iter):
+            stop_if_not_finite()
             row = {"iter": it, **evaluate(raw_model, eval_x, eval_y, eval_select, args, ctx, device, rank, world)}
+            if not math.isfinite(row["loss"]):
+                first_bad.fill_(it)
+                stop_if_not_finite()
             row["tokens_per_s"] = tokens_since_eval / (time.time() - t_eval) if tokens_since_eval else None
             if peak and row["tokens_per_s"]:
                 row["mfu"] = row["tokens_per_s"] * flops / (peak * world)
@@ -387,13 +477,12 @@ def train(args, model=None, summary_extra=None):
             row["lr"] = lr_at(it, args)
             if best is None or row["loss"] < best["loss"]:
                 best = dict(row)
-            if master:
+            rows.append(row)
+            if master:  # the checkpoint first: it holds the rows, so a kill between the two loses nothing
                 save(it)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                write_metrics(rows, metrics_path)
                 g = f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""
                 print(f"eval {it}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | loss_unsup {row['loss_unsup']:.4f}{g}")
-            last = row
             tokens_since_eval, t_eval = 0, time.time()
         if it == args.max_iters:
             break
@@ -407,16 +496,19 @@ def train(args, model=None, summary_extra=None):
         parts = [slice((rank * accum + m) * args.batch_size, (rank * accum + m + 1) * args.batch_size) for m in range(accum)]
         micro_batches = [tuple(to_device(t[part]) if t is not None else None for t in (x, y, sel)) for part in parts]
         loss = optimizer_step(model, optimizer, scaler, micro_batches, ctx, args.grad_clip)
+        first_bad = torch.where((first_bad == NO_STEP) & ~torch.isfinite(loss), it + 1, first_bad)
         tokens_since_eval += tokens_per_iter
 
-        if master and (it + 1) % args.log_interval == 0:
-            elapsed, done = time.time() - t0, it + 1 - start_iter
-            tok_s = tokens_since_eval / (time.time() - t_eval)
-            mfu = f" | MFU {tok_s * flops / (peak * world):.1%}" if peak else ""
-            print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | "
-                  f"{elapsed:.0f}s elapsed, ~{elapsed / done * (args.max_iters - it - 1):.0f}s left")
+        if (it + 1) % args.log_interval == 0:
+            stop_if_not_finite()
+            if master:
+                elapsed, done = time.time() - t0, it + 1 - start_iter
+                tok_s = tokens_since_eval / (time.time() - t_eval)
+                mfu = f" | MFU {tok_s * flops / (peak * world):.1%}" if peak else ""
+                print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | "
+                      f"{elapsed:.0f}s elapsed, ~{elapsed / done * (args.max_iters - it - 1):.0f}s left")
 
-    summary = {"final": last, "best": best, "params": n_params, "flops_per_token": flops,
+    summary = {"final": rows[-1] if rows else None, "best": best, "params": n_params, "flops_per_token": flops,
                "tokens_per_step": tokens_per_iter, "unigram_loss": unigram_loss, "wall_s": time.time() - t0, "device": device, "dtype": dtype,
                "processes": world, "config": cfg.to_dict(), "args": vars(args), **(summary_extra or {})}
     if master:
@@ -427,8 +519,32 @@ def train(args, model=None, summary_extra=None):
     return summary
 
 
+INIT_SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size")  # fixed by --init_from (dropout may change)
+
+
+def take_shape(p, args, config, script="train"):
+    """With --init_from the model's shape is the checkpoint's: a shape flag that says otherwise is an error."""
+    defaults = p.parse_args([])
+    given = [f"--{n}" for n in INIT_SHAPE_FLAGS if getattr(args, n) not in (getattr(defaults, n), getattr(config, n))]
+    if args.preset:
+        given.insert(0, "--preset")
+    if given:
+        raise SystemExit(f"{script}: the model's shape comes from --init_from; leave out {' '.join(given)}")
+    for n in INIT_SHAPE_FLAGS:
+        setattr(args, n, getattr(config, n))
+
+
 def main(argv=None):
-    train(parse_args(training_args(), argv))
+    p = training_args()
+    p.add_argument("--init_from", default=None, help="start from these weights, not from scratch: a ckpt.pt (ours or nanoGPT's; "
+                   "file or folder), a Hugging Face GPT-2 folder, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl (transformers)")
+    args = parse_args(p, argv)
+    model = None
+    if args.init_from and not (args.resume and os.path.exists(os.path.join(args.out_dir, "ckpt.pt"))):
+        check_out_dir(args)  # before loading what may be a large model
+        model = load_model(args.init_from, "train", dropout=args.dropout)
+        take_shape(p, args, model.config)
+    return train(args, model)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def file_documents(path, pattern="*", max_tokens=None):
         except (UnicodeDecodeError, OSError):
             pass  # binary or unreadable files are not text
     if not any(docs):
-        raise SystemExit(f"prepare: no readable text in {path} (pattern {pattern!r})")
+        raise SystemExit(f"prepare: no readable text in {path} (pattern {pattern!r}): it is empty or not UTF-8 text; "
+                         f"give a text file or a folder of them")
     return docs
 
 
@@ -108,6 +109,8 @@ def prepare(documents, out_dir, tokenizer="gpt2", val_fraction=0.1, compact_voca
     compact_vocab: renumber the token types that occur (in either split) 0..n-1 and drop the rest, so the
     model's head has n outputs instead of the tokenizer's 50k; meta["token_ids"] maps back for decoding.
     """
+    if not any(documents):
+        raise SystemExit("prepare: the input has no text (every document is empty); nothing was written")
     enc = get_tokenizer(tokenizer)
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     vocab_size = enc.n_vocab

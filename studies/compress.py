@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -80,7 +81,7 @@ def window_losses(model, x, y):
 
 
 def load(out_dir):
-    return cherry.GPT.from_checkpoint(torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False))
+    return cherry.GPT.from_pretrained(out_dir)
 
 
 def curve(out_dir, token_offset=0):
@@ -124,6 +125,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     t0, load_start = time.time(), os.getloadavg()
     out = lambda name: os.path.join(args.out_dir, name)
+    for name in ("teacher", "d_once", "d_unroll", "d_unroll_lora", "d_full_lora", "e_dense_small", "f_dense_big"):
+        shutil.rmtree(out(name), ignore_errors=True)  # the study re-runs them on purpose; train.py never overwrites a run
     compact_vocabulary()
 
     # 1. the teacher; 2. compress and recover three ways; 3. dense from scratch on the same total tokens

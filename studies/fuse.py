@@ -84,7 +84,7 @@ def window_losses(model, x, y):
 
 
 def load(out_dir):
-    return cherry.GPT.from_checkpoint(torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True))
+    return cherry.GPT.from_pretrained(out_dir)
 
 
 def curve(out_dir):

@@ -2,7 +2,7 @@
 The SGT study: how much of full supervision does supervising a fraction f of the tokens recover, and why?
 
   python -m studies.sgt              # the small default: about 15 minutes on 2 quiet CPU cores
-  python -m studies.sgt --reuse      # keep the runs already in out/sgt, rewrite only the table and plots
+  python -m studies.sgt --reuse      # keep the finished runs in out/sgt, continue the unfinished ones (--resume)
   python -m studies.sgt --n_layer 6 --n_head 6 --n_embd 384 --max_iters 3000 --eval_interval 250 \\
       --batch_size 32 --lr 1e-3 --device cuda --jobs 1 --gpt2_vocab          # bigger, on a GPU
 
@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import sys
 import sysconfig
@@ -66,7 +67,7 @@ def study_args(argv=None):
     a("--jobs", type=int, default=2, help="runs at a time; on the CPU each gets --threads threads")
     a("--threads", type=int, default=1, help="torch threads per run on the CPU (one thread per run and one run per core "
                                              "is fastest: OpenMP threads stall whenever another process takes their core)")
-    a("--reuse", action="store_true", help="skip runs that already have a summary.json")
+    a("--reuse", action="store_true", help="skip runs that already have a summary.json; continue the others with --resume")
     return p.parse_args(argv)
 
 
@@ -128,15 +129,19 @@ def run_one(job):
     if threads:
         torch.set_num_threads(threads)
     out = flags[flags.index("--out_dir") + 1]
+    resume = "--resume" in flags
+    if not resume:  # the study runs it again on purpose; train.py itself never overwrites a run
+        shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "train.log"), "w", buffering=1) as log, contextlib.redirect_stdout(log):
+    with open(os.path.join(out, "train.log"), "a" if resume else "w", buffering=1) as log, contextlib.redirect_stdout(log):
         train.main(flags)
     return out
 
 
 def run_all(args, runs):
     """The runs, --jobs at a time, the costly ones (largest f) first so that the jobs end together."""
-    todo = [flags for name, flags in runs.items()
+    resume = ["--resume"] if args.reuse else []  # an unfinished run continues exactly where it stopped
+    todo = [flags + resume for name, flags in runs.items()
             if not (args.reuse and os.path.exists(os.path.join(args.out_dir, name, "summary.json")))]
     todo.sort(key=lambda flags: -float(flags[flags.index("--sgt") + 1]))
     threads = args.threads if args.device == "cpu" else None
@@ -160,7 +165,8 @@ def bench(args, text):
         out = os.path.join(args.out_dir, f"bench-{f:g}")
         n = args.bench_iters
         if not (args.reuse and os.path.exists(os.path.join(out, "summary.json"))):
-            run_one((train_flags(args, text, out, f=f, extra=["--max_iters", n, "--eval_interval", n, "--eval_iters", 1]),
+            run_one((train_flags(args, text, out, f=f, extra=["--max_iters", n, "--eval_interval", n, "--eval_iters", 1,
+                                                           *(["--resume"] if args.reuse else [])]),
                      args.threads if args.device == "cpu" else None))
         summary = json.load(open(os.path.join(out, "summary.json")))
         rows.append({"f": f, "tokens_per_s": summary["final"]["tokens_per_s"], "flops": summary["flops_per_token"]})
@@ -213,7 +219,7 @@ def eval_windows(run):
 
 
 def load_model(run):
-    return cherry.GPT.from_checkpoint(torch.load(os.path.join(run["dir"], "ckpt.pt"), map_location="cpu", weights_only=False)).eval()
+    return cherry.GPT.from_pretrained(run["dir"]).eval()
 
 
 @torch.no_grad()
