@@ -701,6 +701,7 @@ class MoE(nn.Module):
         top_p, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
         # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly one expert's
         # output, top-1 included); the scale is detached, so the router still learns from the LM loss as in Switch
+        # (the gradient is Switch's divided by the detached sum)
         gates = top_p / top_p.sum(dim=-1, keepdim=True).detach()
         out = self.dispatch(x, chosen, gates)
         counts = torch.bincount(chosen.flatten(), minlength=len(self.experts))

@@ -82,17 +82,19 @@ def test_sampling_with_the_kv_cache_equals_recomputation_at_temperature_and_top_
     assert not torch.equal(runs[0], unrolled.generate(prompt, 30, temperature=0))  # it sampled, not argmax
 
 
-def test_sample_script_decodes_dense_and_unrolled_checkpoints_with_a_compact_vocabulary(tmp_path):
+def test_sample_script_decodes_dense_unrolled_and_moee_checkpoints_with_a_compact_vocabulary(tmp_path):
     from tools import sample
     data = str(tmp_path / "compact")
     data_prep.prepare([d[:20_000] for d in data_prep.shakespeare_documents()[:2]], data, compact_vocab=True)
     run_train(data, tmp_path / "dense", "--max_iters", "4", "--eval_interval", "4")
     dense = cherry.GPT.from_pretrained(str(tmp_path / "dense"))
     unrolled = cherry.compress(dense, 1, (0, 0, 0), lora_rank=2)
-    torch.save({"config": unrolled.config.to_dict(), "model": unrolled.state_dict(), "args": {"data": data}}, tmp_path / "unrolled.pt")
+    moee = cherry.fuse([unrolled, cherry.compress(dense, 1, (0, 0, 0), lora_rank=2)], mtp=1)
+    for name, model in (("unrolled", unrolled), ("moee", moee)):
+        torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "args": {"data": data}}, tmp_path / f"{name}.pt")
     flags = ["--prompt", "The king", "--num_samples", "2", "--max_new_tokens", "20", "--temperature", "0.8", "--top_k", "50",
              "--seed", "1", "--device", "cpu"]
-    for source in (str(tmp_path / "dense"), str(tmp_path / "unrolled.pt")):
+    for source in (str(tmp_path / "dense"), str(tmp_path / "unrolled.pt"), str(tmp_path / "moee.pt")):
         texts = sample.main(["--init_from", source, *flags])
         assert len(texts) == 2 and all(t.startswith("The king") and len(t) > 20 for t in texts)
         assert sample.main(["--init_from", source, *flags, "--no_cache"]) == texts  # the KV cache changes nothing
