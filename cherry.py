@@ -737,13 +737,9 @@ def router_loss(moe_layers):
     return torch.stack([loss for moe in moe_layers for loss, _ in moe.calls]).mean()
 
 
-def expert_load(model):
-    """Share of the tokens each expert got in the last forward pass, per layer (all its calls): [[f_0, ..], ..]."""
-    out = []
-    for moe in model.moe_layers:
-        counts = torch.stack([c for _, c in moe.calls]).sum(dim=0).float()
-        out.append((counts / counts.sum()).tolist())
-    return out
+def expert_counts(model):
+    """Tokens each expert got in the last forward pass, per mixture layer (all of its calls): (layers, n_expert)."""
+    return torch.stack([torch.stack([counts for _, counts in moe.calls]).sum(dim=0) for moe in model.moe_layers])
 
 
 def shift_left(t, k, fill):

@@ -39,13 +39,13 @@ def fuse_args():
 
 
 @torch.no_grad()
-def expert_load(model, x, batch_size):
+def held_out_expert_load(model, x, batch_size):
     """Share of the tokens of x each expert gets, per layer (every application of an unrolled layer counted)."""
     model.eval()
     total = 0
     for i in range(0, len(x), batch_size):
-        model.hidden(x[i:i + batch_size])
-        total = total + torch.stack([torch.stack([c for _, c in moe.calls]).sum(dim=0) for moe in model.moe_layers])
+        model.hidden(x[i:i + batch_size])  # the routers record their counts
+        total = total + cherry.expert_counts(model)
     return (total / total.sum(dim=1, keepdim=True)).tolist()
 
 
@@ -84,7 +84,7 @@ def main(argv=None):
 
     summary = train.train(args, model, summary_extra={"fuse": info})
     x, _ = train.Data(args.data, args.block_size).eval_batch(args.eval_iters * args.batch_size)
-    summary["fuse"]["expert_load"] = expert_load(model, x.to(next(model.parameters()).device), args.batch_size)
+    summary["fuse"]["expert_load"] = held_out_expert_load(model, x.to(next(model.parameters()).device), args.batch_size)
     if int(os.environ.get("RANK", 0)) == 0:
         print("held-out tokens per expert, by layer: " + "; ".join(" ".join(f"{f:.2f}" for f in layer)
                                                                   for layer in summary["fuse"]["expert_load"]))
