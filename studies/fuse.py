@@ -33,6 +33,7 @@ import compress
 import fuse
 import train
 from data import prepare as data_prep
+from studies.compress import load, window_losses  # the same scoring as the compression study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -75,16 +76,6 @@ def held_out_windows():
     starts = np.linspace(0, len(val) - 129, EVAL_WINDOWS).astype(np.int64)  # train.Data.eval_batch's windows
     assert torch.equal(x[:, 0], torch.from_numpy(val[starts].astype(np.int64)))
     return x, y, torch.from_numpy(starts + 128 < meta["text_val_tokens"])
-
-
-@torch.no_grad()
-def window_losses(model, x, y):
-    model.eval()
-    return torch.cat([model.token_losses(x[i:i + 20], y[i:i + 20]).mean(dim=1) for i in range(0, len(x), 20)]).double()
-
-
-def load(out_dir):
-    return cherry.GPT.from_pretrained(out_dir)
 
 
 def curve(out_dir):
