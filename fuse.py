@@ -28,7 +28,8 @@ def fuse_args():
     p = train.training_args()
     p.description = __doc__
     a = p.add_argument
-    a("--experts", nargs="+", required=True, help="two or more checkpoints of one shape (compress.py's, train.py's)")
+    a("--experts", nargs="+", help="two or more models of one shape: anything --init_from of train.py takes")
+    a("--init_from", default=None, help="instead of fusing: a fused model (fuse.py's ckpt.pt) to train on")
     a("--top_k", type=int, default=1, help="experts per token (1: active parameters ~ one expert)")
     a("--mtp", type=int, default=0, help="multi-token prediction depth D: extra modules predict tokens t+2 .. t+1+D")
     a("--mtp_weight", type=float, default=0.3, help="lambda in loss = L + lambda * mean(L_k)")
@@ -49,17 +50,8 @@ def held_out_expert_load(model, x, batch_size):
     return (total / total.sum(dim=1, keepdim=True)).tolist()
 
 
-def main(argv=None):
-    p = fuse_args()
-    args = p.parse_args(argv)
-    if len(args.experts) < 2:
-        raise SystemExit("fuse: give at least two --experts")
-    if not 1 <= args.top_k <= len(args.experts):
-        raise SystemExit(f"fuse: --top_k {args.top_k} must be between 1 and the {len(args.experts)} experts")
-    if args.mtp < 0:
-        raise SystemExit("fuse: --mtp must be at least 0")
-    train.refuse_shape_flags(args, "fuse", "--experts")
-    train.check_out_dir(args, "fuse")  # before loading the experts; also refuses an --out_dir that holds one of them
+def fuse_experts(p, args):
+    """Load and fuse --experts; returns the fused model and what summary.json says of the fusion."""
     experts = [train.load_model(path, "fuse").eval() for path in args.experts]
     train.shape_flags_from_model(p, args, experts[0].config, "fuse")
     try:
@@ -67,25 +59,45 @@ def main(argv=None):
                             z_weight=args.z_weight)
     except ValueError as e:
         raise SystemExit(f"fuse: {e}")
-
-    info = {"experts": args.experts, "n_expert": len(experts), "top_k": args.top_k, "mtp": args.mtp,
-            "params_total": cherry.count_params(model), "params_active": cherry.count_params(model, active=True),
-            "params_expert": cherry.count_params(experts[0]),
-            "training_flops_per_token": cherry.flops_per_token(model.config),
-            "forward_flops_per_token": cherry.flops_per_token(model.config, training=False)}
-    print(f"fusing {len(experts)} experts: {info['params_expert']:,} parameters each -> {info['params_total']:,} in all, "
-          f"{info['params_active']:,} active per token (top-{args.top_k}{', MTP modules excluded' if args.mtp else ''})")
-    info["loss_experts"] = [train.held_out_loss(args, m)["loss"] for m in experts]
-    info["loss_start"] = train.held_out_loss(args, model)["loss"]
+    info = {"experts": args.experts, "params_expert": cherry.count_params(experts[0]),
+            "loss_experts": [train.held_out_loss(args, m)["loss"] for m in experts]}
     for path, loss in zip(args.experts, info["loss_experts"]):
         print(f"held-out loss, expert {path}: {loss:.4f}")
-    print(f"held-out loss, fused before training: {info['loss_start']:.4f}")
-    del experts
+    return model, info
+
+
+def main(argv=None):
+    p = fuse_args()
+    args = p.parse_args(argv)
+    if args.init_from is None and len(args.experts or []) < 2:
+        raise SystemExit("fuse: give at least two --experts (or --init_from a fused model to train on)")
+    if args.init_from is None and not 1 <= args.top_k <= len(args.experts):
+        raise SystemExit(f"fuse: --top_k {args.top_k} must be between 1 and the {len(args.experts)} experts")
+    if args.mtp < 0:
+        raise SystemExit("fuse: --mtp must be at least 0")
+    train.refuse_shape_flags(args, "fuse", "the experts")
+    train.check_out_dir(args, "fuse")  # before loading anything; also refuses an --out_dir that holds an expert
+    if args.init_from:  # a fused model trained on: its experts, top_k and MTP are its own
+        model, info = train.load_model(args.init_from, "fuse"), {"init_from": args.init_from}
+        if not model.config.n_expert:
+            raise SystemExit(f"fuse: {args.init_from} is not a fused model; give --experts to fuse models")
+        train.shape_flags_from_model(p, args, model.config, "fuse")
+    else:
+        model, info = fuse_experts(p, args)
+    cfg = model.config
+    info.update(n_expert=cfg.n_expert, top_k=cfg.top_k, mtp=cfg.mtp, params_total=cherry.count_params(model),
+                params_active=cherry.count_params(model, active=True),
+                training_flops_per_token=cherry.flops_per_token(cfg),
+                forward_flops_per_token=cherry.flops_per_token(cfg, training=False),
+                loss_start=train.held_out_loss(args, model)["loss"])
+    print(f"MoEE of {cfg.n_expert} experts: {info['params_total']:,} parameters in all, {info['params_active']:,} active per "
+          f"token (top-{cfg.top_k}{', MTP modules excluded' if cfg.mtp else ''}); held-out loss before training {info['loss_start']:.4f}")
 
     summary = train.train(args, model, summary_extra={"fuse": info})
-    x, _ = train.Data(args.data, args.block_size).eval_batch(args.eval_iters * args.batch_size)
-    summary["fuse"]["expert_load"] = held_out_expert_load(model, x.to(next(model.parameters()).device), args.batch_size)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) == 0:  # the trained model, as saved (with --resume train() built its own)
+        trained = train.load_model(args.out_dir, "fuse").to(summary["device"])
+        x, _ = train.Data(args.data, args.block_size).eval_batch(args.eval_iters * args.batch_size)
+        summary["fuse"]["expert_load"] = held_out_expert_load(trained, x.to(summary["device"]), args.batch_size)
         print("held-out tokens per expert, by layer: " + "; ".join(" ".join(f"{f:.2f}" for f in layer)
                                                                   for layer in summary["fuse"]["expert_load"]))
         train.write_json(summary, os.path.join(args.out_dir, "summary.json"))

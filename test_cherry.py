@@ -851,6 +851,10 @@ def test_fuse_end_to_end_from_compress_checkpoints(tiny_data, tmp_path):
     assert on_disk["fuse"]["expert_load"] == info["expert_load"]
     rebuilt = cherry.GPT.from_checkpoint(torch.load(tmp_path / "moe" / "ckpt.pt", weights_only=True))
     assert rebuilt.config.n_expert == 2 and rebuilt.schedule == (0, 0, 1, 1)
+    again = fuse.main([*common, "--init_from", str(tmp_path / "moe"), "--out_dir", str(tmp_path / "moe2")])  # train on
+    assert again["fuse"]["loss_start"] == pytest.approx(rows[-1]["loss"], abs=1e-5) and again["config"]["mtp"] == 1
+    with pytest.raises(SystemExit, match="not a fused model"):
+        fuse.main([*common, "--init_from", experts[0], "--out_dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="at least two"):
         fuse.main([*common, "--experts", experts[0], "--out_dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="top_k"):
