@@ -25,7 +25,6 @@ import cherry
 import train
 
 
-
 def compress_args():
     p = train.training_args()
     p.description = __doc__
@@ -38,15 +37,6 @@ def compress_args():
     # the model's shape comes from the checkpoint; block_size defaults to the checkpoint's
     p.set_defaults(out_dir="out-compress", block_size=None, **{name: None for name in train.SHAPE_FLAGS})
     return p
-
-
-# ----------------------------------------------------------------------------
-# loading a dense model
-
-
-def load_dense(init_from):
-    """A cherry.GPT from this project's ckpt.pt, nanoGPT's, a Hugging Face GPT-2 folder or a GPT-2 name (one-line errors)."""
-    return train.load_model(init_from, "compress")
 
 
 # ----------------------------------------------------------------------------
@@ -84,7 +74,7 @@ def main(argv=None):
     if os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")) == os.path.abspath(source):
         raise SystemExit(f"compress: --out_dir {args.out_dir} would overwrite the model it compresses; choose another --out_dir")
     train.check_out_dir(args, "compress")  # before loading what may be a large model
-    teacher = load_dense(args.init_from).eval()
+    teacher = train.load_model(args.init_from, "compress").eval()
     cfg = teacher.config
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed:
         raise SystemExit(f"compress: {args.init_from} is already compressed; give a dense model")

@@ -592,7 +592,7 @@ def test_nanogpt_and_hugging_face_layouts_load(tmp_path, monkeypatch):
     c = model.config
     torch.save({"model": nanogpt, "model_args": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "bias": True,
                                                  "vocab_size": 96, "dropout": 0.0}}, tmp_path / "ckpt.pt")
-    assert torch.allclose(logits_of(compress.load_dense(str(tmp_path)).eval(), x), logits_of(model, x), atol=1e-6)
+    assert torch.allclose(logits_of(train.load_model(str(tmp_path), "compress").eval(), x), logits_of(model, x), atol=1e-6)
     # Hugging Face: Conv1D weights are stored (in, out)
     hf = {("transformer." + k.replace("blocks.", "h.") if k != "lm_head.weight" else k):
           (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v) for k, v in model.state_dict().items()}
@@ -606,7 +606,7 @@ def test_nanogpt_and_hugging_face_layouts_load(tmp_path, monkeypatch):
     assert torch.allclose(logits_of(cherry.GPT.from_pretrained(str(tmp_path / "hf")).eval(), x), logits_of(model, x), atol=1e-6)
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: a one-line error, no network
     with pytest.raises(SystemExit, match="needs the transformers package"):
-        compress.load_dense("gpt2-xl")
+        train.load_model("gpt2-xl", "compress")
 
 
 def test_real_hugging_face_gpt2_folder_and_name_give_its_logits(tmp_path, monkeypatch):
