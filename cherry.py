@@ -1,28 +1,26 @@
 """
-CHERRY in one file: a GPT (nanoGPT-style) plus the paper's three techniques.
+CHERRY in one file: a GPT (nanoGPT-style) and the paper's three techniques, in the paper's order.
 
-Sections:
-  1. Config
-  2. Transformer: attention (with KV cache), MLP, block, GPT (optionally a recurrent unroll of its layers);
-     loading weights (GPT.from_pretrained: this project's, nanoGPT's, Hugging Face GPT-2), safely
-  3. SGT: selective ground-truth token training (the token selector, the coupling measure)
-  4. FLOPs and parameter counts
-  5. Depth compression: averaging adjacent layers, the unroll schedules, LoRA from the SVD of the residue
-  6. MoEE: a router over several experts' MLPs, fusing compressed models, multi-token prediction
+  1. Config and presets
+  2. Transformer: attention with a KV cache, MLP, block, GPT (its layers may run in a recurrent schedule)
+  3. SGT: selective ground-truth token training (which targets to supervise, gradient coupling, Theorem 1)
+  4. Depth compression: average adjacent layers, unroll the few that are left, LoRA from the residue
+  5. MoEE: a router over several experts' MLPs, fusing compressed models, multi-token prediction
+  6. Counts: parameters and FLOPs
+  Appendix: loading weights (this project's checkpoints, nanoGPT's, Hugging Face GPT-2), safely
 
-The model computes its loss either over every position (full supervision) or over
-a selected subset only (SGT). In the SGT case the hidden states of the selected
-positions are gathered first, so the LM head and the softmax run on ~15% of the
-positions: that is where the compute saving comes from.
+With SGT the loss covers a subset of the positions only, and their hidden states are gathered first, so the LM head
+and its softmax run on ~15% of the positions: that is where the compute saving comes from.
 """
 
 import copy
+import importlib
 import json
 import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
@@ -30,7 +28,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------
-# 1. Config
+# 1. Config and presets
+
+MAX_DEPTH = 1024  # layers, or applications of an unrolled schedule: far past any model here, short of a typo's 10^8
 
 
 @dataclass
@@ -41,49 +41,69 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    bias: bool = False  # biases in linears and LayerNorms; False is a bit better and faster
-    # recurrent unroll (depth compression, section 5); the defaults are a plain dense GPT
-    schedule: tuple = None  # which layer each application runs, in order, e.g. (0, 1, 1, 1, 2); None: each once
+    bias: bool = False  # biases in linears and LayerNorms (GPT-2 has them)
+    gelu_approximate: str = "none"  # "tanh": GPT-2's own GELU (set when its weights are loaded)
+    vocab: str = ""  # which tokens the ids mean (data/prepare.py's vocab_id); "" when unknown
+    # depth compression (section 4); the defaults are a plain dense GPT
+    schedule: tuple = None  # the layer each application runs, in order, e.g. (0, 1, 1, 1, 2); None: each once
     step_embed: bool = False  # a learned vector per application, added to the residual stream before it
-    lora_rank: int = 0  # > 0: each application also has its own LoRA on the matrices (+ offsets on the vectors)
-    # MoEE (section 6); the defaults are a plain MLP and next-token prediction only
+    lora_rank: int = 0  # > 0: each application has its own LoRA on the matrices (+ offsets on the vectors)
+    # MoEE (section 5); the defaults are a plain MLP and next-token prediction only
     n_expert: int = 0  # > 0: every block's MLP is a mixture of this many experts behind a router
-    top_k: int = 1  # experts per token
+    experts_per_token: int = 1
+    capacity_factor: float = 1.25  # in training an expert takes at most this x its fair share of the tokens
     aux_weight: float = 0.01  # Switch load-balancing loss, alpha
     z_weight: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     mtp: int = 0  # multi-token prediction: modules predicting tokens t+2 .. t+1+mtp (training only)
     mtp_weight: float = 0.3  # lambda: loss = L + lambda * mean(L_k)
-    gelu_approximate: str = "none"  # "tanh": GPT-2's own GELU (set when its weights are loaded); "none": the exact one
+
+    def __post_init__(self):
+        """Refuse a shape that cannot be built, before any memory is spent."""
+        if self.schedule is not None:
+            self.schedule = tuple(self.schedule)
+        rules = [("block_size", self.block_size >= 1), ("vocab_size", self.vocab_size >= 1),
+                 ("n_layer", 1 <= self.n_layer <= MAX_DEPTH), ("n_embd", self.n_embd >= 1),
+                 ("n_head", self.n_head >= 1 and self.n_embd % self.n_head == 0), ("dropout", 0 <= self.dropout < 1),
+                 ("gelu_approximate", self.gelu_approximate in ("none", "tanh")), ("lora_rank", self.lora_rank >= 0),
+                 ("schedule", self.schedule is None or 0 < len(self.schedule) <= MAX_DEPTH
+                  and all(isinstance(i, int) and 0 <= i < self.n_layer for i in self.schedule)),
+                 ("n_expert", self.n_expert >= 0), ("experts_per_token", 1 <= self.experts_per_token <= max(1, self.n_expert)),
+                 ("capacity_factor", self.capacity_factor > 0), ("aux_weight", self.aux_weight >= 0),
+                 ("z_weight", self.z_weight >= 0), ("mtp", 0 <= self.mtp <= 16), ("mtp_weight", self.mtp_weight >= 0)]
+        bad = next((name for name, ok in rules if not ok), None)
+        if bad == "n_head":
+            raise ValueError(f"n_head {self.n_head} must be at least 1 and divide n_embd {self.n_embd}")
+        if bad:
+            raise ValueError(f"{bad} {getattr(self, bad)!r} is out of range (n_layer {self.n_layer})")
 
     def to_dict(self):
         return asdict(self)
 
     def applications(self):
         """The layer index of every application in order: the schedule, or each layer once."""
-        return tuple(self.schedule) if self.schedule is not None else tuple(range(self.n_layer))
+        return self.schedule if self.schedule is not None else tuple(range(self.n_layer))
 
 
-# Model shapes by name. The paper's figures (abstract): 1B dense with 48 layers, its 6-layer compression
-# at 227M, a 566M dense model. They fit ~18.7M parameters per layer (12 d^2, d = 1248) plus ~117M of
-# embeddings, which implies a vocabulary near 93k (the paper's Korean tokenizer is not public).
+# Model shapes by name. The paper's figures (abstract): 1B dense with 48 layers, its 6-layer compression at 227M,
+# a 566M dense model. They fit ~18.7M parameters per layer (12 d^2, d = 1248) plus ~117M of embeddings, which implies
+# a vocabulary near 93k (the paper's Korean tokenizer is not public).
 GPT2 = dict(block_size=1024, vocab_size=50304, bias=True)
 PAPER = dict(n_embd=1248, n_head=13, vocab_size=93440, block_size=2048)
 UNROLL_34 = (0,) + (1,) * 8 + (2,) * 8 + (3,) * 8 + (4,) * 8 + (5,)  # layer per application: 1,8,8,8,8,1
 PRESETS = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, **GPT2),         # 124M
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, **GPT2),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **GPT2),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, **GPT2),   # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **GPT2),      # 1558M
-    "cherry-1b": dict(n_layer=48, **PAPER),      # the dense model the paper compresses
-    "cherry-566m": dict(n_layer=24, **PAPER),    # the dense model with ~2.5x the compressed parameters
-    "cherry-227m": dict(n_layer=6, **PAPER),     # the 6-layer compression, before unrolling
-    # unrolled 1,8,8,8,8,1 (34 applications, with step embeddings), and MoEE of it: 2 or 8 experts, top-1. Experts
-    # share embeddings, attention and norms (section 6), so 8 experts are ~0.75B in all, not 8 x 227M = 1.8B.
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, **GPT2),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **GPT2),  # 1558M
+    "cherry-1b": dict(n_layer=48, **PAPER),  # the dense model the paper compresses
+    "cherry-566m": dict(n_layer=24, **PAPER),  # the dense model with ~2.5x the compressed parameters
+    "cherry-227m": dict(n_layer=6, **PAPER),  # the 6-layer compression, before unrolling
+    # unrolled 1,8,8,8,8,1 (34 applications, step embeddings), and MoEE of it with 2 or 8 experts, top-1. The experts
+    # share embeddings, attention and norms (section 5): 8 experts are ~0.75B in all, not 8 x 227M = 1.8B.
     "cherry-227m-x34": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, **PAPER),
     "cherry-moee-2": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, n_expert=2, **PAPER),
     "cherry-moee-8": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, n_expert=8, **PAPER),
 }
-
 
 # ----------------------------------------------------------------------------
 # 2. Transformer
@@ -100,8 +120,7 @@ class KVCache:
 
     def update(self, i, k, v):
         if i in self.k:
-            k = torch.cat([self.k[i], k], dim=2)
-            v = torch.cat([self.v[i], v], dim=2)
+            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
         self.k[i], self.v[i] = k, v
         return k, v
 
@@ -109,7 +128,6 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -119,20 +137,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None, cache_slot=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        past = 0
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        past = cache.k[cache_slot].size(2) if cache is not None and cache_slot in cache.k else 0
         if cache is not None:
-            past = cache.k[cache_slot].size(2) if cache_slot in cache.k else 0
             k, v = cache.update(cache_slot, k, v)
-        if past == 0:  # plain causal attention (flash attention where available)
-            mask, causal = None, True
-        else:  # new queries see every cached position plus the causal part of their own
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        # plain causal attention (flash attention where available); with a cache, new queries see every cached
+        # position plus the causal part of their own
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past) if past else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
 class MLP(nn.Module):
@@ -155,7 +169,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MoE(config) if config.n_expert else MLP(config)  # MoE: section 6
+        self.mlp = MoE(config) if config.n_expert else MLP(config)  # MoE: section 5
 
     def forward(self, x, cache=None, cache_slot=0):
         x = x + self.attn(self.ln_1(x), cache, cache_slot)
@@ -174,12 +188,13 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
-        # recurrent unroll (section 5): the blocks run in this order, a block may run several times
+        # the recurrent unroll (section 4): the blocks run in this order, a block may run several times
         self.schedule = config.applications()
-        assert self.schedule and all(0 <= i < config.n_layer for i in self.schedule), f"bad schedule {self.schedule}"
         self.step_embed = nn.Parameter(torch.zeros(len(self.schedule), config.n_embd)) if config.step_embed else None
-        self.adapters = nn.ModuleList(Adapter(self.blocks[i], config.lora_rank) for i in self.schedule) if config.lora_rank else None
-        # MoEE (section 6): the mixture layers (their routers' losses are collected per call), and the MTP modules
+        self.adapters = None
+        if config.lora_rank:
+            self.adapters = nn.ModuleList(Adapter(self.blocks[i], config.lora_rank) for i in self.schedule)
+        # MoEE (section 5): the mixture layers (their routers' losses are collected per call), the MTP modules
         self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
         self.mtp_modules = nn.ModuleList(MTPModule(config) for _ in range(config.mtp))
         self.apply(self._init_weights)
@@ -188,62 +203,26 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * len(self.schedule)))
 
-    @classmethod
-    def from_checkpoint(cls, ckpt, dropout=None, source="the checkpoint"):
-        """Rebuild a model from a checkpoint dict: this project's (config + model) or nanoGPT's (model_args + model)."""
-        if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # this project's
-            return build_model(ckpt["config"], ckpt["model"], source, dropout)
-        if isinstance(ckpt, dict) and "model_args" in ckpt and isinstance(ckpt.get("model"), dict):  # nanoGPT's
-            a = ckpt["model_args"] if isinstance(ckpt["model_args"], dict) else {}
-            missing = [k for k in NANOGPT_ARGS if k not in a]
-            if missing:
-                raise ValueError(f"{source} is a nanoGPT checkpoint without {', '.join(missing)} in its model_args")
-            config = {k: a[k] for k in NANOGPT_ARGS}
-            return build_model(config, gpt2_state_to_cherry(ckpt["model"], conv1d=False), source, dropout)
-        raise ValueError(f"{source} is neither this project's checkpoint nor nanoGPT's nor a Hugging Face GPT-2 folder")
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, dropout=None):
-        """
-        A model from any of: this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2
-        folder (what save_pretrained writes: config.json + model.safetensors or pytorch_model.bin), or a GPT-2
-        size by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; through the transformers package, online or cached).
-        GPT-2's weights come with its tanh GELU, so the logits equal Hugging Face's. dropout: None keeps the
-        checkpoint's (0 for GPT-2). Problems raise ValueError / FileNotFoundError with a one-line message.
-        """
-        path = name_or_path
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-            return load_hf_gpt2_folder(path, dropout)
-        if os.path.isdir(path):
-            path = os.path.join(path, "ckpt.pt")
-        if not os.path.exists(path) and name_or_path in GPT2_NAMES:
-            return load_hf_gpt2_by_name(name_or_path, dropout)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no checkpoint at {path} (train one with train.py, or give a GPT-2 name: {', '.join(GPT2_NAMES)})")
-        return cls.from_checkpoint(load_checkpoint(path), dropout, source=path)
-
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def hidden(self, idx, cache=None, residual=False):
-        """Final (normed) hidden states, (B, T, C); the residual stream before the final norm if residual.
+        """Final (normed) hidden states (B, T, C); the residual stream before the final norm if residual.
         With a cache, idx continues the cached positions."""
         B, T = idx.shape
         start = len(cache) if cache is not None else 0
-        assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        if start + T > self.config.block_size:
+            raise ValueError(f"a sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device)))
         for moe in self.moe_layers:
             moe.calls.clear()  # each call of a mixture layer in this pass records its router loss and load
         for a in range(len(self.schedule)):  # dense: application a runs block a, each once
             if self.step_embed is not None:
                 x = x + self.step_embed[a]  # tells a shared block which application this is
-            if self.grad_checkpoint and self.training and cache is None:  # recompute activations in backward: less memory
+            if self.grad_checkpoint and self.training and cache is None:  # recompute in backward: less memory
                 x = torch.utils.checkpoint.checkpoint(self.apply_layer, a, x, use_reentrant=False)
             else:
                 x = self.apply_layer(a, x, cache)
@@ -256,48 +235,34 @@ class GPT(nn.Module):
             return block(x, cache, cache_slot=a)  # each application keeps its own keys and values
         return torch.func.functional_call(block, self.adapters[a].weights(block), (x, cache, a))
 
-    def forward(self, idx, targets=None, select=None):
+    def forward(self, idx, targets=None, selected=None):
         """
-        targets None:   logits of the last position only (inference), loss None.
-        select None:    full supervision, loss = mean cross-entropy over all B*T positions.
-        select (B, k):  SGT, loss = mean cross-entropy over the k selected positions per sequence;
-                        the head runs on the gathered hidden states only.
+        targets None:    logits of the last position only (inference), loss None.
+        selected None:   full supervision, loss = mean cross-entropy over all B*T positions.
+        selected (B, k): SGT, loss = mean cross-entropy over the k selected positions of each sequence; the head runs
+                         on their gathered hidden states only. Or a function of the per-position losses (B, T) that
+                         returns them, for a selector that needs the model's own losses (Rho-1's excess loss).
+        The routers' and the multi-token prediction losses are added when the model has them (section 5).
         """
         x = self.hidden(idx, residual=True)
         h = self.ln_f(x)
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None
-        extra = 0.0  # MoEE (section 6): the routers' losses and the multi-token prediction losses
+        if callable(selected):  # an extra head forward on every position, without gradient
+            with torch.no_grad():
+                selected = selected(cross_entropy(self.lm_head(h), targets))
+        picked = targets if selected is None else targets.gather(1, selected)
+        logits = self.lm_head(h if selected is None else gather(h, selected))
+        loss = cross_entropy(logits, picked).mean()
         if self.moe_layers:
-            extra = extra + router_loss(self.moe_layers)
+            loss = loss + router_loss(self.moe_layers)
         if self.mtp_modules:
-            extra = extra + self.config.mtp_weight * self.mtp_loss(x, targets)
-        if select is not None:
-            h = h.gather(1, select.unsqueeze(-1).expand(-1, -1, h.size(-1)))
-            targets = targets.gather(1, select)
-        logits = self.lm_head(h)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss + extra
-
-    def mtp_loss(self, x, targets):
-        """
-        Multi-token prediction (DeepSeek-V3): module k combines the previous depth's hidden state at position i
-        with the embedding of token t(i+k) and predicts t(i+k+1) through the shared ln_f and head. The mean of
-        the D losses. targets[:, i] is t(i+1), so module k reads targets shifted by k-1 and predicts targets
-        shifted by k; the last k positions have nothing to predict and are masked.
-        """
-        losses = []
-        for k, module in enumerate(self.mtp_modules, start=1):
-            x = module(x, self.wte(shift_left(targets, k - 1, fill=0)))
-            logits = self.lm_head(self.ln_f(x)).float()
-            losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), shift_left(targets, k, fill=-1).reshape(-1),
-                                          ignore_index=-1))
-        return torch.stack(losses).mean()
+            loss = loss + self.config.mtp_weight * mtp_loss(self, x, targets, selected)
+        return logits, loss
 
     def token_losses(self, idx, targets):
-        """Per-position cross-entropy, (B, T): what evaluation splits into selected and unselected."""
-        logits = self.lm_head(self.hidden(idx)).float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
+        """Per-position cross-entropy (B, T): what evaluation splits into selected and unselected targets."""
+        return cross_entropy(self.lm_head(self.hidden(idx)), targets)
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
         # decay matrices (dim >= 2); leave biases, norms and the step embeddings alone
@@ -329,125 +294,15 @@ class GPT(nn.Module):
         return idx
 
 
-# Loading weights: this project's checkpoints, nanoGPT's, Hugging Face GPT-2. Everything goes through
-# GPT.from_pretrained (above), and every file through load_checkpoint: plain data only, never pickled code.
-
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-NANOGPT_ARGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
-
-
-def load_checkpoint(path):
-    """
-    torch.load(weights_only=True): tensors, numbers, strings, lists, dicts. A file whose loading would have to
-    run pickled code (any other object) is refused, never executed; a corrupt or truncated one is a ValueError too.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails: the error below says it all
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class the file would have had run
-        if unsafe:
-            raise ValueError(f"{path} holds a pickled Python object ({unsafe.group(1)}) that loading would have to run; "
-                             f"refused, nothing was executed (save plain tensors and dicts instead)") from None
-        raise ValueError(f"{path} is corrupt, truncated or not a torch checkpoint; it was not loaded "
-                         f"(write it again, or use another checkpoint)") from None
+def cross_entropy(logits, targets):
+    """Per-position cross-entropy in fp32, the shape of targets; a target of -1 is ignored (loss 0)."""
+    losses = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")
+    return losses.view(targets.shape)
 
 
-def build_model(config, state, source, dropout=None):
-    """A GPT of this config (a dict) with these weights; a state that does not fit the config is a ValueError."""
-    if not isinstance(config, dict) or not isinstance(state, dict):
-        raise ValueError(f"{source} holds no config and weights of this model")
-    unknown = sorted(set(config) - {f.name for f in fields(GPTConfig)})
-    if unknown:
-        raise ValueError(f"{source} is a checkpoint of another architecture (config fields unknown here: {', '.join(unknown)})")
-    if dropout is not None:
-        config = {**config, "dropout": dropout}
-    try:
-        model = GPT(GPTConfig(**config))
-    except (TypeError, ValueError, AssertionError) as e:
-        raise ValueError(f"{source} has a config this model cannot build ({e})") from None
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile's prefix
-    expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k} is {tuple(getattr(state[k], 'shape', ()))}, the config needs {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and getattr(state[k], "shape", None) != v.shape]
-    if problems:
-        raise ValueError(f"{source} does not fit its own config, a checkpoint of another architecture? "
-                         f"{problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}")
-    model.load_state_dict(state)
-    return model
-
-
-def gpt2_state_to_cherry(state, conv1d):
-    """GPT-2 parameter names (nanoGPT's and Hugging Face's) -> this project's. Hugging Face's Conv1D stores weights transposed."""
-    out = {}
-    for name, t in state.items():
-        name = name.removeprefix("_orig_mod.").removeprefix("transformer.")
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers, not parameters
-        if name.startswith("h."):
-            name = "blocks." + name[2:]
-        if conv1d and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            t = t.t()
-        out[name] = t
-    if "wte.weight" in out:
-        out.setdefault("lm_head.weight", out["wte.weight"])  # tied; some files leave it out
-    return out
-
-
-def hf_gpt2_config(c, source):
-    """Hugging Face's GPT2Config (as a dict) -> ours. GPT-2's "gelu_new" is the tanh GELU."""
-    gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(c.get("activation_function", "gelu_new"))
-    shape = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
-    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or any(k not in c for k in shape) \
-            or c.get("n_inner") not in (None, 4 * c["n_embd"]) or c.get("scale_attn_by_inverse_layer_idx") \
-            or c.get("layer_norm_epsilon", 1e-5) != 1e-5:
-        raise ValueError(f"{source} is not a GPT-2 this model can run (model_type {c.get('model_type')!r}, "
-                         f"activation {c.get('activation_function')!r})")
-    return dict(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
-                n_embd=c["n_embd"], bias=True, dropout=0.0, gelu_approximate=gelu)
-
-
-def load_hf_gpt2_folder(path, dropout=None):
-    """A folder written by Hugging Face's save_pretrained: config.json + model.safetensors or pytorch_model.bin."""
-    try:
-        config = json.load(open(os.path.join(path, "config.json")))
-    except ValueError:
-        raise ValueError(f"{path}/config.json is not valid JSON") from None
-    config = hf_gpt2_config(config, path)
-    weights = os.path.join(path, "model.safetensors")
-    if os.path.isfile(weights):
-        try:
-            from safetensors.torch import load_file  # comes with transformers
-        except ImportError:
-            raise ValueError(f"{weights} needs the safetensors package (pip install transformers)") from None
-        try:
-            state = load_file(weights)
-        except Exception:
-            raise ValueError(f"{weights} is corrupt or truncated; it was not loaded (save it again)") from None
-    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-        weights = os.path.join(path, "pytorch_model.bin")
-        state = load_checkpoint(weights)
-    else:
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
-    return build_model(config, gpt2_state_to_cherry(state, conv1d=True), weights, dropout)
-
-
-def load_hf_gpt2_by_name(name, dropout=None):
-    """gpt2 ... gpt2-xl through transformers (downloaded once, then from its cache), as nanoGPT does."""
-    try:
-        from transformers import GPT2LMHeadModel
-    except ImportError:
-        raise ValueError(f"{name} needs the transformers package (pip install transformers)") from None
-    try:
-        hf = GPT2LMHeadModel.from_pretrained(name)
-    except Exception as e:  # offline and not cached, or no such model
-        raise ValueError(f"could not load {name} from Hugging Face: {str(e).strip().splitlines()[0]}") from None
-    return build_model(hf_gpt2_config(hf.config.to_dict(), name), gpt2_state_to_cherry(hf.state_dict(), conv1d=True), name, dropout)
+def gather(h, positions):
+    """h (B, T, C) at positions (B, k): (B, k, C)."""
+    return h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.size(-1)))
 
 
 # ----------------------------------------------------------------------------
@@ -455,124 +310,126 @@ def load_hf_gpt2_by_name(name, dropout=None):
 
 
 def surprisal_table(unigram_counts, vocab_size):
-    """-log p(token) with add-one smoothing, p counted on the training split."""
+    """-log p(token) with add-one smoothing, p counted on the training split: (vocab_size,)."""
     counts = torch.ones(vocab_size, dtype=torch.float64)
     for token, count in unigram_counts.items():
         counts[int(token)] += count
     return (-(counts / counts.sum()).log()).float()
 
 
-def select_tokens(targets, fraction, method="surprisal", surprisal=None, generator=None):
+def select_positions(targets, fraction, generator, surprisal=None, beta=0.0, mix=0.0):
     """
-    Indices (B, k) of the k = ceil(fraction * T) target positions to supervise in each sequence.
-    surprisal: highest unigram surprisal first (rare tokens carry the "semantic payload");
-    random:    a uniformly random subset, the control every SGT result needs.
+    The k = ceil(fraction * T) target positions to supervise in each sequence, (B, k) sorted, drawn without
+    replacement with probability ~ s(y)^beta, s the target's unigram surprisal (Gumbel top-k on beta log s).
+    beta 0 draws a uniformly random subset, beta inf takes the k most surprising targets (no randomness).
+    mix: the share of the k drawn uniformly from the positions the tilted draw left.
+    For any finite beta every target can be picked, which bounds what the tilt costs: the SGT optimum is
+    q(y|c) ~ p(y|c) pi(y, c), at an extra loss of log E_p[pi] - E_p[log pi] (infinite where pi is ever 0).
     """
     B, T = targets.shape
     k = math.ceil(fraction * T)
-    if method == "surprisal":
-        scores = surprisal.to(targets.device)[targets]
-    elif method == "random":
-        scores = torch.rand(B, T, generator=generator, device="cpu").to(targets.device)
+    k_uniform = round(mix * k)
+    gumbel = lambda: -torch.empty(B, T).exponential_(generator=generator).log()
+    if beta == math.inf:
+        keys = surprisal[targets]
     else:
-        raise ValueError(f"unknown SGT selector {method!r}: use 'surprisal' or 'random'")
-    return scores.topk(k, dim=1).indices.sort(dim=1).values
+        keys = gumbel() + (beta * surprisal[targets].log() if beta else 0)
+    picked = keys.topk(k - k_uniform, dim=1).indices
+    if k_uniform:
+        rest = gumbel().scatter(1, picked, -math.inf)
+        picked = torch.cat([picked, rest.topk(k_uniform, dim=1).indices], dim=1)
+    return picked.sort(dim=1).values
 
 
-def selection_mask(select, T):
-    """Boolean (B, T) mask from selected indices (B, k)."""
-    mask = torch.zeros(select.size(0), T, dtype=torch.bool, device=select.device)
-    return mask.scatter_(1, select, True)
+def excess_selector(k, reference_losses):
+    """Rho-1: a function of the model's per-position losses (B, T) that picks, in each sequence, the k positions
+    where they most exceed the reference's (the unigram model's by default, or a reference model's)."""
+    return lambda losses: (losses - reference_losses).topk(k, dim=1).indices.sort(dim=1).values
 
 
-def gradient_coupling(model, x, y, select):
-    """
-    gamma = cos(g_S, g_U): g_S the gradient of the selected-token loss, g_U of the unselected one,
-    over all parameters. gamma > 0 means a step on the selected tokens also lowers the loss of the
-    others to first order (the paper's Theorem 1). Returns (gamma, |g_S|, |g_U|). Leaves .grad unset.
-    """
-    losses = model.token_losses(x, y)
-    mask = selection_mask(select, y.size(1))
+def selection_mask(selected, T):
+    """Boolean (B, T) mask from selected positions (B, k)."""
+    return torch.zeros(selected.size(0), T, dtype=torch.bool, device=selected.device).scatter_(1, selected, True)
+
+
+def split_gradients(model, x, y, mask):
+    """The gradients of the mean loss of the selected targets (mask) and of the others: g_S, g_U."""
     params = [p for p in model.parameters() if p.requires_grad]
-    g_s = torch.autograd.grad(losses[mask].mean(), params, retain_graph=True, allow_unused=True)
-    g_u = torch.autograd.grad(losses[~mask].mean(), params, allow_unused=True)
-    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(gs, params)])
-    g_s, g_u = flat(g_s), flat(g_u)
-    return F.cosine_similarity(g_s, g_u, dim=0).item(), g_s.norm().item(), g_u.norm().item()
+    losses = model.token_losses(x, y)
+    grad = lambda loss, keep: torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
+    g_s, g_u = grad(losses[mask].mean(), True), grad(losses[~mask].mean(), False)
+    fill = lambda gs: [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, params)]
+    return fill(g_s), fill(g_u)
 
 
-def theorem1_check(model, x, y, select, lr):
+def gradient_coupling(model, batches):
     """
-    First-order check of Theorem 1 on one batch: a plain SGD step of size lr along -g_S (the gradient of
-    the selected tokens' loss) changes the unselected tokens' loss L_U by about
-    -lr * g_S . g_U = -lr * |g_S| * |g_U| * gamma. Takes the step on a copy (model is left as it was).
-    Returns (predicted, measured) change of L_U; they agree as lr -> 0 and part as curvature takes over.
+    gamma, the coupling of the selected targets' gradient g_S with the others' g_U, without batch noise. From
+    independent batches i: mean_{i != j} g_S^i . g_U^j / sqrt(mean_{i != j} g_S^i . g_S^j x mean_{i != j} g_U^i . g_U^j):
+    each product of two independent batches' gradients is an unbiased estimate of the product of the expected
+    gradients, where one batch's cosine is pulled towards 0 by its noise. gamma > 0: a step on the selected targets
+    lowers the others' loss to first order (Theorem 1). batches: [(x, y, mask)], mask (B, T) on the selected targets.
+    Returns gamma for the whole model, the trunk (the blocks) and the embedding + head (the rest; nan where noise
+    leaves it undefined), and the naive cosine of the first batch's two gradients.
+    """
+    trunk = [n.startswith(("blocks.", "adapters.", "step_embed")) for n, p in model.named_parameters() if p.requires_grad]
+    parts = {"trunk": trunk, "embedding+head": [not t for t in trunk]}
+    flat = lambda grads, keep: torch.cat([g.flatten().double() for g, k in zip(grads, keep) if k])
+    sums = {part: dict(s=0, u=0, ss=0, uu=0, su=0) for part in parts}  # sums over batches
+    for x, y, mask in batches:
+        g_s, g_u = split_gradients(model, x, y, mask)
+        for part, keep in parts.items():
+            s, u, acc = flat(g_s, keep), flat(g_u, keep), sums[part]
+            for key, value in dict(s=s, u=u, ss=s @ s, uu=u @ u, su=s @ u).items():
+                acc[key] = acc[key] + value
+        if x is batches[0][0]:  # the naive estimate: one batch's cosine
+            first = {key: sum(sums[part][key] for part in parts) for key in ("ss", "uu", "su")}
+    # over pairs i != j: sum a^i . b^j = (sum_i a^i) . (sum_j b^j) - sum_i a^i . b^i
+    pairs = {part: (a["s"] @ a["s"] - a["ss"], a["u"] @ a["u"] - a["uu"], a["s"] @ a["u"] - a["su"])
+             for part, a in sums.items()}
+    pairs["all"] = tuple(sum(pairs[part][i] for part in parts) for i in range(3))
+    pairs["naive"] = first["ss"], first["uu"], first["su"]
+    return {part: (su / (ss * uu).sqrt()).item() if ss > 0 and uu > 0 else math.nan for part, (ss, uu, su) in pairs.items()}
+
+
+def theorem1_check(model, train_batches, held_out_batches, update):
+    """
+    Theorem 1 to first order, out of sample: a step of the weights computed from g_S, the selected targets' gradient
+    on training batches, changes L_U, the loss of the unselected targets of held-out batches, by about g_U . delta
+    (g_U: L_U's gradient, delta: the step). update(model, grads) takes the step in place: plain SGD (sgd_update), or
+    the run's own AdamW. Batches: [(x, y, mask)]. Works on a copy. Returns (predicted, measured) change of L_U.
     """
     model = copy.deepcopy(model)
-    mask = selection_mask(select, y.size(1))
     params = [p for p in model.parameters() if p.requires_grad]
-    losses = model.token_losses(x, y)
-    loss_u = losses[~mask].mean()
-    g_s = torch.autograd.grad(losses[mask].mean(), params, retain_graph=True)
-    g_u = torch.autograd.grad(loss_u, params)
-    predicted = -lr * sum((a * b).sum() for a, b in zip(g_s, g_u)).item()
+    mean_loss = lambda batches, sel: sum(model.token_losses(x, y)[m if sel else ~m].mean() for x, y, m in batches)
+    loss_u = lambda: mean_loss(held_out_batches, False) / len(held_out_batches)
+    g_s = torch.autograd.grad(mean_loss(train_batches, True) / len(train_batches), params, allow_unused=True)
+    before = loss_u()
+    g_u = torch.autograd.grad(before, params, allow_unused=True)
+    old = [p.detach().clone() for p in params]
     with torch.no_grad():
-        for p, g in zip(params, g_s):
+        update(model, [g if g is not None else torch.zeros_like(p) for g, p in zip(g_s, params)])
+        predicted = sum((g * (p - o)).sum() for g, p, o in zip(g_u, params, old) if g is not None)
+        return predicted.item(), (loss_u() - before).item()
+
+
+def sgd_update(lr):
+    """theorem1_check's plain SGD step: weights -= lr * gradient."""
+    def update(model, grads):
+        for p, g in zip([p for p in model.parameters() if p.requires_grad], grads):
             p -= lr * g
-        measured = model.token_losses(x, y)[~mask].mean().item() - loss_u.item()
-    return predicted, measured
+    return update
 
 
 # ----------------------------------------------------------------------------
-# 4. FLOPs and parameter counts
-
-
-def count_params(model, non_embedding=True, active=False):
-    """
-    Parameters, each stored tensor once: a block that runs several times counts once, its step embeddings and
-    LoRA adapters count in full. By convention without the position embeddings (the token ones are tied to the head).
-    active: what one token uses at inference: top_k of the n_expert experts' MLPs (and their LoRA), no MTP modules.
-    """
-    n = 0
-    for name, p in model.named_parameters():
-        if active and name.startswith("mtp_modules."):
-            continue
-        if active and re.search(r"mlp[._]experts[._]", name):
-            n += p.numel() * model.config.top_k / model.config.n_expert
-        else:
-            n += p.numel()
-    n = int(n)
-    return n - model.wpe.weight.numel() if non_embedding else n
-
-
-def flops_per_token(config, sgt_fraction=1.0, training=True):
-    """
-    Matmul FLOPs per token, counted from the shapes (2 FLOPs per multiply-add). Attention scores use the
-    full block length, as in the PaLM appendix. Training = forward + backward = 3x forward. With SGT the
-    head runs on a fraction of the positions only. An unrolled model pays for every application: unrolling
-    saves parameters, not compute. (LoRA adapters are merged into the weights once per forward pass,
-    a cost per batch, not per token, and left out.) A mixture layer pays for its router and top_k experts;
-    in training each MTP module pays for its projection, its block and the head.
-    """
-    C, T, V = config.n_embd, config.block_size, config.vocab_size
-    attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV
-    mlp = 2 * 8 * C * C
-    moe = config.top_k * mlp + 2 * C * config.n_expert if config.n_expert else mlp
-    forward = len(config.applications()) * (attention + moe) + 2 * C * V * sgt_fraction
-    if not training:
-        return forward
-    return 3 * (forward + config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V))
-
-
-# ----------------------------------------------------------------------------
-# 5. Depth compression: average adjacent layers, then unroll the few that are left
+# 4. Depth compression: average adjacent layers, then unroll the few that are left
 
 
 class Adapter(nn.Module):
     """
-    What makes one application of a shared block its own (Relaxed Recursive Transformers): a LoRA B @ A on each
-    matrix of the block, and a full offset on each vector (norm gains, biases: a few numbers, so no rank needed).
-    A fresh adapter is zero (B = 0, A small and random, the usual LoRA start); compress() sets it from the SVD of
+    What makes one application of a shared block its own (Relaxed Recursive Transformers): a LoRA B @ A on each matrix
+    of the block, and a full offset on each vector (norm gains, biases: a few numbers, so no rank needed). A fresh
+    adapter is zero (B = 0, A small and random, the usual LoRA start); compress() sets it from the SVD of
     (original layer - averaged layer).
     """
 
@@ -605,8 +462,7 @@ class Adapter(nn.Module):
             if p.dim() == 2:
                 U, S, Vh = torch.linalg.svd(residue, full_matrices=False)
                 r = self.A[key].size(0)
-                # A: orthonormal rows (never all zero, so B still gets a gradient when the residue is zero)
-                self.A[key].copy_(Vh[:r])
+                self.A[key].copy_(Vh[:r])  # orthonormal rows: never all zero, so B still learns from a zero residue
                 self.B[key].copy_(U[:, :r] * S[:r])
             else:
                 self.offset[key].copy_(residue)
@@ -626,34 +482,34 @@ def repeat_schedule(repeats):
 
 
 def loop_schedule(prelude, core, coda, loops):
-    """Huginn's shape: the first `prelude` layers once, the next `core` layers as a loop run `loops` times, then `coda` layers once."""
+    """Huginn's shape: the first `prelude` layers once, the next `core` layers looped `loops` times, `coda` once."""
     return (tuple(range(prelude)) + tuple(range(prelude, prelude + core)) * loops
             + tuple(range(prelude + core, prelude + core + coda)))
 
 
 def default_repeats(k, group_size):
-    """The paper's (1, 8, 8, 8, 8, 1) for 48 -> 6 layers, at any size: the two ends once, the middle layers group-size times."""
-    if k <= 2:  # no middle: every layer runs group-size times
-        return (group_size,) * k
-    return (1,) + (group_size,) * (k - 2) + (1,)
+    """The paper's (1, 8, 8, 8, 8, 1) for 48 -> 6, at any size: the ends once, the middle layers group-size times."""
+    return (group_size,) * k if k <= 2 else (1,) + (group_size,) * (k - 2) + (1,)
 
 
 @torch.no_grad()
-def compress(model, k, schedule=None, step_embed=True, lora_rank=0):
+def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_end=True):
     """
-    Depth compression of a dense GPT: its n_layer layers -> k, layer j the exact mean of the j-th group of
-    adjacent layers (every tensor, norms included; not LaCo's sum of differences). The k layers then run in
-    `schedule` (default: default_repeats). Step embeddings start at zero, so at first the unroll is plain
-    repeated application. With lora_rank > 0, application t of the n_j applications of layer j gets a LoRA
-    set from the SVD of (original - mean), the original being the layer of group j at the same relative
-    depth, group[t * len(group) // n_j]: with n_j = group size and full rank, the original model comes back.
-    Returns a new GPT; the model passed in is left as it was.
+    Depth compression of a dense GPT: its n_layer layers -> k, layer j the exact mean of the j-th group of adjacent
+    layers (every tensor, norms included; not LaCo's sum of differences). The k layers then run in `schedule`
+    (default: default_repeats). Step embeddings start at zero, so at first the unroll is plain repeated application.
+    With lora_rank > 0, application t of the n_j applications of layer j gets a LoRA set from the SVD of
+    (original - mean), the original being the layer of its group at the same relative depth: group[t * g // n_j],
+    and for the last layer (the coda, next to the head) group[(t + 1) * g // n_j - 1], so that a once-run coda
+    starts from the original's final layer (coda_from_end=False: from its group's first). With n_j = g and full
+    rank, the original model comes back. Returns a new GPT; the model passed in is left as it was.
     """
     cfg = model.config
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed:
         raise ValueError("compress takes a dense model (no schedule, step embeddings or LoRA)")
     groups = layer_groups(cfg.n_layer, k)
-    schedule = tuple(schedule) if schedule is not None else repeat_schedule(default_repeats(k, len(groups[0])))
+    g = len(groups[0])
+    schedule = tuple(schedule) if schedule is not None else repeat_schedule(default_repeats(k, g))
     if sorted(set(schedule)) != list(range(k)):
         raise ValueError(f"the schedule {schedule} must run each of the {k} layers at least once")
     small = GPT(GPTConfig(**{**cfg.to_dict(), "n_layer": k, "schedule": schedule, "step_embed": step_embed,
@@ -664,82 +520,90 @@ def compress(model, k, schedule=None, step_embed=True, lora_rank=0):
         for name, p in small.blocks[j].named_parameters():
             p.copy_(torch.stack([model.blocks[i].get_parameter(name) for i in group]).mean(dim=0))
     if lora_rank:
-        runs = [schedule.count(j) for j in range(k)]
-        done = [0] * k
+        runs, done = [schedule.count(j) for j in range(k)], [0] * k
         for a, j in enumerate(schedule):
-            original = model.blocks[groups[j][done[j] * len(groups[j]) // runs[j]]]
-            small.adapters[a].init_from_residue(original, small.blocks[j])
+            t, n = done[j], runs[j]
+            index = (t + 1) * g // n - 1 if j == k - 1 and coda_from_end else t * g // n
+            small.adapters[a].init_from_residue(model.blocks[groups[j][index]], small.blocks[j])
             done[j] += 1
     return small
 
 
 # ----------------------------------------------------------------------------
-# 6. MoEE: Mixture of Efficient Experts, and multi-token prediction
+# 5. MoEE: Mixture of Efficient Experts, and multi-token prediction
 
 
 class MoE(nn.Module):
     """
-    The MLPs of several experts behind a token-level router (Switch / Branch-Train-MiX). Each token goes to
-    its top_k experts; no capacity limit, so no token is ever dropped. Every call records its router loss
-    and how many tokens each expert got (self.calls), which GPT.forward adds up per call: the experts of
-    different layers, or of different applications of an unrolled layer, are never pooled.
+    The MLPs of several experts behind a token-level router (Switch / Branch-Train-MiX); each token goes to its
+    experts_per_token best experts. The dispatch has static shapes, so it needs no host sync and compiles whole: the
+    (token, expert) assignments queue by expert into buffers of a fixed capacity, each expert runs on its buffer, and
+    the outputs, weighted by their gates, are added back in place. In training an expert takes at most
+    capacity_factor x its fair share; the assignments past that are dropped (counted; the token passes through on the
+    residual). Evaluation and sampling never drop: the capacity is every token. Each call records its router loss,
+    the assignments each expert got and how many were dropped (self.calls).
     """
 
     def __init__(self, config):
         super().__init__()
-        self.top_k, self.aux_weight, self.z_weight = config.top_k, config.aux_weight, config.z_weight
+        self.k, self.capacity_factor = config.experts_per_token, config.capacity_factor
+        self.aux_weight, self.z_weight = config.aux_weight, config.z_weight
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
-        self.calls = []  # [(router loss, tokens per expert)] of the current forward pass
+        self.calls = []  # [(router loss, assignments per expert, dropped)] of the current forward pass
 
     def forward(self, x):
         B, T, C = x.shape
         x = x.reshape(-1, C)
+        N, E = x.size(0), len(self.experts)
         with torch.autocast(x.device.type, enabled=False):  # router in fp32: small logit errors flip the choice
             logits = F.linear(x.float(), self.router.weight.float())
         probs = logits.softmax(dim=-1)
-        top_p, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        top_p, expert = probs.topk(self.k, dim=-1)  # (N, k)
         # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly one expert's
-        # output, top-1 included); the scale is detached, so the router still learns from the LM loss as in Switch
-        # (the gradient is Switch's divided by the detached sum)
-        gates = top_p / top_p.sum(dim=-1, keepdim=True).detach()
-        out = self.dispatch(x, chosen, gates)
-        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts))
+        # output); the scale is detached, so the router still learns from the LM loss as in Switch
+        gates = (top_p / top_p.sum(dim=-1, keepdim=True).detach()).flatten()
+        expert, token = expert.flatten(), torch.arange(N, device=x.device).repeat_interleave(self.k)
+        # each assignment's place in its expert's queue (token order); past the capacity it is dropped
+        capacity = min(N, math.ceil(self.capacity_factor * N * self.k / E)) if self.training else N
+        one_hot = F.one_hot(expert, E)  # (N * k, E)
+        place = (one_hot.cumsum(dim=0) * one_hot).sum(dim=1) - 1
+        kept = place < capacity
+        slot = torch.where(kept, expert * capacity + place, E * capacity)  # dropped ones share a spare row
+        buffers = x.new_zeros(E * capacity + 1, C).index_copy(0, slot, x[token]).narrow(0, 0, E * capacity)
+        y = torch.cat([mlp(part) for mlp, part in zip(self.experts, buffers.split(capacity))] + [x.new_zeros(1, C)])
+        out = torch.zeros_like(x).index_add_(0, token, (y[slot] * (gates * kept).unsqueeze(-1)).to(x.dtype))
+        counts = one_hot.sum(dim=0)
         loss = self.aux_weight * switch_loss(probs, counts)
         if self.z_weight:
             loss = loss + self.z_weight * logits.logsumexp(dim=-1).square().mean()
-        self.calls.append((loss, counts))
+        self.calls.append((loss, counts, (~kept).sum()))
         return out.view(B, T, C)
-
-    @torch.compiler.disable  # token counts per expert change every step: torch.compile would recompile, so run eagerly
-    def dispatch(self, x, chosen, gates):
-        """Each expert on its own tokens, outputs weighted by their gates and summed back in place."""
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)  # every expert runs, even on no tokens (DDP needs its grads)
-            y = expert(x[token]) * gates[token, slot].unsqueeze(-1)
-            out.index_add_(0, token, y.to(out.dtype))
-        return out
 
 
 def switch_loss(probs, counts):
     """
-    Switch Transformer's load-balancing loss, E * sum_i f_i * P_i: f_i the share of routed tokens expert i got
-    (not differentiable), P_i its mean router probability over the full softmax (differentiable). 1 when the
-    routing is uniform, E when one expert takes everything.
+    Switch Transformer's load-balancing loss, E * sum_i f_i * P_i: f_i the share of the assignments expert i got
+    (not differentiable), P_i its mean router probability over the full softmax (differentiable). 1 when the routing
+    is uniform, E when one expert takes everything.
     """
-    f = counts.float() / counts.sum()
-    return len(counts) * (f * probs.mean(dim=0)).sum()
+    return len(counts) * (counts.float() / counts.sum() * probs.mean(dim=0)).sum()
 
 
 def router_loss(moe_layers):
-    """The mean over every mixture-layer call of the last forward pass of its router loss."""
-    return torch.stack([loss for moe in moe_layers for loss, _ in moe.calls]).mean()
+    """The mean of the router losses of every mixture-layer call of the last forward pass."""
+    return torch.stack([loss for moe in moe_layers for loss, _, _ in moe.calls]).mean()
 
 
 def expert_counts(model):
-    """Tokens each expert got in the last forward pass, per mixture layer (all of its calls): (layers, n_expert)."""
-    return torch.stack([torch.stack([counts for _, counts in moe.calls]).sum(dim=0) for moe in model.moe_layers])
+    """Assignments each expert got in the last forward pass, per mixture layer (all its calls): (layers, n_expert)."""
+    return torch.stack([torch.stack([counts for _, counts, _ in moe.calls]).sum(dim=0) for moe in model.moe_layers])
+
+
+def dropped_share(model):
+    """The share of the last forward pass's assignments that the capacity dropped (a tensor: no host sync)."""
+    calls = [c for moe in model.moe_layers for c in moe.calls]
+    return sum(dropped for _, _, dropped in calls) / sum(counts.sum() for _, counts, _ in calls)
 
 
 def shift_left(t, k, fill):
@@ -761,13 +625,32 @@ class MTPModule(nn.Module):
         return self.block(self.proj(torch.cat([self.norm_h(h), self.norm_e(emb)], dim=-1)))
 
 
-@torch.no_grad()
-def fuse(experts, top_k=1, mtp=0, **moe_config):
+def mtp_loss(model, x, targets, selected=None):
     """
-    Fuse N models of one shape (compressed or dense) into one MoEE model: every shared tensor (embeddings,
-    attention, norms, step embeddings, their LoRA) is the mean over the experts; each expert keeps its own MLPs
-    (and their LoRA) as expert i of each mixture layer. The routers and MTP modules start fresh.
-    Returns a new GPT; the experts are left as they were.
+    Multi-token prediction (DeepSeek-V3): module k combines the previous depth's hidden state at position i with the
+    embedding of token t(i+k) and predicts t(i+k+1) through the shared ln_f and head; the mean of the D losses.
+    targets[:, i] is t(i+1), so module k reads targets shifted by k-1 and predicts targets shifted by k; the last k
+    positions have nothing to predict. With SGT only the selected targets supervise: target j is predicted at
+    position j - k, so module k's head runs on those positions only.
+    """
+    losses = []
+    for k, module in enumerate(model.mtp_modules, start=1):
+        x = module(x, model.wte(shift_left(targets, k - 1, fill=0)))
+        h, target = model.ln_f(x), shift_left(targets, k, fill=-1)
+        if selected is not None:
+            h, target = gather(h, (selected - k).clamp(min=0)), torch.where(selected >= k, targets.gather(1, selected), -1)
+        loss = cross_entropy(model.lm_head(h), target)
+        losses.append(loss.sum() / (target >= 0).sum().clamp(min=1))
+    return torch.stack(losses).mean()
+
+
+
+@torch.no_grad()
+def fuse(experts, experts_per_token=1, mtp=0, **moe_config):
+    """
+    Fuse N models of one shape (compressed or dense) into one MoEE model: every shared tensor (embeddings, attention,
+    norms, step embeddings, their LoRA) is the mean over the experts; each expert keeps its own MLPs (and their LoRA)
+    as expert i of each mixture layer. The routers and MTP modules start fresh. Returns a new GPT.
     """
     cfg = experts[0].config
     for i, m in enumerate(experts[1:], start=1):
@@ -776,7 +659,8 @@ def fuse(experts, top_k=1, mtp=0, **moe_config):
             raise ValueError(f"expert {i} differs from expert 0 in {', '.join(diff)}: experts must have one shape")
     if cfg.n_expert or cfg.mtp:
         raise ValueError("fuse takes models without experts or MTP modules")
-    fused = GPT(GPTConfig(**{**cfg.to_dict(), "n_expert": len(experts), "top_k": top_k, "mtp": mtp, **moe_config}))
+    fused = GPT(GPTConfig(**{**cfg.to_dict(), "n_expert": len(experts), "experts_per_token": experts_per_token,
+                             "mtp": mtp, **moe_config}))
     states = [m.state_dict() for m in experts]
     for name, p in fused.state_dict().items():
         # blocks.0.mlp.experts.1.c_fc.weight <- blocks.0.mlp.c_fc.weight of expert 1 (adapters: mlp_experts_1_c_fc)
@@ -786,3 +670,149 @@ def fuse(experts, top_k=1, mtp=0, **moe_config):
         elif name in states[0]:
             p.copy_(torch.stack([state[name].float() for state in states]).mean(dim=0))
     return fused
+
+
+# ----------------------------------------------------------------------------
+# 6. Counts: parameters and FLOPs
+
+
+def count_params(model, non_embedding=True, active=False):
+    """
+    Parameters, each stored tensor once: a block that runs several times counts once, its step embeddings and LoRA
+    adapters count in full. Without the position embeddings by convention (the token ones are tied to the head).
+    active: what one token uses at inference: experts_per_token of the n_expert experts' MLPs, no MTP modules.
+    """
+    n = 0
+    for name, p in model.named_parameters():
+        if active and name.startswith("mtp_modules."):
+            continue
+        share = model.config.experts_per_token / model.config.n_expert if re.search(r"mlp[._]experts[._]", name) else 1
+        n += p.numel() * (share if active else 1)
+    return int(n) - (model.wpe.weight.numel() if non_embedding else 0)
+
+
+def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=False):
+    """
+    Matmul FLOPs per token, from the shapes (2 FLOPs per multiply-add). Attention scores use the full block length
+    (PaLM's appendix). Training = forward + backward = 3x forward. With SGT the head runs on a fraction of the
+    positions only; full_head_forward adds the no-gradient head forward on every position that an excess-loss
+    selector needs. An unrolled model pays for every application: unrolling saves parameters, not compute. (LoRA
+    adapters are merged into the weights once per forward pass, a cost per batch, not per token.) A mixture layer pays
+    for its router and experts_per_token experts; in training each MTP module pays for its projection, block and head.
+    """
+    C, T, V = config.n_embd, config.block_size, config.vocab_size
+    attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV
+    mlp = 2 * 8 * C * C
+    moe = config.experts_per_token * mlp + 2 * C * config.n_expert if config.n_expert else mlp
+    forward = len(config.applications()) * (attention + moe) + 2 * C * V * sgt_fraction
+    if not training:
+        return forward
+    return 3 * (forward + config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V)) + 2 * C * V * full_head_forward
+
+
+# ----------------------------------------------------------------------------
+# Appendix: loading weights. Every file goes through torch.load(weights_only=True): plain data, never pickled code.
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def load_checkpoint(path):
+    """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is refused, never run."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails: the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class the file would have had run
+        if unsafe:
+            raise ValueError(f"{path} holds a pickled Python object ({unsafe.group(1)}) that loading would have to "
+                             f"run; refused, nothing was executed") from None
+        raise ValueError(f"{path} is corrupt, truncated or not a torch checkpoint; it was not loaded") from None
+
+
+def optional(name):
+    """An optional package (safetensors and transformers come with pip install transformers)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ValueError(f"this needs the {name.split('.')[0]} package: pip install transformers") from None
+
+
+def build_model(config, state, source, dropout=None):
+    """A GPT of this config (a dict) holding these tensors. The declared sizes are checked against the stored ones
+    before any memory is spent: the model is built on the meta device and the tensors are assigned, not copied."""
+    try:
+        config = GPTConfig(**{**config, **({} if dropout is None else {"dropout": dropout})})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source} has a config this model cannot build ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source} holds no weights of this model")
+    state = {k.removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v for k, v in state.items()}
+    for field, pattern in (("n_layer", r"blocks\.(\d+)\."), ("n_expert", r"experts\.(\d+)\."), ("mtp", r"mtp_modules\.(\d+)")):
+        stored = len({m.group(1) for m in map(re.compile(pattern).search, state) if m})
+        if stored != getattr(config, field):
+            raise ValueError(f"{source} declares {field} {getattr(config, field)} but stores {stored}")
+    with torch.device("meta"):
+        model = GPT(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        problem = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise ValueError(f"{source} does not fit its config: {problem[:300]}") from None
+    model.lm_head.weight = model.wte.weight  # assign replaced both tensors: tie them again
+    return model
+
+
+def gpt2_state(state, conv1d):
+    """GPT-2's parameter names (nanoGPT's and Hugging Face's) -> ours. Hugging Face's Conv1D stores them transposed."""
+    out = {}
+    for name, t in state.items():
+        name = re.sub(r"^h\.", "blocks.", name.removeprefix("_orig_mod.").removeprefix("transformer."))
+        if not name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not parameters
+            out[name] = t.t() if conv1d and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else t
+    out.setdefault("lm_head.weight", out.get("wte.weight"))  # tied; some files leave it out
+    return out
+
+
+def gpt2_config(c, source):
+    """Hugging Face's GPT2Config (a dict) -> ours. GPT-2's "gelu_new" is the tanh GELU."""
+    gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(c.get("activation_function", "gelu_new"))
+    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or c.get("n_inner") not in (None, 4 * c.get("n_embd", 0)):
+        raise ValueError(f"{source} is not a GPT-2 this model can run (model_type {c.get('model_type')!r})")
+    return dict(block_size=c.get("n_positions"), vocab_size=c.get("vocab_size"), n_layer=c.get("n_layer"),
+                n_head=c.get("n_head"), n_embd=c.get("n_embd"), bias=True, gelu_approximate=gelu, vocab="gpt2")
+
+
+def load_model(source, dropout=None):
+    """
+    A GPT from: this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2 folder
+    (config.json + model.safetensors or pytorch_model.bin), or gpt2 .. gpt2-xl by name (through transformers, as
+    nanoGPT does). GPT-2's weights come with its tanh GELU, so the logits equal Hugging Face's.
+    dropout: None keeps the checkpoint's. A problem raises ValueError or FileNotFoundError with a one-line message.
+    """
+    if os.path.isfile(os.path.join(source, "config.json")):  # a Hugging Face folder
+        try:
+            config = gpt2_config(json.load(open(os.path.join(source, "config.json"))), source)
+        except (ValueError, AttributeError):
+            raise ValueError(f"{source}/config.json is not a GPT-2 config") from None
+        weights = os.path.join(source, "model.safetensors")
+        if os.path.isfile(weights):
+            state = optional("safetensors.torch").load_file(weights)
+        else:
+            state = load_checkpoint(os.path.join(source, "pytorch_model.bin"))
+        return build_model(config, gpt2_state(state, conv1d=True), source, dropout)
+    path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
+    if not os.path.exists(path) and source in GPT2_NAMES:
+        hf = optional("transformers").GPT2LMHeadModel.from_pretrained(source)  # online, or from its cache
+        return build_model(gpt2_config(hf.config.to_dict(), source), gpt2_state(hf.state_dict(), True), source, dropout)
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict):
+        return build_model(ckpt["config"], ckpt["model"], path, dropout)  # ours
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict) and isinstance(ckpt.get("model"), dict):
+        args = ckpt["model_args"]  # nanoGPT's: GPT-2's names; its vocabulary is GPT-2's unless it is smaller
+        config = {k: args.get(k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")}
+        config["vocab"] = "gpt2" if (config["vocab_size"] or 0) >= 50257 else ""
+        return build_model(config, gpt2_state(ckpt["model"], conv1d=False), path, dropout)
+    raise ValueError(f"{path} is neither this project's checkpoint nor nanoGPT's nor a Hugging Face GPT-2 folder")

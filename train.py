@@ -1,28 +1,28 @@
 """
 Train a GPT with full supervision or with SGT (selective ground-truth token training).
 
-  python train.py                      # full supervision, the small default (CPU, minutes)
-  python train.py --sgt 0.15           # supervise the 15% most surprising tokens only
-  python train.py --sgt 0.15 --sgt_select random
-  torchrun --standalone --nproc_per_node=8 train.py --sgt 0.15 --n_layer 12 --n_embd 768 --n_head 12
+  python train.py --sgt 0.15                        # SGT, 12 x 128 on Shakespeare (minutes on 2 CPU cores)
+  python train.py                                   # full supervision, for comparison
+  python train.py --sgt 0.15 --sgt_beta 0           # the control: a uniformly random 15%
+  python train.py --sgt 0.15 --sgt_select excess    # Rho-1: where the loss most exceeds the unigram model's
+  python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune GPT-2, nanoGPT's or our ckpt.pt
+  torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --sgt 0.15 --grad_accum 8
 
-  python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune: GPT-2, nanoGPT's or our ckpt.pt
-
-Writes <out_dir>/ckpt.pt (model, optimizer, RNG and data-order state, atomically at every evaluation),
-<out_dir>/metrics.jsonl (one line per eval) and <out_dir>/summary.json. A run killed at any moment continues
-with --resume and ends bit for bit as if never stopped (on the CPU). An --out_dir that holds a run is never
-overwritten: --resume it or choose a new folder.
-compress.py and fuse.py build their models and then call train() from here: one training loop.
+Writes <out_dir>/ckpt.pt (everything --resume needs, atomically at every evaluation), metrics.jsonl (a line per
+evaluation) and summary.json. A run killed at any moment continues with the same flags plus --resume and ends bit
+for bit as if never stopped (on the CPU). compress.py and fuse.py build a model, then call train() from here.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -33,182 +33,193 @@ from data import prepare as data_prep
 # ----------------------------------------------------------------------------
 # flags, shared by train.py, compress.py and fuse.py
 
+SHAPE = dict(n_layer=12, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias=False)  # the default model
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")  # fixed by weights a script starts from
+RUN_FLAGS = ("data", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "batch_size", "grad_accum",
+             "sgt", "sgt_select", "sgt_beta", "sgt_mix", "sgt_ref", "shuffle_tokens", "eval_iters", "seed")  # --resume
 
-def training_args(parser=None):
-    p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other mistake; --help has the rest
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def number(kind, interval):
+    """An argparse type: a number of this kind in an interval written as "[0, 1)" or "(0, inf)"; never NaN."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+
+    def parse(text):
+        value = kind(text)
+        low_ok = low < value if interval[0] == "(" else low <= value
+        if not (low_ok and (value < high if interval[-1] == ")" else value <= high)):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text} is not in {interval}")
+        return value
+    parse.__name__ = kind.__name__  # argparse says "invalid int value: '1.5'"
+    return parse
+
+
+COUNT, NATURAL = number(int, "[1, inf)"), number(int, "[0, inf)")
+POSITIVE, NON_NEGATIVE = number(float, "(0, inf)"), number(float, "[0, inf)")
+
+
+def training_args(prog, doc=__doc__):
+    p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data", default=data_prep.DEFAULT_DIR, help="folder with train.bin, val.bin, meta.json (made by data/prepare.py; the default is prepared on first use)")
-    a("--out_dir", default="out", help="where ckpt.pt, metrics.jsonl, summary.json go")
-    a("--resume", action="store_true", help="continue exactly from <out_dir>/ckpt.pt")
-    # model
-    a("--preset", choices=sorted(cherry.PRESETS), help="a named model shape (GPT-2 sizes, the paper's); other model flags override it")
-    a("--n_layer", type=int, default=4, help="transformer layers")
-    a("--n_head", type=int, default=4, help="attention heads")
-    a("--n_embd", type=int, default=256, help="residual width")
-    a("--block_size", type=int, default=128, help="context length in tokens")
-    a("--vocab_size", type=int, default=None, help="model vocabulary (default: the data's, padded to a multiple of 64)")
-    a("--dropout", type=float, default=0.0, help="dropout probability")
-    a("--bias", action="store_true", help="biases in linears and LayerNorms (GPT-2 has them)")
-    # optimisation
-    a("--max_iters", type=int, default=600, help="optimizer steps")
-    a("--batch_size", type=int, default=16, help="sequences per micro-batch, per process")
-    a("--grad_accum", type=int, default=1, help="micro-batches per step, over all processes (divisible by their number)")
-    a("--lr", type=float, default=1e-3, help="peak learning rate")
-    a("--min_lr", type=float, default=None, help="final learning rate of the cosine decay (default: lr / 10)")
-    a("--warmup_iters", type=int, default=50, help="linear warm-up steps")
-    a("--lr_decay_iters", type=int, default=None, help="steps of the cosine decay (default: max_iters)")
-    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    a("--beta2", type=float, default=0.99, help="AdamW beta2 (beta1 is 0.9)")
-    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    a("--data", default=data_prep.DEFAULT_DIR, help="folder made by data/prepare.py (the default is made on first use)")
+    a("--out_dir", default="out", help="where ckpt.pt, metrics.jsonl and summary.json go")
+    a("--resume", action="store_true", help="continue <out_dir>/ckpt.pt exactly (with the flags it was started with)")
+    # the model; a model that comes from weights (--init_from, compress.py, fuse.py) has its own shape
+    a("--preset", choices=sorted(cherry.PRESETS), help="a named shape (GPT-2's, the paper's); model flags override it")
+    a("--n_layer", type=number(int, f"[1, {cherry.MAX_DEPTH}]"), help=f"layers (default {SHAPE['n_layer']})")
+    a("--n_head", type=COUNT, help=f"attention heads (default {SHAPE['n_head']})")
+    a("--n_embd", type=COUNT, help=f"residual width (default {SHAPE['n_embd']})")
+    a("--block_size", type=COUNT, help=f"context length in tokens (default {SHAPE['block_size']}, or the model's)")
+    a("--vocab_size", type=COUNT, help="model vocabulary (default: the data's, padded to a multiple of 64)")
+    a("--dropout", type=number(float, "[0, 1)"), help="dropout probability (default 0, or the model's)")
+    a("--bias", action="store_true", default=None, help="biases in linears and LayerNorms (GPT-2 has them)")
+    # optimisation: AdamW, linear warm-up, cosine decay
+    a("--max_iters", type=COUNT, default=600, help="optimizer steps")
+    a("--batch_size", type=COUNT, default=16, help="sequences per micro-batch, per process")
+    a("--grad_accum", type=COUNT, default=1, help="micro-batches per step over all processes (divisible by them)")
+    a("--lr", type=POSITIVE, default=1e-3, help="peak learning rate")
+    a("--min_lr", type=NON_NEGATIVE, help="final learning rate (default lr / 10)")
+    a("--warmup_iters", type=NATURAL, default=50, help="linear warm-up steps")
+    a("--lr_decay_iters", type=COUNT, help="steps of the cosine decay (default max_iters)")
+    a("--weight_decay", type=NON_NEGATIVE, default=0.1, help="AdamW weight decay, on matrices only")
+    a("--beta2", type=number(float, "[0, 1)"), default=0.99, help="AdamW beta2 (beta1 is 0.9)")
+    a("--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm to this (0: off)")
     # SGT
-    a("--sgt", type=float, default=1.0, help="fraction of target tokens supervised per sequence (1.0: full supervision)")
-    a("--sgt_select", default="surprisal", choices=["surprisal", "random"], help="which tokens SGT supervises")
-    a("--shuffle_tokens", action="store_true", help="control: permute the tokens within every training and held-out window (same tokens, no order)")
-    # evaluation and logging
-    a("--eval_interval", type=int, default=100, help="evaluate (and checkpoint) every this many steps")
-    a("--eval_iters", type=int, default=10, help="held-out batches per evaluation (fixed windows of val)")
-    a("--log_interval", type=int, default=10, help="print a progress line every this many steps")
-    # system
-    a("--seed", type=int, default=1337, help="random seed (initialisation, data order, random selection)")
-    a("--device", default="auto", help="cpu, cuda, cuda:1, mps (auto: cuda if available)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast precision (auto: bfloat16 on a GPU that has it, else float32)")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--sgt", type=number(float, "(0, 1]"), default=1.0, help="fraction of the targets supervised (1: all)")
+    a("--sgt_select", default="surprisal", choices=["surprisal", "excess"],
+      help="surprisal: a draw tilted towards rare targets (--sgt_beta, --sgt_mix); excess: Rho-1's excess loss")
+    a("--sgt_beta", type=number(float, "[0, inf]"), default=1.0,
+      help="tilt: P(pick) ~ surprisal^beta; 0 uniform, inf the top-k most surprising (default: see the README)")
+    a("--sgt_mix", type=number(float, "[0, 1]"), default=0.0, help="share of the picks drawn uniformly instead")
+    a("--sgt_ref", help="excess: a reference model (any --init_from) instead of the unigram model")
+    a("--shuffle_tokens", action="store_true", help="control: permute the tokens within every window (no order)")
+    # evaluation, logging, system
+    a("--eval_interval", type=COUNT, default=100, help="evaluate and checkpoint every this many steps")
+    a("--eval_iters", type=COUNT, default=10, help="held-out batches per evaluation (the same windows every time)")
+    a("--log_interval", type=COUNT, default=10, help="print a progress line every this many steps")
+    a("--seed", type=number(int, f"[0, {2**63 - 1}]"), default=1337, help="initialisation, data order, selection")
+    a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="autocast precision (auto: bfloat16 on a GPU that has it, else float32)")
+    a("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler)")
     a("--grad_checkpoint", action="store_true", help="activation checkpointing: recompute in backward, for big models")
     return p
 
 
-def parse_args(p, argv=None, script="train"):
-    """Parse with the preset's shape as defaults, so explicit flags still win."""
-    args = p.parse_args(argv)
-    if args.preset:
-        p.set_defaults(**cherry.PRESETS[args.preset])
-        args = p.parse_args(argv)
-    check_args(p, args, script)
+def parse_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    if args.min_lr is not None and args.min_lr > args.lr:
+        parser.error(f"argument --min_lr: {args.min_lr} is above --lr {args.lr}")
     return args
 
 
-# compress.py and fuse.py start from trained models: the shape comes from them, never from these flags
-SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "bias", "dropout")
+def take_shape(args, config, source):
+    """A model that comes from weights keeps its shape: a shape flag that says otherwise is a mistake. Training may
+    use a shorter context than the model's; dropout may change."""
+    given = [f"--{k}" for k in SHAPE_FLAGS if getattr(args, k) not in (None, getattr(config, k))]
+    if given or args.preset:
+        raise ValueError(f"the model's shape comes from {source}; leave out {' '.join(given or ['--preset'])}")
+    if (args.block_size or 0) > config.block_size:
+        raise ValueError(f"--block_size {args.block_size} is longer than the model's {config.block_size}")
+    for k in SHAPE_FLAGS:
+        setattr(args, k, getattr(config, k))
+    args.block_size, args.dropout = args.block_size or config.block_size, config.dropout
 
 
-def refuse_shape_flags(args, script, source):
-    """Giving a shape flag to a script whose model comes from checkpoints is a mistake: say so before loading."""
-    given = [f"--{name}" for name in SHAPE_FLAGS if getattr(args, name) is not None]
-    if given:
-        raise SystemExit(f"{script}: the model's shape comes from {source}; leave out {' '.join(given)}")
+def fill_shape(args):
+    """A fresh model's shape: each flag not given comes from the preset, else from SHAPE."""
+    preset = cherry.PRESETS.get(args.preset, {})
+    for k in (*SHAPE, "vocab_size"):
+        if getattr(args, k) is None:
+            setattr(args, k, preset.get(k, SHAPE.get(k)))
 
 
-def shape_flags_from_model(p, args, cfg, script):
-    """Fill the shape flags (and block_size, unless given) from a loaded model's config."""
-    for name in SHAPE_FLAGS:
-        setattr(args, name, getattr(cfg, name))
-    args.block_size = args.block_size or cfg.block_size
-    check_args(p, args, script)
-
-
-def check_args(p, args, script="train"):
-    """Flag values that cannot work: one line each, before anything runs."""
-    if not 0 < args.sgt <= 1:
-        raise SystemExit(f"{script}: --sgt must be in (0, 1], got {args.sgt}; use e.g. --sgt 0.15, or 1 for full supervision")
-    for name in ("max_iters", "batch_size", "grad_accum", "block_size", "eval_interval", "eval_iters", "n_layer", "n_head", "n_embd"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"{script}: --{name} must be at least 1, got {getattr(args, name)}")
-    if args.n_embd % args.n_head:
-        raise SystemExit(f"{script}: --n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; pick sizes that divide")
-
-
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json")  # what marks a folder as holding a run
-
-
-def check_out_dir(args, script="train"):
-    """Never overwrite another run: an --out_dir that holds one needs --resume, or a new folder."""
-    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out_dir, name))]
-    if found and not args.resume:
-        raise SystemExit(f"{script}: --out_dir {args.out_dir} already holds a run ({found[0]}); "
-                         f"add --resume to continue it, or choose a new --out_dir")
-
-
-def load_model(init_from, script="train", dropout=None):
-    """
-    cherry.GPT.from_pretrained for the scripts: our ckpt.pt, nanoGPT's, a Hugging Face GPT-2 folder or a GPT-2 name.
-    A problem (missing, corrupt, unsafe, another architecture) ends the script with one line, not a traceback.
-    """
-    try:
-        return cherry.GPT.from_pretrained(init_from, dropout=dropout)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{script}: {e}")
-
-
-def load_checkpoint(path, script="train"):
-    """cherry.load_checkpoint (plain data only, never pickled code), a problem in one line."""
-    try:
-        return cherry.load_checkpoint(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{script}: {e}")
+def model_from_flags(args, meta):
+    """A fresh GPT of the flags' shape, plus what a preset has no flag for (the unroll, the experts)."""
+    args.vocab_size = args.vocab_size or (meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64: faster matmuls
+    shape = {k: getattr(args, k) for k in (*SHAPE, "vocab_size")}
+    return cherry.GPT(cherry.GPTConfig(**{**cherry.PRESETS.get(args.preset, {}), **shape, "vocab": data_prep.vocab_id(meta)}))
 
 
 # ----------------------------------------------------------------------------
-# data
+# data and the SGT selector
 
 
 class Data:
     """
-    train.bin / val.bin as memory maps; random training windows, fixed evaluation windows.
-    shuffle: permute the block_size + 1 tokens of every window (inputs and targets alike) by a permutation
-    seeded with the window's start, so a window is always shuffled the same way: the token multiset, and
-    so every unigram statistic, stays; the order, and so all context, goes.
+    train.bin / val.bin as memory maps, checked against meta.json; random training windows, fixed held-out ones.
+    shuffle: permute the block_size + 1 tokens of every window by a permutation seeded with the window's start, so
+    a window is always shuffled the same way: its tokens, and every unigram statistic, stay; the order goes.
     """
 
     def __init__(self, path, block_size, shuffle=False):
-        missing = [f for f in ("train.bin", "val.bin", "meta.json") if not os.path.exists(os.path.join(path, f))]
-        if missing:
-            if os.path.abspath(path) != os.path.abspath(data_prep.DEFAULT_DIR):
-                what = "no such folder" if not os.path.isdir(path) else f"no {missing[0]} in it"
-                raise SystemExit(f"train: --data {path}: {what}; make it with: python data/prepare.py --input YOUR_TEXT --out_dir {path}")
-            print("preparing the default data set (Shakespeare) ...")
+        if os.path.abspath(path) == data_prep.DEFAULT_DIR and not os.path.exists(os.path.join(path, "meta.json")):
+            print("preparing the default data set (Shakespeare, GPT-2 tokens) ...")
             data_prep.main([])
-        self.meta = json.load(open(os.path.join(path, "meta.json")))
-        self.train = np.memmap(os.path.join(path, "train.bin"), dtype=self.meta["dtype"], mode="r")
-        self.val = np.memmap(os.path.join(path, "val.bin"), dtype=self.meta["dtype"], mode="r")
-        self.block_size = block_size
-        self.shuffle = shuffle
-        for split, arr in (("train", self.train), ("val", self.val)):
-            if len(arr) <= block_size + 1:
-                raise SystemExit(f"train: the {split} split of {path} has {len(arr)} tokens, too few for --block_size {block_size}; "
-                                 f"use a smaller --block_size or more text")
+        self.meta, self.train, self.val = data_prep.load(path)
+        self.block_size, self.shuffle = block_size, shuffle
+        for split, tokens in (("train", self.train), ("val", self.val)):
+            if len(tokens) <= block_size + 1:
+                raise ValueError(f"the {split} split of {path} has {len(tokens)} tokens, too few for --block_size "
+                                 f"{block_size}; use a smaller --block_size or more text")
 
-    def _windows(self, arr, starts):
-        chunks = torch.from_numpy(np.stack([arr[i:i + self.block_size + 1].astype(np.int64) for i in starts]))
+    def _windows(self, tokens, starts):
+        chunks = torch.stack([torch.from_numpy(tokens[i:i + self.block_size + 1].astype("int64")) for i in starts])
         if self.shuffle:
             chunks = torch.stack([c[torch.randperm(len(c), generator=torch.Generator().manual_seed(int(i)))]
                                   for c, i in zip(chunks, starts)])
         return chunks[:, :-1], chunks[:, 1:]
 
     def train_batch(self, n, generator):
-        return self._windows(self.train, torch.randint(len(self.train) - self.block_size - 1, (n,), generator=generator).tolist())
+        return self._windows(self.train, torch.randint(len(self.train) - self.block_size - 1, (n,), generator=generator))
 
     def eval_batch(self, n):
         """n windows spread evenly over val: the same tokens at every evaluation and in every run."""
-        return self._windows(self.val, np.linspace(0, len(self.val) - self.block_size - 1, n).astype(np.int64))
+        return self._windows(self.val, torch.linspace(0, len(self.val) - self.block_size - 1, n).long())
 
 
 class Selector:
-    """Chooses which targets SGT supervises; the evaluation uses the same rule to split loss_sup / loss_unsup."""
+    """Which targets SGT supervises; evaluation splits the held-out loss with the same rule (full supervision at 15%)."""
 
-    def __init__(self, args, meta):
-        self.fraction = args.sgt if args.sgt < 1 else 0.15  # full supervision is still reported split at 15%
-        self.method = args.sgt_select
+    def __init__(self, args, meta, device):
+        self.args, self.fraction = args, args.sgt if args.sgt < 1 else 0.15
         self.surprisal = cherry.surprisal_table(meta["unigram_counts"], meta["vocab_size"])
         self.generator = torch.Generator().manual_seed(args.seed + 1)
+        self.reference = None
+        if args.sgt_ref:  # Rho-1's reference model: frozen, and it must mean the same tokens
+            self.reference = check_vocab(cherry.load_model(args.sgt_ref), meta, "--sgt_ref").to(device).eval()
 
-    def __call__(self, targets, generator=None):
-        with torch.no_grad():
-            return cherry.select_tokens(targets, self.fraction, self.method, self.surprisal, generator or self.generator)
+    def draw(self, targets, generator=None):
+        """(B, k) positions for a (CPU) batch; None for excess, which picks inside the model's forward (excess())."""
+        if self.args.sgt_select == "excess":
+            return None
+        a = self.args
+        return cherry.select_positions(targets, self.fraction, generator or self.generator, self.surprisal, a.sgt_beta, a.sgt_mix)
+
+    @torch.no_grad()
+    def excess(self, x, y):
+        """Rho-1 for one (device) batch: the model's loss minus the reference's, the unigram model's by default."""
+        ref = self.reference.token_losses(x, y) if self.reference else self.surprisal.to(y.device)[y]
+        return cherry.excess_selector(math.ceil(self.fraction * y.size(1)), ref)
+
+
+def check_vocab(model, meta, source):
+    """Weights whose ids mean other tokens than the data's are refused (an unknown vocabulary is let through)."""
+    data_vocab = data_prep.vocab_id(meta)
+    if model.config.vocab and model.config.vocab != data_vocab:
+        raise ValueError(f"{source} was trained on the vocabulary {model.config.vocab!r}, the data's is {data_vocab!r}: "
+                         f"its ids mean other tokens; prepare the data with the model's tokenizer")
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise ValueError(f"{source} has {model.config.vocab_size} token ids, fewer than the data's {meta['vocab_size']}")
+    return model
 
 
 # ----------------------------------------------------------------------------
-# training
-
+# devices, steps, evaluation
 
 # Dense tensor-core peak FLOP/s by GPU name: (bf16/fp16, tf32). More specific names first.
 PEAK_FLOPS = [("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 494e12), ("H200", 989e12, 494e12),
@@ -219,80 +230,51 @@ PEAK_FLOPS = [("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 494e12), ("H200", 
 
 def peak_flops(device, dtype):
     """The device's peak FLOP/s for this precision, or None where unknown (CPUs)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, half, tf32 in PEAK_FLOPS:
-        if key in name:
-            return tf32 if dtype == "float32" else half
-    return None
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+    return next((tf32 if dtype == "float32" else half for key, half, tf32 in PEAK_FLOPS if name and key in name), None)
 
 
-def setup_device(args):
-    """Process group (under torchrun), device, autocast context."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if backend == "nccl" else "cpu"
-    else:
-        rank, world = 0, 1
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device).index or 0)  # "cuda" alone means device 0
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return (rank, world, device, *autocast_for(device, args.dtype))
-
-
-def autocast_for(device, dtype):
-    """Device type, precision and autocast context for --dtype on this device."""
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    return device_type, dtype, ctx
+def setup_device(args, distributed=False):
+    """Device, autocast precision and context; a device, precision or compiler this machine lacks is refused."""
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if distributed and device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"unknown --device {args.device!r}; use cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: no Apple GPU (MPS) here")
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float16" and kind != "cuda":
+        raise ValueError(f"--dtype float16 needs a CUDA GPU; on {kind} use float32 or bfloat16")
+    if args.compile and not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
+        raise ValueError("--compile needs a C++ compiler (g++ or clang++) for torch.compile; install one or leave it out")
+    if kind == "cuda":
+        torch.cuda.set_device(torch.device(device).index or 0)  # a bare "cuda" means device 0
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=getattr(torch, dtype))
+    return device, kind, dtype, ctx
 
 
 def lr_at(it, args):
     """Linear warm-up, then cosine decay to min_lr."""
-    decay_iters = args.lr_decay_iters or args.max_iters
-    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    decay_iters, min_lr = args.lr_decay_iters or args.max_iters, args.lr / 10 if args.min_lr is None else args.min_lr
     if it < args.warmup_iters:
         return args.lr * (it + 1) / (args.warmup_iters + 1)
-    if it >= decay_iters:
-        return min_lr
-    ratio = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
+    ratio = min(1.0, (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters))
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (args.lr - min_lr)
 
 
-@torch.no_grad()
-def evaluate(model, x, y, select, args, ctx, device, rank, world):
-    """Held-out loss on all tokens, on the selected ones and on the rest (summed over processes)."""
-    model.eval()
-    sums = torch.zeros(6, dtype=torch.float64)
-    for i in range(rank * args.batch_size, len(x), world * args.batch_size):
-        xb, yb = x[i:i + args.batch_size].to(device), y[i:i + args.batch_size].to(device)
-        with ctx:
-            losses = model.token_losses(xb, yb).double().cpu()
-        mask = cherry.selection_mask(select[i:i + args.batch_size], yb.size(1))
-        sums += torch.stack([losses.sum(), torch.tensor(losses.numel()), losses[mask].sum(), mask.sum(),
-                             losses[~mask].sum(), (~mask).sum()]).double()
-    if world > 1:
-        dist.all_reduce(sums)
-    model.train()
-    return {"loss": (sums[0] / sums[1]).item(), "loss_sup": (sums[2] / sums[3]).item(), "loss_unsup": (sums[4] / sums[5]).item()}
-
-
 def optimizer_step(model, optimizer, scaler, micro_batches, ctx, grad_clip):
-    """One optimizer step, accumulating gradients over micro-batches [(x, y, select or None), ...]. Returns their mean loss."""
+    """One optimizer step over micro-batches [(x, y, selected or None)]; returns their mean loss (on the device)."""
     total = 0.0
-    for i, (x, y, select) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
+    for i, (x, y, selected) in enumerate(micro_batches):
         # under DDP, all-reduce the gradients only once, on the last micro-batch
-        with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), ctx:
-            _, loss = model(x, y, select) if select is not None else model(x, y)
+        with (model.no_sync() if isinstance(model, DDP) and i < len(micro_batches) - 1 else nullcontext()), ctx:
+            _, loss = model(x, y, selected)
         scaler.scale(loss / len(micro_batches)).backward()
         total = total + loss.detach() / len(micro_batches)
     if grad_clip:
@@ -304,247 +286,307 @@ def optimizer_step(model, optimizer, scaler, micro_batches, ctx, grad_clip):
     return total
 
 
-def eval_windows(args, data, select):
-    """The fixed held-out windows of every evaluation, and the positions the selector picks in them."""
-    x, y = data.eval_batch(args.eval_iters * args.batch_size)
-    return x, y, select(y, torch.Generator().manual_seed(args.seed + 2))
+GAMMA_BATCHES = 4
 
 
-def check_model_fits(model, data, args):
-    if model.config.block_size < args.block_size:
-        raise SystemExit(f"train: --block_size {args.block_size} is longer than the model's {model.config.block_size}")
-    if model.config.vocab_size < data.meta["vocab_size"]:
-        raise SystemExit(f"train: the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.meta['vocab_size']})")
+class HeldOut:
+    """The fixed held-out windows of every evaluation, in batches, with the positions the selector picks in them
+    (from a generator of their own, so they never depend on training); excess picks by the model's own losses."""
+
+    def __init__(self, args, data, selector, device):
+        x, y = data.eval_batch(args.eval_iters * args.batch_size)
+        selected = selector.draw(y, torch.Generator().manual_seed(args.seed + 2))
+        self.batches = [(x[i:i + args.batch_size].to(device), y[i:i + args.batch_size].to(device),
+                         None if selected is None else selected[i:i + args.batch_size].to(device))
+                        for i in range(0, len(x), args.batch_size)]
+        self.selector, self.unigram_loss = selector, selector.surprisal[y].mean().item()
+
+    def masks(self, model, ctx, rank=0, world=1):
+        """[(x, y, mask, losses)] of this process's batches: mask (B, T) on the selected targets."""
+        out = []
+        for x, y, selected in self.batches[rank::world]:
+            with ctx:
+                losses = model.token_losses(x, y)
+            selected = self.selector.excess(x, y)(losses) if selected is None else selected
+            out.append((x, y, cherry.selection_mask(selected, y.size(1)), losses.double()))
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model, ctx, rank=0, world=1):
+        """Held-out loss on all targets, on the selected ones and on the rest (summed over processes)."""
+        model.eval()
+        sums = torch.zeros(3, 2, dtype=torch.float64, device=self.batches[0][0].device)
+        for x, y, mask, losses in self.masks(model, ctx, rank, world):
+            for i, part in enumerate((torch.ones_like(mask), mask, ~mask)):
+                sums[i] += torch.stack([losses[part].sum(), part.sum().double()])
+        if world > 1:
+            dist.all_reduce(sums)
+        model.train()
+        return dict(zip(("loss", "loss_sup", "loss_unsup"), (sums[:, 0] / sums[:, 1]).tolist()))
+
+    def coupling(self, model, ctx):
+        """gamma without batch noise (cherry.gradient_coupling) from the first GAMMA_BATCHES held-out batches, and the
+        naive one-batch cosine: each batch costs a forward and two backward passes through the full head."""
+        with torch.no_grad():
+            batches = [(x, y, mask) for x, y, mask, _ in self.masks(model.eval(), ctx)][:GAMMA_BATCHES]
+        with ctx:
+            gamma = cherry.gradient_coupling(model, batches)
+        model.train()
+        return {"gamma": gamma["all"], "gamma_trunk": gamma["trunk"], "gamma_embedding_head": gamma["embedding+head"],
+                "gamma_naive": gamma["naive"], "gamma_batch": len(batches[0][0])}
+
+
+    @torch.no_grad()
+    def expert_load(self, model, ctx):
+        """The share of the held-out tokens each expert gets, per layer (every application of an unrolled layer)."""
+        model.eval()
+        total = 0
+        for x, _, _ in self.batches:
+            with ctx:
+                model.hidden(x)  # the routers record their counts
+            total = total + cherry.expert_counts(model)
+        model.train()
+        return (total / total.sum(dim=1, keepdim=True)).tolist()
 
 
 def held_out_loss(args, model):
-    """The evaluation train() makes at step 0 (same windows, same split), for a model that is not trained here."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    _, _, ctx = autocast_for(device, args.dtype)
+    """The evaluation train() makes at step 0 (same windows, same split), for a model trained elsewhere or not yet."""
+    device, _, _, ctx = setup_device(args)
     data = Data(args.data, args.block_size)
-    check_model_fits(model, data, args)
-    x, y, select = eval_windows(args, data, Selector(args, data.meta))
-    return evaluate(model.to(device), x, y, select, args, ctx, device, rank=0, world=1)
+    check_vocab(model, data.meta, "the model")
+    return HeldOut(args, data, Selector(args, data.meta, device), device).evaluate(model.to(device), ctx)
 
 
-def atomic_save(obj, path):
-    """Write a temporary file, then rename it: a kill during the save leaves the previous file whole."""
-    with open(path + ".tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+# ----------------------------------------------------------------------------
+# the run folder: never lost, never mixed, never shared
 
 
-def write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+def check_run_folder(args):
+    """
+    Before anything is written: a folder that holds a run (ckpt.pt, metrics.jsonl or summary.json) is continued only
+    with --resume, and only with the flags it was started with (shape flags left out are taken from it). Returns the
+    checkpoint to resume from, or None.
+    """
+    out, ckpt_path = args.out_dir, os.path.join(args.out_dir, "ckpt.pt")
+    if not out or os.path.isfile(out):
+        raise ValueError(f"--out_dir {out!r} is not a folder")
+    found = [f for f in ("ckpt.pt", "metrics.jsonl", "summary.json") if os.path.exists(os.path.join(out, f))]
+    if found and not args.resume:
+        raise ValueError(f"--out_dir {out} already holds a run ({found[0]}); add --resume to continue it, "
+                         f"or choose a new --out_dir")
+    if not found:
+        return None
+    if "ckpt.pt" not in found:
+        raise ValueError(f"--out_dir {out} has {found[0]} but no ckpt.pt to resume from; choose a new --out_dir")
+    ckpt = cherry.load_checkpoint(ckpt_path)
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict) or any(k not in ckpt for k in ("model", "config", "optimizer", "iter", "torch_rng")):
+        raise ValueError(f"{ckpt_path} cannot be resumed exactly; start a new --out_dir with --init_from {ckpt_path}")
+    for k in RUN_FLAGS:
+        if getattr(args, k) is None and k in SHAPE_FLAGS + ("block_size",):
+            setattr(args, k, saved.get(k))
+    changed = next((k for k in RUN_FLAGS if k in saved and saved[k] != getattr(args, k)), None)
+    if changed:
+        raise ValueError(f"--resume: {ckpt_path} was started with --{changed} {saved[changed]}, not "
+                         f"{getattr(args, changed)}; give the flags it was started with")
+    return ckpt
 
 
-def write_metrics(rows, path):
-    """metrics.jsonl, rewritten whole and atomically (a few hundred rows at most): never a half-written line."""
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+@contextlib.contextmanager
+def locked(out_dir):
+    """Hold <out_dir>/.lock while training: a second training on the same folder is refused instead of racing."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel releases it when the process ends
+        except BlockingIOError:
+            raise ValueError(f"--out_dir {out_dir} is in use by another training; wait for it or choose another") from None
+        yield
 
 
-RESUME_KEYS = ("model", "optimizer", "scaler", "config", "iter", "best", "metrics", "data_rng", "select_rng", "torch_rng")
-NO_STEP = 2**62  # "no step yet" for the first-bad-step tracker
+def restore(ckpt, optimizer, scaler, generators, device):
+    """Resume state: the optimizer, the scaler and every random generator in use as the checkpoint left them."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    for generator, state in zip(generators, ckpt["rng"]):  # data order, SGT's draws
+        generator.set_state(state)
+    torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from torch's own generators
+    if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    return ckpt["iter"], ckpt["best"], ckpt["metrics"]
+
+
+def save_json(obj, path, lines=False):
+    """summary.json, or metrics.jsonl (lines=True, rewritten whole: never a half-written line)."""
+    text = "".join(json.dumps(r) + "\n" for r in obj) if lines else json.dumps(obj, indent=2)
+    data_prep.atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ----------------------------------------------------------------------------
+# training
 
 
 def train(args, model=None, summary_extra=None):
     """
-    The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, train.py --init_from); None builds one
-    from the flags. With --resume and <out_dir>/ckpt.pt, model, optimizer, RNGs and data position all come from the
-    checkpoint and the run goes on exactly as if it had never stopped. Returns the summary dict (also summary.json).
+    The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, train.py --init_from), or None for a fresh
+    one from the flags. With --resume the model, optimizer, RNGs and data position come from <out_dir>/ckpt.pt and
+    the run goes on exactly as if it had never stopped. Returns the summary (also written to summary.json).
     """
-    check_out_dir(args)
-    rank, world, device, device_type, dtype, ctx = setup_device(args)
-    master = rank == 0
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    master, ckpt_path = rank == 0, os.path.join(args.out_dir, "ckpt.pt")
     if args.grad_accum % world:
-        raise SystemExit(f"train: --grad_accum {args.grad_accum} must be divisible by the {world} processes")
-    accum = args.grad_accum // world
-    torch.manual_seed(args.seed)
+        raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
+    ckpt = check_run_folder(args)
+    if ckpt is None and model is None:
+        fill_shape(args)
+    device, kind, dtype, ctx = setup_device(args, distributed=world > 1)
     data = Data(args.data, args.block_size, args.shuffle_tokens)
-    select = Selector(args, data.meta)
-    data_gen = torch.Generator().manual_seed(args.seed)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-
-    start_iter, best, rows, ckpt = 0, None, [], None
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        missing = [k for k in RESUME_KEYS if k not in (ckpt if isinstance(ckpt, dict) else {})]
-        if missing:
-            raise SystemExit(f"train: {ckpt_path} has no {missing[0]}, so it cannot be resumed exactly; "
-                             f"start a new --out_dir (with --init_from {ckpt_path} to keep its weights)")
-        try:
-            model = cherry.GPT.from_checkpoint(ckpt, source=ckpt_path)
-        except ValueError as e:
-            raise SystemExit(f"train: {e}")
-        start_iter, best, rows = ckpt["iter"], ckpt["best"], ckpt["metrics"]
-        data_gen.set_state(ckpt["data_rng"])
-        select.generator.set_state(ckpt["select_rng"])
-    elif args.resume and master:  # killed before its first checkpoint: nothing to continue, so start
-        print(f"--resume: no checkpoint in {args.out_dir} yet, starting from the beginning")
-    if model is None:
-        vocab = args.vocab_size or (data.meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64: faster matmuls
-        if vocab < data.meta["vocab_size"]:
-            raise SystemExit(f"train: --vocab_size {vocab} is smaller than the data's {data.meta['vocab_size']}")
-        shape = dict(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head,
-                     n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
-        preset = cherry.PRESETS.get(args.preset, {})  # adds what has no flag: the unroll, the experts
-        model = cherry.GPT(cherry.GPTConfig(**{**preset, **shape}))
-    check_model_fits(model, data, args)
-    model.grad_checkpoint = args.grad_checkpoint
-    model.to(device)
-    optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    torch.manual_seed(args.seed)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generators
-        if device_type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
+        model = cherry.build_model(ckpt["config"], ckpt["model"], ckpt_path)
+    model = check_vocab(model or model_from_flags(args, data.meta), data.meta, getattr(args, "init_from", None) or "the model")
+    selector, data_gen = Selector(args, data.meta, device), torch.Generator().manual_seed(args.seed)
+    raw_model = model.to(device)
+    raw_model.grad_checkpoint = args.grad_checkpoint
+    optimizer = raw_model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), kind)
+    scaler = torch.amp.GradScaler(kind, enabled=dtype == "float16")
+    start, best, rows = restore(ckpt, optimizer, scaler, (data_gen, selector.generator), device) if ckpt else (0, None, [])
     if world > 1:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
-
-    eval_x, eval_y, eval_select = eval_windows(args, data, select)
-    # the held-out loss of the training split's unigram distribution: what a model without context can reach
-    unigram_loss = select.surprisal[eval_y].mean().item()
-    sgt = args.sgt < 1
-    cfg = raw_model.config
-    n_params = cherry.count_params(raw_model)
-    tokens_per_iter = args.batch_size * args.grad_accum * args.block_size
-    flops = cherry.flops_per_token(cfg, args.sgt)
-    peak = peak_flops(device, dtype)
-    pinned = device_type == "cuda"  # page-locked host memory lets the copy overlap with compute
-    to_device = lambda t: (t.pin_memory() if pinned else t).to(device, non_blocking=True)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    model = torch.compile(raw_model) if args.compile else raw_model
+    model = DDP(model, device_ids=[torch.device(device).index] if kind == "cuda" else None) if world > 1 else model
+    held_out, cfg, sgt, excess = HeldOut(args, data, selector, device), raw_model.config, args.sgt < 1, args.sgt_select == "excess"
+    flops = cherry.flops_per_token(cfg, args.sgt, full_head_forward=excess) + (
+        cherry.flops_per_token(selector.reference.config, training=False) if selector.reference else 0)
+    tokens_per_step, n_params, peak = args.batch_size * args.grad_accum * args.block_size, cherry.count_params(raw_model), peak_flops(device, dtype)
     if master:
-        print(f"model: {n_params / 1e6:.2f}M parameters (non-embedding {(n_params - cfg.vocab_size * cfg.n_embd) / 1e6:.2f}M), "
-              f"{flops / 1e6:.1f} MFLOPs/token for training | device {device}, {dtype}, {world} process(es)")
-        print(f"{tokens_per_iter:,} tokens per step | supervising {'all' if not sgt else f'{args.sgt:.0%} ({args.sgt_select})'} of the targets"
-              f" | unigram held-out loss {unigram_loss:.4f}")
-        if ckpt is not None:  # the evaluations the checkpoint had seen, and no later ones
-            write_metrics(rows, metrics_path)
-
-    def save(it):
-        """Everything the rest of the run depends on, so that --resume continues bit for bit."""
-        os.makedirs(args.out_dir, exist_ok=True)
-        atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "config": cfg.to_dict(), "iter": it, "best": best, "metrics": rows, "args": vars(args),
-                     "data_rng": data_gen.get_state(), "select_rng": select.generator.get_state(),
-                     "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}, ckpt_path)
-
-    # the first step whose loss was NaN or inf, kept on the device: no sync per step; read at each progress line
-    # and before each checkpoint, so a bad state is never saved
-    first_bad = torch.full((), NO_STEP, dtype=torch.long, device=device)
+        print(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token for training | {device}, {dtype}, "
+              f"{world} process(es) | {tokens_per_step:,} tokens per step | supervising "
+              f"{'all targets' if not sgt else f'{args.sgt:.0%} ({describe(args)})'} | unigram held-out loss {held_out.unigram_loss:.4f}")
+    # the first step whose loss was NaN or inf, kept on the device (no sync per step); read before each progress line
+    # and each checkpoint, so a bad state is never saved
+    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)
 
     def stop_if_not_finite():
         bad = first_bad.clone()
         if world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        step = bad.item()
-        if step != NO_STEP:
-            kept = f"{ckpt_path} still holds step {rows[-1]['iter']}, the last good state" if rows else "no checkpoint was written"
-            raise SystemExit(f"train: the loss became NaN or inf at step {step}; stopped, {kept}. "
-                             f"Lower --lr (or raise --warmup_iters), then continue with --resume")
+        if bad.item() != 2**62:
+            kept = f"{ckpt_path} still holds step {rows[-1]['iter']}, the last good state" if os.path.exists(ckpt_path) else "no checkpoint was written"
+            raise ValueError(f"the loss became NaN or inf at step {bad.item()}; stopped, {kept}. Lower --lr (or raise "
+                             f"--warmup_iters), then continue with --resume")
 
-    t0 = t_eval = time.time()
-    tokens_since_eval = 0
-    for it in range(start_iter, args.max_iters + 1):
-        if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt is not None and it == start_iter):
-            stop_if_not_finite()
-            row = {"iter": it, **evaluate(raw_model, eval_x, eval_y, eval_select, args, ctx, device, rank, world)}
-            if not math.isfinite(row["loss"]):
-                first_bad.fill_(it)
+    with locked(args.out_dir) if master else nullcontext():
+        t0 = t_steps = time.time()
+        tokens, dropped = 0, 0.0
+        for it in range(start, args.max_iters + 1):
+            if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt is not None and it == start):
+                stop_if_not_finite()  # a sync: the clock below sees the training steps finished
+                train_s, t_eval = time.time() - t_steps, time.time()
+                row = {"iter": it, **held_out.evaluate(raw_model, ctx, rank, world)}
+                if not math.isfinite(row["loss"]):
+                    first_bad.fill_(it)
+                    stop_if_not_finite()
+                if sgt and master:  # gradient coupling on the held-out batches
+                    row.update(held_out.coupling(raw_model, ctx))
+                row.update(tokens_per_s=tokens / train_s if tokens else None, eval_s=time.time() - t_eval, lr=lr_at(it, args))
+                if peak and tokens:
+                    row["mfu"] = row["tokens_per_s"] * flops / (peak * world)
+                if raw_model.moe_layers and tokens:
+                    row["dropped"] = float(dropped) / (tokens / tokens_per_step)  # share of expert assignments
+                best = dict(row) if best is None or row["loss"] < best["loss"] else best
+                rows.append(row)
+                if master:
+                    if it > start or ckpt is not None:  # step 0 is the flags' own start: nothing to resume
+                        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scaler": scaler.state_dict(), "config": cfg.to_dict(), "iter": it, "best": best,
+                                 "metrics": rows, "args": vars(args), "rng": [data_gen.get_state(), selector.generator.get_state()],
+                                 "torch_rng": torch.get_rng_state(),
+                                 "cuda_rng": torch.cuda.get_rng_state(device) if kind == "cuda" else None}
+                        data_prep.atomic_write(ckpt_path, lambda f: torch.save(state, f))  # first: it holds the rows
+                        save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
+                    print(f"eval {it}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | loss_unsup "
+                          f"{row['loss_unsup']:.4f}" + (f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""))
+                tokens, dropped, t_steps = 0, 0.0, time.time()
+            if it == args.max_iters:
+                break
+            # one optimizer step over the global batch; this process takes its slices of it
+            lr = lr_at(it, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = data.train_batch(args.batch_size * args.grad_accum, data_gen)
+            selected = selector.draw(y) if sgt else None
+            micro = []
+            for m in range(rank * (args.grad_accum // world), (rank + 1) * (args.grad_accum // world)):
+                part = slice(m * args.batch_size, (m + 1) * args.batch_size)
+                xb, yb = (t[part].to(device, non_blocking=True) for t in (x, y))
+                sel = selector.excess(xb, yb) if sgt and excess else selected[part].to(device) if sgt else None
+                micro.append((xb, yb, sel))
+            loss = optimizer_step(model, optimizer, scaler, micro, ctx, args.grad_clip)
+            first_bad = torch.where((first_bad == 2**62) & ~torch.isfinite(loss), it + 1, first_bad)
+            tokens += tokens_per_step
+            if raw_model.moe_layers:
+                dropped = dropped + cherry.dropped_share(raw_model).detach()
+            if (it + 1) % args.log_interval == 0:
                 stop_if_not_finite()
-            row["tokens_per_s"] = tokens_since_eval / (time.time() - t_eval) if tokens_since_eval else None
-            if peak and row["tokens_per_s"]:
-                row["mfu"] = row["tokens_per_s"] * flops / (peak * world)
-            if sgt:  # gradient coupling on one training batch, drawn from its own stream (data order untouched)
-                gx, gy = data.train_batch(args.batch_size, torch.Generator().manual_seed(args.seed + 3 + it))
-                with ctx:
-                    row["gamma"], row["grad_sup_norm"], row["grad_unsup_norm"] = cherry.gradient_coupling(
-                        raw_model, gx.to(device), gy.to(device), select(gy).to(device))
-            row["lr"] = lr_at(it, args)
-            if best is None or row["loss"] < best["loss"]:
-                best = dict(row)
-            rows.append(row)
-            if master:  # the checkpoint first: it holds the rows, so a kill between the two loses nothing
-                save(it)
-                write_metrics(rows, metrics_path)
-                g = f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""
-                print(f"eval {it}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | loss_unsup {row['loss_unsup']:.4f}{g}")
-            tokens_since_eval, t_eval = 0, time.time()
-        if it == args.max_iters:
-            break
-
-        # one optimizer step over the global batch; this process takes its slices of it
-        lr = lr_at(it, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = data.train_batch(args.batch_size * args.grad_accum, data_gen)
-        sel = select(y) if sgt else None
-        parts = [slice((rank * accum + m) * args.batch_size, (rank * accum + m + 1) * args.batch_size) for m in range(accum)]
-        micro_batches = [tuple(to_device(t[part]) if t is not None else None for t in (x, y, sel)) for part in parts]
-        loss = optimizer_step(model, optimizer, scaler, micro_batches, ctx, args.grad_clip)
-        first_bad = torch.where((first_bad == NO_STEP) & ~torch.isfinite(loss), it + 1, first_bad)
-        tokens_since_eval += tokens_per_iter
-
-        if (it + 1) % args.log_interval == 0:
-            stop_if_not_finite()
-            if master:
-                elapsed, done = time.time() - t0, it + 1 - start_iter
-                tok_s = tokens_since_eval / (time.time() - t_eval)
-                mfu = f" | MFU {tok_s * flops / (peak * world):.1%}" if peak else ""
-                print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | "
-                      f"{elapsed:.0f}s elapsed, ~{elapsed / done * (args.max_iters - it - 1):.0f}s left")
-
-    summary = {"final": rows[-1] if rows else None, "best": best, "params": n_params, "flops_per_token": flops,
-               "tokens_per_step": tokens_per_iter, "unigram_loss": unigram_loss, "wall_s": time.time() - t0, "device": device, "dtype": dtype,
-               "processes": world, "config": cfg.to_dict(), "args": vars(args), **(summary_extra or {})}
-    if master:
-        write_json(summary, os.path.join(args.out_dir, "summary.json"))
-        print(f"done: best held-out loss {best['loss']:.4f} at iter {best['iter']} -> {args.out_dir}")
+                if master:
+                    tok_s, elapsed = tokens / (time.time() - t_steps), time.time() - t0
+                    mfu = f" | MFU {tok_s * flops / (peak * world):.1%}" if peak else ""
+                    print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+                          f"{mfu} | {elapsed:.0f}s, ~{elapsed / (it + 1 - start) * (args.max_iters - it - 1):.0f}s left")
+        summary = {"final": rows[-1], "best": best, "params": n_params, "flops_per_token": flops,
+                   "tokens_per_step": tokens_per_step, "unigram_loss": held_out.unigram_loss, "wall_s": time.time() - t0,
+                   "device": device, "dtype": dtype, "processes": world, "config": cfg.to_dict(), "args": vars(args),
+                   **(summary_extra or {})}
+        if raw_model.moe_layers:
+            summary["expert_load"] = held_out.expert_load(raw_model, ctx)
+        if master:
+            save_json(summary, os.path.join(args.out_dir, "summary.json"))
+            print(verdict(summary, rows))
     if world > 1:
+        dist.barrier()  # every rank leaves together: none waits on a group the others tore down
         dist.destroy_process_group()
     return summary
 
 
-INIT_SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "bias", "vocab_size")  # fixed by --init_from (dropout may change)
+def describe(args):
+    if args.sgt_select == "excess":
+        return f"Rho-1 excess loss over {args.sgt_ref or 'the unigram model'}"
+    return f"surprisal^{args.sgt_beta:g} draw" + (f", {args.sgt_mix:.0%} of it uniform" if args.sgt_mix else "")
 
 
-def take_shape(p, args, config, script="train"):
-    """With --init_from the model's shape is the checkpoint's: a shape flag that says otherwise is an error."""
-    defaults = p.parse_args([])
-    given = [f"--{n}" for n in INIT_SHAPE_FLAGS if getattr(args, n) not in (getattr(defaults, n), getattr(config, n))]
-    if args.preset:
-        given.insert(0, "--preset")
-    if given:
-        raise SystemExit(f"{script}: the model's shape comes from --init_from; leave out {' '.join(given)}")
-    for n in INIT_SHAPE_FLAGS:
-        setattr(args, n, getattr(config, n))
+def verdict(summary, rows):
+    """The last line: where the run ended, against the unigram model (a table of token frequencies)."""
+    final, best, uni = summary["final"], summary["best"], summary["unigram_loss"]
+    side = "below" if final["loss"] < uni else "ABOVE"
+    return (f"done: held-out loss {final['loss']:.4f} ({abs(final['loss'] - uni):.3f} {side} the unigram model's "
+            f"{uni:.4f}); best {best['loss']:.4f} at step {best['iter']}; unsupervised targets {rows[0]['loss_unsup']:.3f} "
+            f"-> {final['loss_unsup']:.3f} -> {summary['args']['out_dir']}")
 
 
 def main(argv=None):
-    p = training_args()
-    p.add_argument("--init_from", default=None, help="start from these weights, not from scratch: a ckpt.pt (ours or nanoGPT's; "
-                   "file or folder), a Hugging Face GPT-2 folder, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl (transformers)")
+    p = training_args("train")
+    p.add_argument("--init_from", help="start from these weights: a ckpt.pt (ours or nanoGPT's; file or folder), "
+                                       "a Hugging Face GPT-2 folder, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl")
     args = parse_args(p, argv)
     model = None
     if args.init_from and not (args.resume and os.path.exists(os.path.join(args.out_dir, "ckpt.pt"))):
-        check_out_dir(args)  # before loading what may be a large model
-        model = load_model(args.init_from, "train", dropout=args.dropout)
-        take_shape(p, args, model.config)
+        check_run_folder(args)  # before loading what may be a large model
+        model = cherry.load_model(args.init_from, dropout=args.dropout)
+        take_shape(args, model.config, "--init_from")
     return train(args, model)
 
 
+def cli(main, prog, argv=None):
+    """Where a script meets its user: a mistake ends it with one line '<prog>: <what>' on stderr and exit status 1."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:  # ours say what to do; OSError: a missing file, a full disk
+        raise SystemExit(f"{prog}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"{prog}: interrupted; --resume continues from the last checkpoint") from None
+
+
 if __name__ == "__main__":
-    main()
+    cli(main, "train")

