@@ -184,11 +184,11 @@ def korean_documents():
     return [clean(text) for (text,) in rows if text and text.strip()]
 
 
-def file_documents(path, pattern="*", max_chars=None, skip=None):
+def file_documents(path, pattern="*", max_chars=None, skip=()):
     """
     One document per file: a single file, or every file under a folder that matches pattern, in sorted order.
     Folders reached through symbolic links are not entered and no file is read twice (by its real path), so a link
-    loop cannot repeat text; skip: a folder never read (the output folder). Files that are not UTF-8 text are
+    loop cannot repeat text; skip: folders never read (the output folder). Files that are not UTF-8 text are
     skipped and named. max_chars: stop reading files past this many characters.
     """
     if os.path.isfile(path):
@@ -198,10 +198,10 @@ def file_documents(path, pattern="*", max_chars=None, skip=None):
                        if fnmatch.fnmatch(f, pattern))
     else:
         raise FileNotFoundError(f"no such file or folder: {path}")
-    skip, seen, docs, chars = skip and os.path.realpath(skip) + os.sep, set(), [], 0
+    skip, seen, docs, chars = tuple(os.path.realpath(s) + os.sep for s in skip), set(), [], 0
     for p in paths:
         real = os.path.realpath(p)
-        if (skip and real.startswith(skip)) or real in seen or (max_chars and chars >= max_chars):
+        if real.startswith(skip) or real in seen or (max_chars and chars >= max_chars):
             continue
         seen.add(real)
         try:
@@ -219,8 +219,9 @@ def file_documents(path, pattern="*", max_chars=None, skip=None):
     return docs
 
 
+STDLIB = sysconfig.get_paths()["stdlib"]  # the Python standard library's own sources, installed packages aside
 CORPORA = {"shakespeare": shakespeare_documents, "shakespeare_char": shakespeare_documents, "korean": korean_documents,
-           "code": lambda: file_documents(sysconfig.get_paths()["stdlib"], "*.py")}
+           "code": lambda: file_documents(STDLIB, "*.py", skip=[os.path.join(STDLIB, "site-packages")])}
 
 
 # ----------------------------------------------------------------------------
@@ -334,7 +335,7 @@ def main(argv=None):
         p.error("give --out_dir for an --input")
     name = args.tokenizer or ("char" if names == ["shakespeare_char"] else "gpt2")
     if args.input:
-        docs = file_documents(args.input, args.glob, args.max_tokens and 8 * args.max_tokens, skip=out_dir)
+        docs = file_documents(args.input, args.glob, args.max_tokens and 8 * args.max_tokens, skip=[out_dir])
     else:
         docs = [d for n in names for d in CORPORA[n]()]
     meta = prepare(docs, out_dir, name, args.val_fraction, args.compact_vocab, args.max_tokens)

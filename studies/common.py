@@ -1,0 +1,110 @@
+"""What the three studies share: running the scripts, reading their outputs, scoring models on the same held-out
+windows with paired standard errors, the testability gate, the machine line, plots and the report."""
+
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import time
+
+import torch
+
+import cherry
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_one(job):
+    """One script run (train, compress or fuse: its main(argv)) in this process, its printout in <out_dir>/log.txt.
+    A finished run (summary.json) is kept; an unfinished one is cleared and run again: the study does it on purpose."""
+    module, argv, threads = job
+    out = argv[argv.index("--out_dir") + 1]
+    if os.path.exists(os.path.join(out, "summary.json")):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    torch.set_num_threads(threads)
+    with open(os.path.join(out, "log.txt"), "w", buffering=1) as log, contextlib.redirect_stdout(log):
+        __import__(module).main([str(a) for a in argv])
+    return out
+
+
+def run_all(jobs, parallel=2, threads=1):
+    """[(module, argv)] runs, `parallel` at a time with `threads` torch threads each: on the CPU one thread per run and
+    one run per core is fastest (OpenMP threads stall whenever another process takes their core)."""
+    t0 = time.time()
+    with multiprocessing.get_context("spawn").Pool(parallel) if parallel > 1 else contextlib.nullcontext() as pool:
+        done = (pool.imap_unordered if pool else map)(run_one, [(m, a, threads) for m, a in jobs])
+        for i, out in enumerate(done):
+            print(f"[{time.time() - t0:5.0f}s] {i + 1}/{len(jobs)} {out}", flush=True)
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def summary(out):
+    return json.load(open(os.path.join(out, "summary.json")))
+
+
+def machine():
+    """The CPU's model and cores, the GPU if any, and torch's version: the line every report starts with."""
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+@torch.no_grad()
+def window_losses(model, x, y, device="cpu", batch=32):
+    """Held-out loss of each window (n_windows,), to pair models scored on the same windows."""
+    model.eval().to(device)
+    return torch.cat([model.token_losses(x[i:i + batch].to(device), y[i:i + batch].to(device)).mean(1).double().cpu()
+                      for i in range(0, len(x), batch)])
+
+
+def paired(a, b):
+    """Mean of a - b over the windows (and seeds, stacked), with its standard error: (mean, se)."""
+    d = (a - b).flatten()
+    return d.mean().item(), (d.std() / len(d) ** 0.5).item()
+
+
+def gate(name, checks):
+    """The testability gate: [(what, passed)]. Printed, and returned as (passed, lines for the report)."""
+    lines = [f"- {'pass' if ok else 'FAIL'}: {what}" for what, ok in checks]
+    ok = all(passed for _, passed in checks)
+    lines.append(f"- gate: {'passed' if ok else f'failed: {name} is not testable at this scale'}")
+    print("\n".join(lines))
+    return ok, lines
+
+
+def load(out):
+    return cherry.load_model(out)
+
+
+def report(path, title, command, wall_s, body):
+    """Write a study's Markdown results: the command, the machine and the wall time first."""
+    text = (f"# {title}\n\n`{command}`: {wall_s / 60:.1f} min on {machine()}.\n\n" + "\n".join(body) + "\n")
+    train.data_prep.atomic_write(path, lambda f: f.write(text.encode()))
+    print(f"wrote {path}")
+
+
+def figure(path, draw):
+    """draw(plt) makes a figure, saved to path; without matplotlib, say so and go on."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no matplotlib: {path} is not drawn (pip install matplotlib)")
+        return False
+    draw(plt)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    plt.tight_layout()
+    plt.savefig(path, dpi=90)
+    plt.close("all")
+    return True
