@@ -193,3 +193,7 @@ def main(argv=None):
     if args.defaults:
         return defaults(args)
     study(args)
+
+
+if __name__ == "__main__":
+    main()
