@@ -1,20 +1,10 @@
 """
 CHERRY in one file: a GPT (nanoGPT-style) and the paper's three techniques, in the paper's order.
-
-  1. Config and presets
-  2. Transformer: attention with a KV cache, MLP, block, GPT (its layers may run in a recurrent schedule)
-  3. SGT: selective ground-truth token training (which targets to supervise, gradient coupling, Theorem 1)
-  4. Depth compression: average adjacent layers, unroll the few that are left, LoRA from the residue
-  5. MoEE: a router over several experts' MLPs, fusing compressed models, multi-token prediction
-  6. Counts: parameters and FLOPs
-  Appendix: loading weights (this project's checkpoints, nanoGPT's, Hugging Face GPT-2), safely
-
-With SGT the loss covers a subset of the positions only, and their hidden states are gathered first, so the LM head
-and its softmax run on ~15% of the positions: that is where the compute saving comes from.
+  1. Config and presets                  4. Depth compression: average adjacent layers, unroll, LoRA from the residue
+  2. Transformer (with a KV cache)       5. MoEE: a router over the experts' MLPs, fusion, multi-token prediction
+  3. SGT: which targets to supervise     6. Counts: parameters and FLOPs          Appendix: loading weights, safely
 """
 
-import copy
-import importlib
 import json
 import math
 import os
@@ -59,22 +49,20 @@ class GPTConfig:
 
     def __post_init__(self):
         """Refuse a shape that cannot be built, before any memory is spent."""
-        if self.schedule is not None:
-            self.schedule = tuple(self.schedule)
-        rules = [("block_size", self.block_size >= 1), ("vocab_size", self.vocab_size >= 1),
-                 ("n_layer", 1 <= self.n_layer <= MAX_DEPTH), ("n_embd", self.n_embd >= 1),
-                 ("n_head", self.n_head >= 1 and self.n_embd % self.n_head == 0), ("dropout", 0 <= self.dropout < 1),
-                 ("gelu_approximate", self.gelu_approximate in ("none", "tanh")), ("lora_rank", self.lora_rank >= 0),
-                 ("schedule", self.schedule is None or 0 < len(self.schedule) <= MAX_DEPTH
-                  and all(isinstance(i, int) and 0 <= i < self.n_layer for i in self.schedule)),
-                 ("n_expert", self.n_expert >= 0), ("experts_per_token", 1 <= self.experts_per_token <= max(1, self.n_expert)),
-                 ("capacity_factor", self.capacity_factor > 0), ("aux_weight", self.aux_weight >= 0),
-                 ("z_weight", self.z_weight >= 0), ("mtp", 0 <= self.mtp <= 16), ("mtp_weight", self.mtp_weight >= 0)]
-        bad = next((name for name, ok in rules if not ok), None)
-        if bad == "n_head":
+        self.schedule = None if self.schedule is None else tuple(self.schedule)
+        if not (self.n_head >= 1 and self.n_embd % self.n_head == 0):
             raise ValueError(f"n_head {self.n_head} must be at least 1 and divide n_embd {self.n_embd}")
+        ok = dict(block_size=self.block_size >= 1, vocab_size=self.vocab_size >= 1, n_embd=self.n_embd >= 1,
+                  n_layer=1 <= self.n_layer <= MAX_DEPTH, dropout=0 <= self.dropout < 1, lora_rank=self.lora_rank >= 0,
+                  gelu_approximate=self.gelu_approximate in ("none", "tanh"), n_expert=self.n_expert >= 0,
+                  schedule=self.schedule is None or 0 < len(self.schedule) <= MAX_DEPTH and
+                  all(isinstance(i, int) and 0 <= i < self.n_layer for i in self.schedule),
+                  experts_per_token=1 <= self.experts_per_token <= max(1, self.n_expert), mtp=0 <= self.mtp <= 16,
+                  capacity_factor=self.capacity_factor > 0, aux_weight=self.aux_weight >= 0,
+                  z_weight=self.z_weight >= 0, mtp_weight=self.mtp_weight >= 0)
+        bad = next((name for name, passed in ok.items() if not passed), None)
         if bad:
-            raise ValueError(f"{bad} {getattr(self, bad)!r} is out of range (n_layer {self.n_layer})")
+            raise ValueError(f"{bad} {getattr(self, bad)!r} is out of range")
 
     def to_dict(self):
         return asdict(self)
@@ -109,22 +97,6 @@ PRESETS = {
 # 2. Transformer
 
 
-class KVCache:
-    """Keys and values of past positions, one entry per layer application."""
-
-    def __init__(self):
-        self.k, self.v = {}, {}
-
-    def __len__(self):
-        return next(iter(self.k.values())).size(2) if self.k else 0
-
-    def update(self, i, k, v):
-        if i in self.k:
-            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
-        self.k[i], self.v[i] = k, v
-        return k, v
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -135,12 +107,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, cache_slot=0):
+        """cache: the KV cache, {application: (keys, values) of the past positions}; updated in place."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        past = cache.k[cache_slot].size(2) if cache is not None and cache_slot in cache.k else 0
+        past = cache[cache_slot][0].size(2) if cache and cache_slot in cache else 0
         if cache is not None:
-            k, v = cache.update(cache_slot, k, v)
+            k, v = (torch.cat([old, new], dim=2) for old, new in zip(cache[cache_slot], (k, v))) if past else (k, v)
+            cache[cache_slot] = k, v
         # plain causal attention (flash attention where available); with a cache, new queries see every cached
         # position plus the causal part of their own
         mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past) if past else None
@@ -213,7 +187,7 @@ class GPT(nn.Module):
         """Final (normed) hidden states (B, T, C); the residual stream before the final norm if residual.
         With a cache, idx continues the cached positions."""
         B, T = idx.shape
-        start = len(cache) if cache is not None else 0
+        start = cache[0][0].size(2) if cache else 0
         if start + T > self.config.block_size:
             raise ValueError(f"a sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         x = self.drop(self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device)))
@@ -244,7 +218,7 @@ class GPT(nn.Module):
                          returns them, for a selector that needs the model's own losses (Rho-1's excess loss).
         The routers' and the multi-token prediction losses are added when the model has them (section 5).
         """
-        x = self.hidden(idx, residual=True)
+        x = self.hidden(idx, residual=True)  # (B, T, C)
         h = self.ln_f(x)
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None
@@ -277,10 +251,10 @@ class GPT(nn.Module):
         """Sample max_new_tokens after idx (B, T). The KV cache makes each new token O(T), not O(T^2)."""
         cache = None
         for _ in range(max_new_tokens):
-            if use_cache and cache is not None and len(cache) < self.config.block_size:
+            if cache and cache[0][0].size(2) < self.config.block_size:
                 h = self.hidden(idx[:, -1:], cache)  # only the newest token; the past is cached
             else:  # (re)start from the last block_size tokens, exactly what the model was trained on
-                cache = KVCache() if use_cache else None
+                cache = {} if use_cache else None
                 h = self.hidden(idx[:, -self.config.block_size:], cache)
             logits = self.lm_head(h[:, -1, :]).float() / max(temperature, 1e-8)
             if top_k is not None:
@@ -319,31 +293,26 @@ def surprisal_table(unigram_counts, vocab_size):
 
 def select_positions(targets, fraction, generator, surprisal=None, beta=0.0, mix=0.0):
     """
-    The k = ceil(fraction * T) target positions to supervise in each sequence, (B, k) sorted, drawn without
-    replacement with probability ~ s(y)^beta, s the target's unigram surprisal (Gumbel top-k on beta log s).
-    beta 0 draws a uniformly random subset, beta inf takes the k most surprising targets (no randomness).
-    mix: the share of the k drawn uniformly from the positions the tilted draw left.
-    For any finite beta every target can be picked, which bounds what the tilt costs: the SGT optimum is
-    q(y|c) ~ p(y|c) pi(y, c), at an extra loss of log E_p[pi] - E_p[log pi] (infinite where pi is ever 0).
+    The k = ceil(fraction * T) positions to supervise in each sequence, (B, k) sorted: drawn without replacement with
+    probability ~ s(y)^beta, s the target's unigram surprisal (Gumbel top-k on beta log s); beta 0 is a uniformly random
+    subset, beta inf the k most surprising targets. mix: the share of the k drawn uniformly from the rest. For finite
+    beta every target can be picked, which bounds what the tilt costs: the SGT optimum is q(y|c) ~ p(y|c) pi(y, c), at
+    an extra loss of log E_p[pi] - E_p[log pi], unbounded where pi is 0 (top-k never supervises frequent tokens).
     """
     B, T = targets.shape
     k = math.ceil(fraction * T)
     k_uniform = round(mix * k)
     gumbel = lambda: -torch.empty(B, T).exponential_(generator=generator).log()
-    if beta == math.inf:
-        keys = surprisal[targets]
-    else:
-        keys = gumbel() + (beta * surprisal[targets].log() if beta else 0)
+    keys = surprisal[targets] if beta == math.inf else gumbel() + (beta * surprisal[targets].log() if beta else 0)
     picked = keys.topk(k - k_uniform, dim=1).indices
     if k_uniform:
-        rest = gumbel().scatter(1, picked, -math.inf)
-        picked = torch.cat([picked, rest.topk(k_uniform, dim=1).indices], dim=1)
+        picked = torch.cat([picked, gumbel().scatter(1, picked, -math.inf).topk(k_uniform, dim=1).indices], dim=1)
     return picked.sort(dim=1).values
 
 
 def excess_selector(k, reference_losses):
-    """Rho-1: a function of the model's per-position losses (B, T) that picks, in each sequence, the k positions
-    where they most exceed the reference's (the unigram model's by default, or a reference model's)."""
+    """Rho-1: a function of the model's per-position losses (B, T) that picks, in each sequence, the k positions where
+    they most exceed the reference's (the unigram model's by default)."""
     return lambda losses: (losses - reference_losses).topk(k, dim=1).indices.sort(dim=1).values
 
 
@@ -353,72 +322,41 @@ def selection_mask(selected, T):
 
 
 def split_gradients(model, x, y, mask):
-    """The gradients of the mean loss of the selected targets (mask) and of the others: g_S, g_U."""
+    """g_S and g_U: the gradients of the mean loss of the selected targets (mask) and of the others."""
     params = [p for p in model.parameters() if p.requires_grad]
     losses = model.token_losses(x, y)
-    grad = lambda loss, keep: torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
-    g_s, g_u = grad(losses[mask].mean(), True), grad(losses[~mask].mean(), False)
-    fill = lambda gs: [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, params)]
-    return fill(g_s), fill(g_u)
+    grads = [torch.autograd.grad(losses[part].mean(), params, retain_graph=keep, allow_unused=True)
+             for part, keep in ((mask, True), (~mask, False))]
+    return [[g if g is not None else torch.zeros_like(p) for g, p in zip(gs, params)] for gs in grads]
 
 
 def gradient_coupling(model, batches):
     """
-    gamma, the coupling of the selected targets' gradient g_S with the others' g_U, without batch noise. From
-    independent batches i: mean_{i != j} g_S^i . g_U^j / sqrt(mean_{i != j} g_S^i . g_S^j x mean_{i != j} g_U^i . g_U^j):
-    each product of two independent batches' gradients is an unbiased estimate of the product of the expected
-    gradients, where one batch's cosine is pulled towards 0 by its noise. gamma > 0: a step on the selected targets
-    lowers the others' loss to first order (Theorem 1). batches: [(x, y, mask)], mask (B, T) on the selected targets.
-    Returns gamma for the whole model, the trunk (the blocks) and the embedding + head (the rest; nan where noise
-    leaves it undefined), and the naive cosine of the first batch's two gradients.
+    gamma, the coupling of g_S with g_U without batch noise, from independent batches [(x, y, mask)]:
+    mean_{i != j} g_S^i . g_U^j / sqrt(mean_{i != j} g_S^i . g_S^j x mean_{i != j} g_U^i . g_U^j). A product of two
+    independent batches' gradients estimates the product of the expected gradients without bias; one batch's cosine is
+    pulled towards 0 by its noise. gamma > 0: a step on the selected targets lowers the others' loss to first order.
+    Returns gamma of the whole model, of the trunk (the blocks) and of embedding + head (the rest), nan where noise
+    leaves it undefined, and the naive cosine of the first batch.
     """
-    trunk = [n.startswith(("blocks.", "adapters.", "step_embed")) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trunk = [n.startswith(("blocks.", "adapters.", "step_embed")) for n in names]
     parts = {"trunk": trunk, "embedding+head": [not t for t in trunk]}
-    flat = lambda grads, keep: torch.cat([g.flatten().double() for g, k in zip(grads, keep) if k])
-    sums = {part: dict(s=0, u=0, ss=0, uu=0, su=0) for part in parts}  # sums over batches
-    for x, y, mask in batches:
+    sums = {part: dict(s=0, u=0, ss=0, uu=0, su=0) for part in parts}  # sums over the batches
+    for i, (x, y, mask) in enumerate(batches):
         g_s, g_u = split_gradients(model, x, y, mask)
         for part, keep in parts.items():
-            s, u, acc = flat(g_s, keep), flat(g_u, keep), sums[part]
+            s, u = (torch.cat([g.flatten().double() for g, k in zip(grads, keep) if k]) for grads in (g_s, g_u))
             for key, value in dict(s=s, u=u, ss=s @ s, uu=u @ u, su=s @ u).items():
-                acc[key] = acc[key] + value
-        if x is batches[0][0]:  # the naive estimate: one batch's cosine
-            first = {key: sum(sums[part][key] for part in parts) for key in ("ss", "uu", "su")}
-    # over pairs i != j: sum a^i . b^j = (sum_i a^i) . (sum_j b^j) - sum_i a^i . b^i
+                sums[part][key] = sums[part][key] + value
+        if i == 0:
+            naive = [sum(sums[part][key] for part in parts) for key in ("ss", "uu", "su")]
+    # over the pairs i != j: sum a^i . b^j = (sum_i a^i) . (sum_j b^j) - sum_i a^i . b^i
     pairs = {part: (a["s"] @ a["s"] - a["ss"], a["u"] @ a["u"] - a["uu"], a["s"] @ a["u"] - a["su"])
              for part, a in sums.items()}
-    pairs["all"] = tuple(sum(pairs[part][i] for part in parts) for i in range(3))
-    pairs["naive"] = first["ss"], first["uu"], first["su"]
-    return {part: (su / (ss * uu).sqrt()).item() if ss > 0 and uu > 0 else math.nan for part, (ss, uu, su) in pairs.items()}
-
-
-def theorem1_check(model, train_batches, held_out_batches, update):
-    """
-    Theorem 1 to first order, out of sample: a step of the weights computed from g_S, the selected targets' gradient
-    on training batches, changes L_U, the loss of the unselected targets of held-out batches, by about g_U . delta
-    (g_U: L_U's gradient, delta: the step). update(model, grads) takes the step in place: plain SGD (sgd_update), or
-    the run's own AdamW. Batches: [(x, y, mask)]. Works on a copy. Returns (predicted, measured) change of L_U.
-    """
-    model = copy.deepcopy(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    mean_loss = lambda batches, sel: sum(model.token_losses(x, y)[m if sel else ~m].mean() for x, y, m in batches)
-    loss_u = lambda: mean_loss(held_out_batches, False) / len(held_out_batches)
-    g_s = torch.autograd.grad(mean_loss(train_batches, True) / len(train_batches), params, allow_unused=True)
-    before = loss_u()
-    g_u = torch.autograd.grad(before, params, allow_unused=True)
-    old = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        update(model, [g if g is not None else torch.zeros_like(p) for g, p in zip(g_s, params)])
-        predicted = sum((g * (p - o)).sum() for g, p, o in zip(g_u, params, old) if g is not None)
-        return predicted.item(), (loss_u() - before).item()
-
-
-def sgd_update(lr):
-    """theorem1_check's plain SGD step: weights -= lr * gradient."""
-    def update(model, grads):
-        for p, g in zip([p for p in model.parameters() if p.requires_grad], grads):
-            p -= lr * g
-    return update
+    pairs.update(all=[sum(pairs[part][i] for part in parts) for i in range(3)], naive=naive)
+    return {part: (su / (ss * uu).sqrt()).item() if ss > 0 and uu > 0 else math.nan
+            for part, (ss, uu, su) in pairs.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -426,12 +364,9 @@ def sgd_update(lr):
 
 
 class Adapter(nn.Module):
-    """
-    What makes one application of a shared block its own (Relaxed Recursive Transformers): a LoRA B @ A on each matrix
-    of the block, and a full offset on each vector (norm gains, biases: a few numbers, so no rank needed). A fresh
-    adapter is zero (B = 0, A small and random, the usual LoRA start); compress() sets it from the SVD of
-    (original layer - averaged layer).
-    """
+    """What makes one application of a shared block its own (Relaxed Recursive Transformers): a LoRA B @ A on each
+    matrix and a full offset on each vector (norm gains, biases). Fresh, it is zero (B = 0, the usual LoRA start);
+    compress() sets it from the SVD of (original layer - averaged layer)."""
 
     def __init__(self, block, rank):
         super().__init__()
@@ -495,14 +430,12 @@ def default_repeats(k, group_size):
 @torch.no_grad()
 def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_end=True):
     """
-    Depth compression of a dense GPT: its n_layer layers -> k, layer j the exact mean of the j-th group of adjacent
-    layers (every tensor, norms included; not LaCo's sum of differences). The k layers then run in `schedule`
-    (default: default_repeats). Step embeddings start at zero, so at first the unroll is plain repeated application.
-    With lora_rank > 0, application t of the n_j applications of layer j gets a LoRA set from the SVD of
-    (original - mean), the original being the layer of its group at the same relative depth: group[t * g // n_j],
-    and for the last layer (the coda, next to the head) group[(t + 1) * g // n_j - 1], so that a once-run coda
-    starts from the original's final layer (coda_from_end=False: from its group's first). With n_j = g and full
-    rank, the original model comes back. Returns a new GPT; the model passed in is left as it was.
+    A dense GPT's n_layer layers -> k, layer j the exact mean of the j-th group of g adjacent layers (every tensor,
+    norms included; not LaCo's sum of differences), run in `schedule` (default: default_repeats). Step embeddings start
+    at zero: at first the unroll is plain repeated application. With LoRA, application t of layer j's n_j starts from
+    the residue of its group's layer at the same relative depth, group[t * g // n_j], or for the last layer (next to the
+    head) group[(t + 1) * g // n_j - 1]: a once-run coda starts from the original's final layer (coda_from_end=False:
+    from its group's first). With n_j = g and full rank the original comes back. Returns a new GPT.
     """
     cfg = model.config
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed:
@@ -535,13 +468,11 @@ def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_en
 
 class MoE(nn.Module):
     """
-    The MLPs of several experts behind a token-level router (Switch / Branch-Train-MiX); each token goes to its
-    experts_per_token best experts. The dispatch has static shapes, so it needs no host sync and compiles whole: the
-    (token, expert) assignments queue by expert into buffers of a fixed capacity, each expert runs on its buffer, and
-    the outputs, weighted by their gates, are added back in place. In training an expert takes at most
-    capacity_factor x its fair share; the assignments past that are dropped (counted; the token passes through on the
-    residual). Evaluation and sampling never drop: the capacity is every token. Each call records its router loss,
-    the assignments each expert got and how many were dropped (self.calls).
+    The MLPs of several experts behind a token-level router (Switch, Branch-Train-MiX): each token goes to its
+    experts_per_token best experts. Static shapes, so no host sync and one compiled graph: the (token, expert)
+    assignments queue by expert into buffers of a fixed capacity, each expert runs on its buffer, the outputs are added
+    back, gated. In training an expert takes at most capacity_factor x its fair share; the rest are dropped (counted;
+    the token passes on the residual). Evaluation never drops. self.calls: (router loss, load, dropped) per call.
     """
 
     def __init__(self, config):
@@ -582,11 +513,8 @@ class MoE(nn.Module):
 
 
 def switch_loss(probs, counts):
-    """
-    Switch Transformer's load-balancing loss, E * sum_i f_i * P_i: f_i the share of the assignments expert i got
-    (not differentiable), P_i its mean router probability over the full softmax (differentiable). 1 when the routing
-    is uniform, E when one expert takes everything.
-    """
+    """Switch Transformer's load balance, E * sum_i f_i * P_i: f_i the share of assignments expert i got, P_i its mean
+    router probability over the full softmax (the differentiable part); 1 when uniform, E when one takes all."""
     return len(counts) * (counts.float() / counts.sum() * probs.mean(dim=0)).sum()
 
 
@@ -628,17 +556,17 @@ class MTPModule(nn.Module):
 def mtp_loss(model, x, targets, selected=None):
     """
     Multi-token prediction (DeepSeek-V3): module k combines the previous depth's hidden state at position i with the
-    embedding of token t(i+k) and predicts t(i+k+1) through the shared ln_f and head; the mean of the D losses.
-    targets[:, i] is t(i+1), so module k reads targets shifted by k-1 and predicts targets shifted by k; the last k
-    positions have nothing to predict. With SGT only the selected targets supervise: target j is predicted at
-    position j - k, so module k's head runs on those positions only.
+    embedding of t(i+k) and predicts t(i+k+1) through the shared ln_f and head; the mean of the D losses. targets[:, i]
+    is t(i+1): module k reads targets shifted by k-1 and predicts them shifted by k. With SGT only the selected targets
+    supervise: target j is predicted at position j - k, and module k's head runs there only.
     """
     losses = []
     for k, module in enumerate(model.mtp_modules, start=1):
         x = module(x, model.wte(shift_left(targets, k - 1, fill=0)))
         h, target = model.ln_f(x), shift_left(targets, k, fill=-1)
         if selected is not None:
-            h, target = gather(h, (selected - k).clamp(min=0)), torch.where(selected >= k, targets.gather(1, selected), -1)
+            h = gather(h, (selected - k).clamp(min=0))
+            target = torch.where(selected >= k, targets.gather(1, selected), -1)
         loss = cross_entropy(model.lm_head(h), target)
         losses.append(loss.sum() / (target >= 0).sum().clamp(min=1))
     return torch.stack(losses).mean()
@@ -647,11 +575,9 @@ def mtp_loss(model, x, targets, selected=None):
 
 @torch.no_grad()
 def fuse(experts, experts_per_token=1, mtp=0, **moe_config):
-    """
-    Fuse N models of one shape (compressed or dense) into one MoEE model: every shared tensor (embeddings, attention,
-    norms, step embeddings, their LoRA) is the mean over the experts; each expert keeps its own MLPs (and their LoRA)
-    as expert i of each mixture layer. The routers and MTP modules start fresh. Returns a new GPT.
-    """
+    """N models of one shape (compressed or dense) -> one MoEE model: every shared tensor (embeddings, attention, norms,
+    step embeddings, their LoRA) is the experts' mean; expert i's MLPs (and their LoRA) become expert i of each mixture
+    layer. Routers and MTP modules start fresh. A mixture of one expert is that expert. Returns a new GPT."""
     cfg = experts[0].config
     for i, m in enumerate(experts[1:], start=1):
         if m.config != cfg:
@@ -677,11 +603,9 @@ def fuse(experts, experts_per_token=1, mtp=0, **moe_config):
 
 
 def count_params(model, non_embedding=True, active=False):
-    """
-    Parameters, each stored tensor once: a block that runs several times counts once, its step embeddings and LoRA
-    adapters count in full. Without the position embeddings by convention (the token ones are tied to the head).
-    active: what one token uses at inference: experts_per_token of the n_expert experts' MLPs, no MTP modules.
-    """
+    """Parameters, each stored tensor once (a block run several times counts once; step embeddings and adapters in
+    full), without the position embeddings by convention. active: what one token uses at inference (experts_per_token
+    of the experts' MLPs, no MTP modules)."""
     n = 0
     for name, p in model.named_parameters():
         if active and name.startswith("mtp_modules."):
@@ -693,12 +617,11 @@ def count_params(model, non_embedding=True, active=False):
 
 def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=False):
     """
-    Matmul FLOPs per token, from the shapes (2 FLOPs per multiply-add). Attention scores use the full block length
-    (PaLM's appendix). Training = forward + backward = 3x forward. With SGT the head runs on a fraction of the
-    positions only; full_head_forward adds the no-gradient head forward on every position that an excess-loss
-    selector needs. An unrolled model pays for every application: unrolling saves parameters, not compute. (LoRA
-    adapters are merged into the weights once per forward pass, a cost per batch, not per token.) A mixture layer pays
-    for its router and experts_per_token experts; in training each MTP module pays for its projection, block and head.
+    Matmul FLOPs per token from the shapes (2 per multiply-add; attention over the full block, as in PaLM); training is
+    3x the forward. SGT's head runs on a fraction of the positions; full_head_forward adds the no-gradient head on every
+    position that an excess-loss selector needs. Every application of an unrolled layer pays: unrolling saves
+    parameters, not compute (LoRA merges once per batch, not per token). A mixture layer pays for its router and
+    experts_per_token experts; in training each MTP module pays for its projection, block and head.
     """
     C, T, V = config.n_embd, config.block_size, config.vocab_size
     attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV
@@ -713,11 +636,9 @@ def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=F
 # ----------------------------------------------------------------------------
 # Appendix: loading weights. Every file goes through torch.load(weights_only=True): plain data, never pickled code.
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
 
 def load_checkpoint(path):
-    """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is refused, never run."""
+    """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is refused, not run."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -726,23 +647,14 @@ def load_checkpoint(path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class the file would have had run
-        if unsafe:
-            raise ValueError(f"{path} holds a pickled Python object ({unsafe.group(1)}) that loading would have to "
-                             f"run; refused, nothing was executed") from None
-        raise ValueError(f"{path} is corrupt, truncated or not a torch checkpoint; it was not loaded") from None
-
-
-def optional(name):
-    """An optional package (safetensors and transformers come with pip install transformers)."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise ValueError(f"this needs the {name.split('.')[0]} package: pip install transformers") from None
+        raise ValueError(f"{path} holds a pickled Python object ({unsafe.group(1)}) that loading would have to run; "
+                         f"refused, nothing was executed" if unsafe else f"{path} is corrupt, truncated or not a torch "
+                         f"checkpoint; it was not loaded") from None
 
 
 def build_model(config, state, source, dropout=None):
-    """A GPT of this config (a dict) holding these tensors. The declared sizes are checked against the stored ones
-    before any memory is spent: the model is built on the meta device and the tensors are assigned, not copied."""
+    """A GPT of config (a dict) holding the tensors of state. Sizes are checked before memory is spent: the model is
+    built on the meta device and the stored tensors are assigned to it, not copied."""
     try:
         config = GPTConfig(**{**config, **({} if dropout is None else {"dropout": dropout})})
     except (TypeError, ValueError) as e:
@@ -750,69 +662,66 @@ def build_model(config, state, source, dropout=None):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source} holds no weights of this model")
     state = {k.removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v for k, v in state.items()}
-    for field, pattern in (("n_layer", r"blocks\.(\d+)\."), ("n_expert", r"experts\.(\d+)\."), ("mtp", r"mtp_modules\.(\d+)")):
+    for field, pattern in (("n_layer", r"blocks\.(\d+)\."), ("n_expert", r"experts\.(\d+)"), ("mtp", r"mtp_modules\.(\d+)")):
         stored = len({m.group(1) for m in map(re.compile(pattern).search, state) if m})
-        if stored != getattr(config, field):
+        if stored != getattr(config, field):  # modules are counted before any is built
             raise ValueError(f"{source} declares {field} {getattr(config, field)} but stores {stored}")
     with torch.device("meta"):
         model = GPT(config)
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)  # names and shapes, strictly
     except RuntimeError as e:
-        problem = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise ValueError(f"{source} does not fit its config: {problem[:300]}") from None
-    model.lm_head.weight = model.wte.weight  # assign replaced both tensors: tie them again
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first problem torch lists
+        raise ValueError(f"{source} does not fit its config: {first[:300]}") from None
+    model.lm_head.weight = model.wte.weight  # assigning replaced both: tie them again
     return model
 
 
-def gpt2_state(state, conv1d):
-    """GPT-2's parameter names (nanoGPT's and Hugging Face's) -> ours. Hugging Face's Conv1D stores them transposed."""
-    out = {}
-    for name, t in state.items():
-        name = re.sub(r"^h\.", "blocks.", name.removeprefix("_orig_mod.").removeprefix("transformer."))
-        if not name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not parameters
-            out[name] = t.t() if conv1d and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else t
-    out.setdefault("lm_head.weight", out.get("wte.weight"))  # tied; some files leave it out
-    return out
-
-
 def gpt2_config(c, source):
-    """Hugging Face's GPT2Config (a dict) -> ours. GPT-2's "gelu_new" is the tanh GELU."""
-    gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(c.get("activation_function", "gelu_new"))
+    """Hugging Face's GPT2Config (a dict) -> ours; GPT-2's "gelu_new" is the tanh GELU."""
+    gelu = dict(gelu_new="tanh", gelu_pytorch_tanh="tanh", gelu="none").get(c.get("activation_function", "gelu_new"))
     if c.get("model_type", "gpt2") != "gpt2" or gelu is None or c.get("n_inner") not in (None, 4 * c.get("n_embd", 0)):
         raise ValueError(f"{source} is not a GPT-2 this model can run (model_type {c.get('model_type')!r})")
     return dict(block_size=c.get("n_positions"), vocab_size=c.get("vocab_size"), n_layer=c.get("n_layer"),
                 n_head=c.get("n_head"), n_embd=c.get("n_embd"), bias=True, gelu_approximate=gelu, vocab="gpt2")
 
 
+def gpt2_state(state, conv1d):
+    """GPT-2's parameter names (nanoGPT's, Hugging Face's) -> ours; Hugging Face's Conv1D stores matrices transposed."""
+    rename = lambda n: re.sub(r"^h\.", "blocks.", n.removeprefix("_orig_mod.").removeprefix("transformer."))
+    out = {rename(n): t.t() if conv1d and n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else t
+           for n, t in state.items() if not n.endswith((".attn.bias", ".attn.masked_bias"))}  # mask buffers
+    return {"lm_head.weight": out.get("wte.weight"), **out}  # tied; some files leave it out
+
+
 def load_model(source, dropout=None):
     """
-    A GPT from: this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2 folder
-    (config.json + model.safetensors or pytorch_model.bin), or gpt2 .. gpt2-xl by name (through transformers, as
-    nanoGPT does). GPT-2's weights come with its tanh GELU, so the logits equal Hugging Face's.
-    dropout: None keeps the checkpoint's. A problem raises ValueError or FileNotFoundError with a one-line message.
+    A GPT from this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2 folder (config.json
+    and model.safetensors or pytorch_model.bin), or gpt2 .. gpt2-xl by name (transformers, online or cached). GPT-2's
+    weights come with its tanh GELU, so the logits are Hugging Face's. dropout None keeps the checkpoint's.
     """
     if os.path.isfile(os.path.join(source, "config.json")):  # a Hugging Face folder
         try:
             config = gpt2_config(json.load(open(os.path.join(source, "config.json"))), source)
         except (ValueError, AttributeError):
             raise ValueError(f"{source}/config.json is not a GPT-2 config") from None
-        weights = os.path.join(source, "model.safetensors")
-        if os.path.isfile(weights):
-            state = optional("safetensors.torch").load_file(weights)
+        if os.path.isfile(os.path.join(source, "model.safetensors")):
+            from safetensors.torch import load_file  # comes with transformers
+            state = load_file(os.path.join(source, "model.safetensors"))
         else:
             state = load_checkpoint(os.path.join(source, "pytorch_model.bin"))
         return build_model(config, gpt2_state(state, conv1d=True), source, dropout)
     path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
-    if not os.path.exists(path) and source in GPT2_NAMES:
-        hf = optional("transformers").GPT2LMHeadModel.from_pretrained(source)  # online, or from its cache
+    if not os.path.exists(path) and source in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        from transformers import GPT2LMHeadModel  # optional: pip install transformers
+        hf = GPT2LMHeadModel.from_pretrained(source)
         return build_model(gpt2_config(hf.config.to_dict(), source), gpt2_state(hf.state_dict(), True), source, dropout)
     ckpt = load_checkpoint(path)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict):
-        return build_model(ckpt["config"], ckpt["model"], path, dropout)  # ours
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict) and isinstance(ckpt.get("model"), dict):
-        args = ckpt["model_args"]  # nanoGPT's: GPT-2's names; its vocabulary is GPT-2's unless it is smaller
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):  # ours
+        return build_model(ckpt["config"], ckpt.get("model"), path, dropout)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict):  # nanoGPT's: GPT-2's names
+        args = ckpt["model_args"]
         config = {k: args.get(k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")}
-        config["vocab"] = "gpt2" if (config["vocab_size"] or 0) >= 50257 else ""
-        return build_model(config, gpt2_state(ckpt["model"], conv1d=False), path, dropout)
+        config["vocab"] = "gpt2" if (config["vocab_size"] or 0) >= 50257 else ""  # GPT-2's, unless smaller
+        return build_model(config, gpt2_state(ckpt.get("model") or {}, conv1d=False), path, dropout)
     raise ValueError(f"{path} is neither this project's checkpoint nor nanoGPT's nor a Hugging Face GPT-2 folder")

@@ -21,7 +21,8 @@ import train
 def main(argv=None):
     p = train.training_args("fuse", __doc__)
     a = p.add_argument
-    a("--experts", nargs="+", help="two or more models of one shape: anything train.py --init_from takes")
+    a("--experts", nargs="+", help="models of one shape (anything train.py --init_from takes); a mixture of one "
+                                    "expert is that expert, with a router of one output")
     a("--init_from", help="instead of fusing: a fused model (fuse.py's ckpt.pt) to train on, with its own settings")
     a("--experts_per_token", type=train.COUNT, default=1, help="experts each token goes to (1: active ~ one expert)")
     a("--capacity_factor", type=train.POSITIVE, default=1.25, help="in training an expert takes at most this x its "
@@ -32,8 +33,8 @@ def main(argv=None):
     a("--z_weight", type=train.NON_NEGATIVE, default=0.0, help="router z-loss (1e-3 is usual; 0: off)")
     p.set_defaults(out_dir="out-fuse")
     args = train.parse_args(p, argv)
-    if args.init_from is None and len(args.experts or []) < 2:
-        raise ValueError("give at least two --experts (or --init_from a fused model to train on)")
+    if not (args.init_from or args.experts):
+        raise ValueError("give --experts to fuse (or --init_from a fused model to train on)")
     if args.init_from is None and args.experts_per_token > len(args.experts):
         raise ValueError(f"--experts_per_token {args.experts_per_token} is more than the {len(args.experts)} experts")
     train.check_run_folder(args)  # before loading anything

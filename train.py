@@ -8,9 +8,9 @@ Train a GPT with full supervision or with SGT (selective ground-truth token trai
   python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune GPT-2, nanoGPT's or our ckpt.pt
   torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --sgt 0.15 --grad_accum 8
 
-Writes <out_dir>/ckpt.pt (everything --resume needs, atomically at every evaluation), metrics.jsonl (a line per
-evaluation) and summary.json. A run killed at any moment continues with the same flags plus --resume and ends bit
-for bit as if never stopped (on the CPU). compress.py and fuse.py build a model, then call train() from here.
+Writes <out_dir>/ckpt.pt (everything --resume needs, atomically at every evaluation after the first), metrics.jsonl
+(a line per evaluation) and summary.json. A run killed at any moment continues with the same flags plus --resume and
+ends bit for bit as if never stopped (on the CPU). compress.py and fuse.py build a model, then call train() from here.
 """
 
 import argparse
@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -34,9 +33,10 @@ from data import prepare as data_prep
 # flags, shared by train.py, compress.py and fuse.py
 
 SHAPE = dict(n_layer=12, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias=False)  # the default model
-SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")  # fixed by weights a script starts from
-RUN_FLAGS = ("data", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "batch_size", "grad_accum",
-             "sgt", "sgt_select", "sgt_beta", "sgt_mix", "sgt_ref", "shuffle_tokens", "eval_iters", "seed")  # --resume
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")  # fixed by the weights a script starts from
+RUN_FLAGS = ("data", *SHAPE_FLAGS, "block_size", "batch_size", "grad_accum", "sgt", "sgt_select", "sgt_beta", "sgt_mix",
+             "sgt_ref", "shuffle_tokens", "eval_iters", "seed")  # what --resume must be given unchanged
+DEFAULT_BETA, DEFAULT_MIX = math.inf, 1 / 3  # chosen by the rule in studies/sgt.py (studies/sgt_defaults.md)
 
 
 class Parser(argparse.ArgumentParser):
@@ -92,9 +92,10 @@ def training_args(prog, doc=__doc__):
     a("--sgt", type=number(float, "(0, 1]"), default=1.0, help="fraction of the targets supervised (1: all)")
     a("--sgt_select", default="surprisal", choices=["surprisal", "excess"],
       help="surprisal: a draw tilted towards rare targets (--sgt_beta, --sgt_mix); excess: Rho-1's excess loss")
-    a("--sgt_beta", type=number(float, "[0, inf]"), default=1.0,
-      help="tilt: P(pick) ~ surprisal^beta; 0 uniform, inf the top-k most surprising (default: see the README)")
-    a("--sgt_mix", type=number(float, "[0, 1]"), default=0.0, help="share of the picks drawn uniformly instead")
+    a("--sgt_beta", type=number(float, "[0, inf]"), default=DEFAULT_BETA,
+      help=f"the tilt: P(pick) ~ surprisal^beta; 0 uniform, inf the most surprising (default {DEFAULT_BETA})")
+    a("--sgt_mix", type=number(float, "[0, 1]"), default=DEFAULT_MIX,
+      help=f"the share of the picks drawn uniformly instead (default {DEFAULT_MIX:.2f})")
     a("--sgt_ref", help="excess: a reference model (any --init_from) instead of the unigram model")
     a("--shuffle_tokens", action="store_true", help="control: permute the tokens within every window (no order)")
     # evaluation, logging, system
@@ -118,8 +119,8 @@ def parse_args(parser, argv=None):
 
 
 def take_shape(args, config, source):
-    """A model that comes from weights keeps its shape: a shape flag that says otherwise is a mistake. Training may
-    use a shorter context than the model's; dropout may change."""
+    """A model that comes from weights keeps its shape: a shape flag that says otherwise is a mistake. Training may use
+    a shorter context than the model's."""
     given = [f"--{k}" for k in SHAPE_FLAGS if getattr(args, k) not in (None, getattr(config, k))]
     if given or args.preset:
         raise ValueError(f"the model's shape comes from {source}; leave out {' '.join(given or ['--preset'])}")
@@ -132,17 +133,17 @@ def take_shape(args, config, source):
 
 def fill_shape(args):
     """A fresh model's shape: each flag not given comes from the preset, else from SHAPE."""
-    preset = cherry.PRESETS.get(args.preset, {})
     for k in (*SHAPE, "vocab_size"):
         if getattr(args, k) is None:
-            setattr(args, k, preset.get(k, SHAPE.get(k)))
+            setattr(args, k, cherry.PRESETS.get(args.preset, {}).get(k, SHAPE.get(k)))
 
 
 def model_from_flags(args, meta):
     """A fresh GPT of the flags' shape, plus what a preset has no flag for (the unroll, the experts)."""
     args.vocab_size = args.vocab_size or (meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64: faster matmuls
     shape = {k: getattr(args, k) for k in (*SHAPE, "vocab_size")}
-    return cherry.GPT(cherry.GPTConfig(**{**cherry.PRESETS.get(args.preset, {}), **shape, "vocab": data_prep.vocab_id(meta)}))
+    preset = cherry.PRESETS.get(args.preset, {})
+    return cherry.GPT(cherry.GPTConfig(**{**preset, **shape, "vocab": data_prep.vocab_id(meta)}))
 
 
 # ----------------------------------------------------------------------------
@@ -152,8 +153,8 @@ def model_from_flags(args, meta):
 class Data:
     """
     train.bin / val.bin as memory maps, checked against meta.json; random training windows, fixed held-out ones.
-    shuffle: permute the block_size + 1 tokens of every window by a permutation seeded with the window's start, so
-    a window is always shuffled the same way: its tokens, and every unigram statistic, stay; the order goes.
+    shuffle: permute the block_size + 1 tokens of every window by a permutation seeded with the window's start, so a
+    window is always shuffled the same way: its tokens, and every unigram statistic, stay; the order goes.
     """
 
     def __init__(self, path, block_size, shuffle=False):
@@ -183,26 +184,25 @@ class Data:
 
 
 class Selector:
-    """Which targets SGT supervises; evaluation splits the held-out loss with the same rule (full supervision at 15%)."""
+    """Which targets SGT supervises; evaluation splits the held-out loss by the same rule (full supervision at 15%)."""
 
     def __init__(self, args, meta, device):
         self.args, self.fraction = args, args.sgt if args.sgt < 1 else 0.15
         self.surprisal = cherry.surprisal_table(meta["unigram_counts"], meta["vocab_size"])
         self.generator = torch.Generator().manual_seed(args.seed + 1)
-        self.reference = None
-        if args.sgt_ref:  # Rho-1's reference model: frozen, and it must mean the same tokens
+        self.reference = None  # Rho-1's reference model (frozen), else the unigram model
+        if args.sgt_ref:
             self.reference = check_vocab(cherry.load_model(args.sgt_ref), meta, "--sgt_ref").to(device).eval()
 
     def draw(self, targets, generator=None):
-        """(B, k) positions for a (CPU) batch; None for excess, which picks inside the model's forward (excess())."""
-        if self.args.sgt_select == "excess":
-            return None
+        """(B, k) positions for a batch on the CPU; None for excess, which picks inside the model's forward."""
         a = self.args
-        return cherry.select_positions(targets, self.fraction, generator or self.generator, self.surprisal, a.sgt_beta, a.sgt_mix)
+        return None if a.sgt_select == "excess" else cherry.select_positions(
+            targets, self.fraction, generator or self.generator, self.surprisal, a.sgt_beta, a.sgt_mix)
 
     @torch.no_grad()
     def excess(self, x, y):
-        """Rho-1 for one (device) batch: the model's loss minus the reference's, the unigram model's by default."""
+        """Rho-1 for a batch on the device: the positions where the model's loss most exceeds the reference's."""
         ref = self.reference.token_losses(x, y) if self.reference else self.surprisal.to(y.device)[y]
         return cherry.excess_selector(math.ceil(self.fraction * y.size(1)), ref)
 
@@ -221,17 +221,14 @@ def check_vocab(model, meta, source):
 # ----------------------------------------------------------------------------
 # devices, steps, evaluation
 
-# Dense tensor-core peak FLOP/s by GPU name: (bf16/fp16, tf32). More specific names first.
-PEAK_FLOPS = [("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 494e12), ("H200", 989e12, 494e12),
-              ("GH200", 989e12, 494e12), ("B200", 2250e12, 1100e12), ("A100", 312e12, 156e12),
-              ("L40S", 362e12, 183e12), ("L4", 121e12, 60e12), ("A10", 125e12, 62e12),
-              ("RTX 4090", 165e12, 83e12), ("RTX 3090", 71e12, 36e12), ("V100", 125e12, 15.7e12), ("T4", 65e12, 8e12)]
+PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100": (989e12, 494e12), "H200": (989e12, 494e12),  # (bf16, tf32)
+              "B200": (2250e12, 1100e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12)}
 
 
 def peak_flops(device, dtype):
-    """The device's peak FLOP/s for this precision, or None where unknown (CPUs)."""
+    """The GPU's dense tensor-core peak FLOP/s at this precision, or None where unknown (CPUs)."""
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
-    return next((tf32 if dtype == "float32" else half for key, half, tf32 in PEAK_FLOPS if name and key in name), None)
+    return next((peaks[dtype == "float32"] for key, peaks in PEAK_FLOPS.items() if name and key in name), None)
 
 
 def setup_device(args, distributed=False):
@@ -240,22 +237,23 @@ def setup_device(args, distributed=False):
     if distributed and device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
-        kind = torch.device(device).type
+        kind, index = torch.device(device).type, torch.device(device).index or 0
     except RuntimeError:
         raise ValueError(f"unknown --device {args.device!r}; use cpu, cuda, cuda:N or mps") from None
-    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+    if kind == "cuda" and index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device}: no Apple GPU (MPS) here")
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() \
+        else "float32"
     if dtype == "float16" and kind != "cuda":
         raise ValueError(f"--dtype float16 needs a CUDA GPU; on {kind} use float32 or bfloat16")
     if args.compile and not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
         raise ValueError("--compile needs a C++ compiler (g++ or clang++) for torch.compile; install one or leave it out")
     if kind == "cuda":
-        torch.cuda.set_device(torch.device(device).index or 0)  # a bare "cuda" means device 0
+        torch.cuda.set_device(index)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=getattr(torch, dtype))
+    ctx = contextlib.nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=getattr(torch, dtype))
     return device, kind, dtype, ctx
 
 
@@ -268,15 +266,26 @@ def lr_at(it, args):
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (args.lr - min_lr)
 
 
-def optimizer_step(model, optimizer, scaler, micro_batches, ctx, grad_clip):
-    """One optimizer step over micro-batches [(x, y, selected or None)]; returns their mean loss (on the device)."""
+def micro_batches(x, y, selected, selector, args, rank, world, device):
+    """This process's micro-batches of a global batch: [(x, y, selected positions, or excess's picking function)]."""
+    out = []
+    for m in range(rank * (args.grad_accum // world), (rank + 1) * (args.grad_accum // world)):
+        part = slice(m * args.batch_size, (m + 1) * args.batch_size)
+        xb, yb = (t[part].to(device, non_blocking=True) for t in (x, y))
+        pick = None if args.sgt == 1 else selector.excess(xb, yb) if selected is None else selected[part].to(device)
+        out.append((xb, yb, pick))
+    return out
+
+
+def optimizer_step(model, optimizer, scaler, micro, ctx, grad_clip):
+    """One optimizer step over micro-batches [(x, y, selected)]; returns their mean loss (on the device: no sync)."""
     total = 0.0
-    for i, (x, y, selected) in enumerate(micro_batches):
+    for i, (x, y, selected) in enumerate(micro):
         # under DDP, all-reduce the gradients only once, on the last micro-batch
-        with (model.no_sync() if isinstance(model, DDP) and i < len(micro_batches) - 1 else nullcontext()), ctx:
+        with (model.no_sync() if isinstance(model, DDP) and i < len(micro) - 1 else contextlib.nullcontext()), ctx:
             _, loss = model(x, y, selected)
-        scaler.scale(loss / len(micro_batches)).backward()
-        total = total + loss.detach() / len(micro_batches)
+        scaler.scale(loss / len(micro)).backward()
+        total = total + loss.detach() / len(micro)
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -286,12 +295,10 @@ def optimizer_step(model, optimizer, scaler, micro_batches, ctx, grad_clip):
     return total
 
 
-GAMMA_BATCHES = 4
-
-
 class HeldOut:
-    """The fixed held-out windows of every evaluation, in batches, with the positions the selector picks in them
-    (from a generator of their own, so they never depend on training); excess picks by the model's own losses."""
+    """The held-out windows of every evaluation, in batches, with the positions the selector picks in them (from a
+    generator of their own, so they never depend on training); excess picks by the model's losses of the moment."""
+    GAMMA_BATCHES = 4  # gamma's cost: a forward and two backward passes through the full head per batch
 
     def __init__(self, args, data, selector, device):
         x, y = data.eval_batch(args.eval_iters * args.batch_size)
@@ -301,49 +308,44 @@ class HeldOut:
                         for i in range(0, len(x), args.batch_size)]
         self.selector, self.unigram_loss = selector, selector.surprisal[y].mean().item()
 
+    @torch.no_grad()
     def masks(self, model, ctx, rank=0, world=1):
-        """[(x, y, mask, losses)] of this process's batches: mask (B, T) on the selected targets."""
+        """[(x, y, mask (B, T) on the selected targets, per-position losses)] of this process's batches."""
+        model.eval()
         out = []
         for x, y, selected in self.batches[rank::world]:
             with ctx:
-                losses = model.token_losses(x, y)
+                losses = model.token_losses(x, y).double()
             selected = self.selector.excess(x, y)(losses) if selected is None else selected
-            out.append((x, y, cherry.selection_mask(selected, y.size(1)), losses.double()))
+            out.append((x, y, cherry.selection_mask(selected, y.size(1)), losses))
+        model.train()
         return out
 
-    @torch.no_grad()
     def evaluate(self, model, ctx, rank=0, world=1):
         """Held-out loss on all targets, on the selected ones and on the rest (summed over processes)."""
-        model.eval()
         sums = torch.zeros(3, 2, dtype=torch.float64, device=self.batches[0][0].device)
         for x, y, mask, losses in self.masks(model, ctx, rank, world):
             for i, part in enumerate((torch.ones_like(mask), mask, ~mask)):
                 sums[i] += torch.stack([losses[part].sum(), part.sum().double()])
         if world > 1:
             dist.all_reduce(sums)
-        model.train()
         return dict(zip(("loss", "loss_sup", "loss_unsup"), (sums[:, 0] / sums[:, 1]).tolist()))
 
     def coupling(self, model, ctx):
-        """gamma without batch noise (cherry.gradient_coupling) from the first GAMMA_BATCHES held-out batches, and the
-        naive one-batch cosine: each batch costs a forward and two backward passes through the full head."""
-        with torch.no_grad():
-            batches = [(x, y, mask) for x, y, mask, _ in self.masks(model.eval(), ctx)][:GAMMA_BATCHES]
+        """gamma without batch noise (cherry.gradient_coupling) over held-out batches, and the naive one-batch cosine."""
+        batches = [(x, y, mask) for x, y, mask, _ in self.masks(model, ctx)[:self.GAMMA_BATCHES]]
         with ctx:
             gamma = cherry.gradient_coupling(model, batches)
-        model.train()
         return {"gamma": gamma["all"], "gamma_trunk": gamma["trunk"], "gamma_embedding_head": gamma["embedding+head"],
                 "gamma_naive": gamma["naive"], "gamma_batch": len(batches[0][0])}
-
 
     @torch.no_grad()
     def expert_load(self, model, ctx):
         """The share of the held-out tokens each expert gets, per layer (every application of an unrolled layer)."""
-        model.eval()
         total = 0
         for x, _, _ in self.batches:
             with ctx:
-                model.hidden(x)  # the routers record their counts
+                model.eval().hidden(x)  # the routers record their counts
             total = total + cherry.expert_counts(model)
         model.train()
         return (total / total.sum(dim=1, keepdim=True)).tolist()
@@ -362,11 +364,9 @@ def held_out_loss(args, model):
 
 
 def check_run_folder(args):
-    """
-    Before anything is written: a folder that holds a run (ckpt.pt, metrics.jsonl or summary.json) is continued only
-    with --resume, and only with the flags it was started with (shape flags left out are taken from it). Returns the
-    checkpoint to resume from, or None.
-    """
+    """Before anything is written: a folder that holds a run (ckpt.pt, metrics.jsonl, summary.json) is continued only
+    with --resume and the flags it was started with (shape flags left out come from it). Returns the checkpoint to
+    resume from, or None."""
     out, ckpt_path = args.out_dir, os.path.join(args.out_dir, "ckpt.pt")
     if not out or os.path.isfile(out):
         raise ValueError(f"--out_dir {out!r} is not a folder")
@@ -374,21 +374,18 @@ def check_run_folder(args):
     if found and not args.resume:
         raise ValueError(f"--out_dir {out} already holds a run ({found[0]}); add --resume to continue it, "
                          f"or choose a new --out_dir")
-    if not found:
-        return None
-    if "ckpt.pt" not in found:
+    if found and "ckpt.pt" not in found:
         raise ValueError(f"--out_dir {out} has {found[0]} but no ckpt.pt to resume from; choose a new --out_dir")
-    ckpt = cherry.load_checkpoint(ckpt_path)
+    ckpt = cherry.load_checkpoint(ckpt_path) if found else None
     saved = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if not isinstance(saved, dict) or any(k not in ckpt for k in ("model", "config", "optimizer", "iter", "torch_rng")):
+    if found and (not isinstance(saved, dict) or any(k not in ckpt for k in ("model", "config", "optimizer", "rng"))):
         raise ValueError(f"{ckpt_path} cannot be resumed exactly; start a new --out_dir with --init_from {ckpt_path}")
-    for k in RUN_FLAGS:
-        if getattr(args, k) is None and k in SHAPE_FLAGS + ("block_size",):
+    for k in RUN_FLAGS if found else ():
+        if getattr(args, k) is None and k in (*SHAPE_FLAGS, "block_size"):
             setattr(args, k, saved.get(k))
-    changed = next((k for k in RUN_FLAGS if k in saved and saved[k] != getattr(args, k)), None)
-    if changed:
-        raise ValueError(f"--resume: {ckpt_path} was started with --{changed} {saved[changed]}, not "
-                         f"{getattr(args, changed)}; give the flags it was started with")
+        if k in saved and saved[k] != getattr(args, k):
+            raise ValueError(f"--resume: {ckpt_path} was started with --{k} {saved[k]}, not {getattr(args, k)}; "
+                             f"give the flags it was started with")
     return ckpt
 
 
@@ -400,27 +397,54 @@ def locked(out_dir):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel releases it when the process ends
         except BlockingIOError:
-            raise ValueError(f"--out_dir {out_dir} is in use by another training; wait for it or choose another") from None
+            raise ValueError(f"--out_dir {out_dir} is in use by another training; wait for it, or choose another") \
+                from None
         yield
 
 
-def restore(ckpt, optimizer, scaler, generators, device):
-    """Resume state: the optimizer, the scaler and every random generator in use as the checkpoint left them."""
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    for generator, state in zip(generators, ckpt["rng"]):  # data order, SGT's draws
-        generator.set_state(state)
-    torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from torch's own generators
-    if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-    return ckpt["iter"], ckpt["best"], ckpt["metrics"]
+def run_state(ckpt, optimizer, scaler, generators, device, **now):
+    """Everything --resume needs. Given a checkpoint: restore the optimizer, the scaler and every random generator in
+    use (data order, SGT's draws, torch's own for dropout) and return it. Given now=...: the state to save."""
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        for generator, state in zip(generators, ckpt["rng"]):
+            generator.set_state(state)
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        return ckpt
+    return {**now, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "rng": [g.get_state() for g in generators],
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
 
 
 def save_json(obj, path, lines=False):
     """summary.json, or metrics.jsonl (lines=True, rewritten whole: never a half-written line)."""
     text = "".join(json.dumps(r) + "\n" for r in obj) if lines else json.dumps(obj, indent=2)
     data_prep.atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class NanWatch:
+    """The first step whose loss was NaN or inf, kept on the device (no sync per step); checked before each progress
+    line and each checkpoint, so a bad state is never saved."""
+
+    def __init__(self, device, world, ckpt_path):
+        self.first, self.world, self.ckpt_path = torch.full((), 2**62, device=device), world, ckpt_path
+
+    def record(self, loss, step):
+        self.first = torch.where((self.first == 2**62) & ~torch.isfinite(loss), step, self.first)
+
+    def check(self, rows):
+        first = self.first.clone()
+        if self.world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if first.item() != 2**62:
+            kept = f"{self.ckpt_path} still holds step {rows[-1]['iter']}, the last good state" \
+                if os.path.exists(self.ckpt_path) else "no checkpoint was written"
+            raise ValueError(f"the loss became NaN or inf at step {int(first.item())}; stopped, {kept}. Lower --lr (or "
+                             f"raise --warmup_iters), then continue with --resume")
 
 
 # ----------------------------------------------------------------------------
@@ -430,14 +454,14 @@ def save_json(obj, path, lines=False):
 def train(args, model=None, summary_extra=None):
     """
     The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, train.py --init_from), or None for a fresh
-    one from the flags. With --resume the model, optimizer, RNGs and data position come from <out_dir>/ckpt.pt and
-    the run goes on exactly as if it had never stopped. Returns the summary (also written to summary.json).
+    one from the flags. With --resume the model, optimizer, RNGs and data position come from <out_dir>/ckpt.pt and the
+    run goes on exactly as if it had never stopped. Returns the summary (also written to summary.json).
     """
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     master, ckpt_path = rank == 0, os.path.join(args.out_dir, "ckpt.pt")
     if args.grad_accum % world:
         raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
-    ckpt = check_run_folder(args)
+    ckpt = check_run_folder(args)  # every check comes before anything is written
     if ckpt is None and model is None:
         fill_shape(args)
     device, kind, dtype, ctx = setup_device(args, distributed=world > 1)
@@ -445,102 +469,74 @@ def train(args, model=None, summary_extra=None):
     torch.manual_seed(args.seed)
     if ckpt is not None:
         model = cherry.build_model(ckpt["config"], ckpt["model"], ckpt_path)
-    model = check_vocab(model or model_from_flags(args, data.meta), data.meta, getattr(args, "init_from", None) or "the model")
-    selector, data_gen = Selector(args, data.meta, device), torch.Generator().manual_seed(args.seed)
+    model = check_vocab(model or model_from_flags(args, data.meta), data.meta, getattr(args, "init_from", None) or "it")
+    selector, data_gen, cfg = Selector(args, data.meta, device), torch.Generator().manual_seed(args.seed), model.config
     raw_model = model.to(device)
     raw_model.grad_checkpoint = args.grad_checkpoint
     optimizer = raw_model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), kind)
     scaler = torch.amp.GradScaler(kind, enabled=dtype == "float16")
-    start, best, rows = restore(ckpt, optimizer, scaler, (data_gen, selector.generator), device) if ckpt else (0, None, [])
+    state = run_state(ckpt, optimizer, scaler, (data_gen, selector.generator), device) or {}
+    start, best, rows = state.get("iter", 0), state.get("best"), state.get("metrics", [])
     if world > 1:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     model = torch.compile(raw_model) if args.compile else raw_model
     model = DDP(model, device_ids=[torch.device(device).index] if kind == "cuda" else None) if world > 1 else model
-    held_out, cfg, sgt, excess = HeldOut(args, data, selector, device), raw_model.config, args.sgt < 1, args.sgt_select == "excess"
-    flops = cherry.flops_per_token(cfg, args.sgt, full_head_forward=excess) + (
+    held_out, sgt, nan = HeldOut(args, data, selector, device), args.sgt < 1, NanWatch(device, world, ckpt_path)
+    flops = cherry.flops_per_token(cfg, args.sgt, full_head_forward=args.sgt_select == "excess") + (
         cherry.flops_per_token(selector.reference.config, training=False) if selector.reference else 0)
-    tokens_per_step, n_params, peak = args.batch_size * args.grad_accum * args.block_size, cherry.count_params(raw_model), peak_flops(device, dtype)
+    tokens_per_step, peak = args.batch_size * args.grad_accum * args.block_size, peak_flops(device, dtype)
     if master:
-        print(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token for training | {device}, {dtype}, "
-              f"{world} process(es) | {tokens_per_step:,} tokens per step | supervising "
-              f"{'all targets' if not sgt else f'{args.sgt:.0%} ({describe(args)})'} | unigram held-out loss {held_out.unigram_loss:.4f}")
-    # the first step whose loss was NaN or inf, kept on the device (no sync per step); read before each progress line
-    # and each checkpoint, so a bad state is never saved
-    first_bad = torch.full((), 2**62, dtype=torch.long, device=device)
-
-    def stop_if_not_finite():
-        bad = first_bad.clone()
-        if world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        if bad.item() != 2**62:
-            kept = f"{ckpt_path} still holds step {rows[-1]['iter']}, the last good state" if os.path.exists(ckpt_path) else "no checkpoint was written"
-            raise ValueError(f"the loss became NaN or inf at step {bad.item()}; stopped, {kept}. Lower --lr (or raise "
-                             f"--warmup_iters), then continue with --resume")
-
-    with locked(args.out_dir) if master else nullcontext():
+        print(f"model: {cherry.count_params(raw_model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token for "
+              f"training | {device}, {dtype}, {world} process(es) | {tokens_per_step:,} tokens per step | supervising "
+              f"{describe(args)} | unigram held-out loss {held_out.unigram_loss:.4f}")
+    with locked(args.out_dir) if master else contextlib.nullcontext():
         t0 = t_steps = time.time()
         tokens, dropped = 0, 0.0
         for it in range(start, args.max_iters + 1):
             if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt is not None and it == start):
-                stop_if_not_finite()  # a sync: the clock below sees the training steps finished
+                nan.check(rows)  # a sync: the clock below sees every training step done
                 train_s, t_eval = time.time() - t_steps, time.time()
                 row = {"iter": it, **held_out.evaluate(raw_model, ctx, rank, world)}
                 if not math.isfinite(row["loss"]):
-                    first_bad.fill_(it)
-                    stop_if_not_finite()
-                if sgt and master:  # gradient coupling on the held-out batches
+                    nan.record(torch.tensor(math.nan, device=device), it)
+                    nan.check(rows)
+                if sgt and master:
                     row.update(held_out.coupling(raw_model, ctx))
-                row.update(tokens_per_s=tokens / train_s if tokens else None, eval_s=time.time() - t_eval, lr=lr_at(it, args))
-                if peak and tokens:
-                    row["mfu"] = row["tokens_per_s"] * flops / (peak * world)
-                if raw_model.moe_layers and tokens:
-                    row["dropped"] = float(dropped) / (tokens / tokens_per_step)  # share of expert assignments
+                row.update(tokens_per_s=tokens / train_s if tokens else None, eval_s=time.time() - t_eval,
+                           lr=lr_at(it, args), **({"mfu": tokens / train_s * flops / peak / world} if peak and tokens else {}),
+                           **({"dropped": dropped.item() * tokens_per_step / tokens} if tokens and cfg.n_expert else {}))
                 best = dict(row) if best is None or row["loss"] < best["loss"] else best
                 rows.append(row)
+                if master and (it > start or ckpt is not None):  # step 0: the flags' own start, nothing to resume
+                    save = run_state(None, optimizer, scaler, (data_gen, selector.generator), device, iter=it, best=best,
+                                     metrics=rows, model=raw_model.state_dict(), config=cfg.to_dict(), args=vars(args))
+                    data_prep.atomic_write(ckpt_path, lambda f: torch.save(save, f))  # first: it holds the rows
+                    save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
                 if master:
-                    if it > start or ckpt is not None:  # step 0 is the flags' own start: nothing to resume
-                        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scaler": scaler.state_dict(), "config": cfg.to_dict(), "iter": it, "best": best,
-                                 "metrics": rows, "args": vars(args), "rng": [data_gen.get_state(), selector.generator.get_state()],
-                                 "torch_rng": torch.get_rng_state(),
-                                 "cuda_rng": torch.cuda.get_rng_state(device) if kind == "cuda" else None}
-                        data_prep.atomic_write(ckpt_path, lambda f: torch.save(state, f))  # first: it holds the rows
-                        save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
                     print(f"eval {it}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | loss_unsup "
                           f"{row['loss_unsup']:.4f}" + (f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""))
                 tokens, dropped, t_steps = 0, 0.0, time.time()
             if it == args.max_iters:
                 break
-            # one optimizer step over the global batch; this process takes its slices of it
-            lr = lr_at(it, args)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = data.train_batch(args.batch_size * args.grad_accum, data_gen)
-            selected = selector.draw(y) if sgt else None
-            micro = []
-            for m in range(rank * (args.grad_accum // world), (rank + 1) * (args.grad_accum // world)):
-                part = slice(m * args.batch_size, (m + 1) * args.batch_size)
-                xb, yb = (t[part].to(device, non_blocking=True) for t in (x, y))
-                sel = selector.excess(xb, yb) if sgt and excess else selected[part].to(device) if sgt else None
-                micro.append((xb, yb, sel))
+                group["lr"] = lr_at(it, args)
+            x, y = data.train_batch(args.batch_size * args.grad_accum, data_gen)  # the global batch, on every process
+            micro = micro_batches(x, y, selector.draw(y) if sgt else None, selector, args, rank, world, device)
             loss = optimizer_step(model, optimizer, scaler, micro, ctx, args.grad_clip)
-            first_bad = torch.where((first_bad == 2**62) & ~torch.isfinite(loss), it + 1, first_bad)
+            nan.record(loss, it + 1)
             tokens += tokens_per_step
-            if raw_model.moe_layers:
-                dropped = dropped + cherry.dropped_share(raw_model).detach()
+            dropped = dropped + cherry.dropped_share(raw_model).detach() if cfg.n_expert else dropped
             if (it + 1) % args.log_interval == 0:
-                stop_if_not_finite()
+                nan.check(rows)
                 if master:
                     tok_s, elapsed = tokens / (time.time() - t_steps), time.time() - t0
-                    mfu = f" | MFU {tok_s * flops / (peak * world):.1%}" if peak else ""
-                    print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
-                          f"{mfu} | {elapsed:.0f}s, ~{elapsed / (it + 1 - start) * (args.max_iters - it - 1):.0f}s left")
-        summary = {"final": rows[-1], "best": best, "params": n_params, "flops_per_token": flops,
+                    print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr {lr_at(it, args):.2e} | "
+                          f"{tok_s:,.0f} tok/s" + (f" | MFU {tok_s * flops / peak / world:.1%}" if peak else "") +
+                          f" | {elapsed:.0f}s, ~{elapsed / (it + 1 - start) * (args.max_iters - it - 1):.0f}s left")
+        summary = {"final": rows[-1], "best": best, "params": cherry.count_params(raw_model), "flops_per_token": flops,
                    "tokens_per_step": tokens_per_step, "unigram_loss": held_out.unigram_loss, "wall_s": time.time() - t0,
                    "device": device, "dtype": dtype, "processes": world, "config": cfg.to_dict(), "args": vars(args),
-                   **(summary_extra or {})}
-        if raw_model.moe_layers:
-            summary["expert_load"] = held_out.expert_load(raw_model, ctx)
+                   **(summary_extra or {}), **({"expert_load": held_out.expert_load(raw_model, ctx)} if cfg.n_expert else {})}
         if master:
             save_json(summary, os.path.join(args.out_dir, "summary.json"))
             print(verdict(summary, rows))
@@ -551,18 +547,21 @@ def train(args, model=None, summary_extra=None):
 
 
 def describe(args):
+    if args.sgt == 1:
+        return "all targets"
     if args.sgt_select == "excess":
-        return f"Rho-1 excess loss over {args.sgt_ref or 'the unigram model'}"
-    return f"surprisal^{args.sgt_beta:g} draw" + (f", {args.sgt_mix:.0%} of it uniform" if args.sgt_mix else "")
+        return f"{args.sgt:.0%}: Rho-1's excess loss over {args.sgt_ref or 'the unigram model'}"
+    return f"{args.sgt:.0%}: drawn ~ surprisal^{args.sgt_beta:g}" + (f", {args.sgt_mix:.0%} of them uniformly"
+                                                                      if args.sgt_mix else "")
 
 
 def verdict(summary, rows):
     """The last line: where the run ended, against the unigram model (a table of token frequencies)."""
     final, best, uni = summary["final"], summary["best"], summary["unigram_loss"]
-    side = "below" if final["loss"] < uni else "ABOVE"
-    return (f"done: held-out loss {final['loss']:.4f} ({abs(final['loss'] - uni):.3f} {side} the unigram model's "
-            f"{uni:.4f}); best {best['loss']:.4f} at step {best['iter']}; unsupervised targets {rows[0]['loss_unsup']:.3f} "
-            f"-> {final['loss_unsup']:.3f} -> {summary['args']['out_dir']}")
+    return (f"done: held-out loss {final['loss']:.4f} ({abs(final['loss'] - uni):.3f} "
+            f"{'below' if final['loss'] < uni else 'ABOVE'} the unigram model's {uni:.4f}); best {best['loss']:.4f} at "
+            f"step {best['iter']}; unsupervised targets {rows[0]['loss_unsup']:.3f} -> {final['loss_unsup']:.3f} -> "
+            f"{summary['args']['out_dir']}")
 
 
 def main(argv=None):
@@ -584,6 +583,8 @@ def cli(main, prog, argv=None):
         return main(argv)
     except (ValueError, OSError) as e:  # ours say what to do; OSError: a missing file, a full disk
         raise SystemExit(f"{prog}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
+    except ImportError as e:
+        raise SystemExit(f"{prog}: this needs the {e.name} package: pip install {e.name}") from None
     except KeyboardInterrupt:
         raise SystemExit(f"{prog}: interrupted; --resume continues from the last checkpoint") from None
 

@@ -243,7 +243,14 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
                          f"token) and 2^20")
     os.makedirs(out_dir, exist_ok=True)
     meta = {"tokenizer": tokenizer_name}
-    if n_bpe:  # trained on the part of every document that will be train
+    if os.path.isfile(os.path.join(tokenizer_name, "meta.json")):  # another folder's tokenizer: one vocabulary for both
+        source = json.load(open(os.path.join(tokenizer_name, "meta.json")))
+        meta = {k: v for k, v in source.items() if k.startswith("tokenizer") or k == "chars"}
+        if "tokenizer_file" in meta:
+            contents = open(os.path.join(tokenizer_name, meta["tokenizer_file"]), "rb").read()
+            atomic_write(os.path.join(out_dir, meta["tokenizer_file"]), lambda f: f.write(contents))
+        enc = tokenizer(meta, out_dir)
+    elif n_bpe:  # trained on the part of every document that will be train
         enc, bpe_meta = train_bpe([d[:len(d) - int(len(d) * val_fraction)] for d in documents], n_bpe, out_dir)
         meta.update(bpe_meta)
     elif tokenizer_name == "char":
@@ -316,7 +323,7 @@ def main(argv=None):
     p.add_argument("--glob", default="*", help="with a folder --input: which files, e.g. '*.py' (default: all)")
     p.add_argument("--out_dir", help="where train.bin, val.bin and meta.json go (default: data/<corpus>)")
     p.add_argument("--tokenizer", help="gpt2 (the default), bpe:N (trained here), char (the default of "
-                                        "shakespeare_char), or a tiktoken encoding name (online)")
+                                        "shakespeare_char), a data folder (its tokenizer), or a tiktoken name (online)")
     p.add_argument("--max_tokens", type=int, help="keep only the first this many tokens")
     p.add_argument("--val_fraction", type=float, default=0.1, help="the tail of each document held out (default 0.1)")
     p.add_argument("--compact_vocab", action="store_true", help="keep only the token types that occur, renumbered")

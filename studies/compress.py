@@ -1,229 +1,126 @@
 """
-Depth compression at small scale: train a 12-layer dense teacher, average it into 3 layers, recover through the
-learned recurrent unroll, and compare with dense models trained from scratch. Runs on 2 CPU cores in ~20 minutes.
+Depth compression where depth matters at CPU scale: character level, so that the blocks, not the embedding, hold the
+parameters. A dense 8-layer teacher is averaged into 2 layers and recovered through the learned unroll (each layer run
+4 times, step embeddings, LoRA from the SVD of the residue); dense 2- and 5-layer models (5: ~2.5x the recovered model's
+parameters) train from scratch on the same total tokens (the teacher's plus the recovery's). Every model is scored on
+the same held-out windows; differences are paired, their standard errors pooled over the windows of 3 seeds.
 
-  python -m studies.compress                 # writes studies/compress_results.md and studies/img/compress.png
-  python -m studies.compress --threads 1     # one thread per process: faster when another job shares the cores
+  python -m studies.compress             # 3 seeds, ~25 min on 2 CPU cores
+  python -m studies.compress --pilot     # one seed of the gate's runs only (~5 min): is the gate within reach?
+  python -m studies.compress --gpu DATA  # the paper's 48 -> 6 (1,8,8,8,8,1) at width 384, dense 24 and 6 layers,
+                                         # on a token folder prepared elsewhere (a GPU machine may have no network)
 
-The rows (DESIGN.md section 2; the paper compresses 48 -> 6 layers and unrolls 1,8,8,8,8,1 = 34):
-  (a) the teacher, 12 layers                     (b) averaged into 3 layers, each run once, not trained
-  (c) averaged, unrolled 1,4,1, not trained      (c+) the same with the LoRA set from the SVD, not trained
-  (c') averaged, unrolled 4,4,4 (the teacher's depth), not trained, and (c'+) with the LoRA
-  (d) recovered: (b), (c), (c+) and (c'+) each trained for the recovery steps
-  (e) dense, 3 layers, from scratch              (f) dense, 8 layers (~2.5x the non-embedding parameters of (d))
-Token budget: every trained model has seen the same number of training tokens in total. (e) and (f) train for
-the teacher's steps plus the recovery steps; a recovered model's count includes the tokens its teacher saw.
-All models are scored on the same 200 held-out windows (25,600 tokens); the noise is the standard error of the
-per-window difference from (f), the windows being shared (paired). One seed: seed-to-seed spread is not measured.
-
-Vocabulary: the GPT-2 ids that occur in the training split of Shakespeare, renumbered 0..18,709, plus one id for
-the held-out tokens never seen in training (0.35% of them). Softmax over 50,304 logits is most of a step's time at
-this width; over 18,711 the same runs take half the time. The token sequence is the same; the losses are not
-comparable with runs on the full GPT-2 vocabulary.
+The question: does the recovered model get within noise of the dense model with ~2.5x its parameters (the paper:
+2.934 vs 2.926)? First the gate: at equal tokens the small dense model must be >= 0.05 nats and >= 10 paired standard
+errors worse than the large one, and the teacher better than the large one; otherwise: not testable at this scale.
 """
 
 import argparse
-import json
 import os
-import platform
-import shutil
 import sys
 import time
 
-import numpy as np
 import torch
 
 import cherry
-import compress
 import train
-from data import prepare as data_prep
+from studies import common
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-DATA = os.path.join(ROOT, "data", "shakespeare-compact")
-
-TEACHER_LAYERS, LAYERS, DENSE_BIG_LAYERS = 12, 3, 8
-SHAPE = ["--n_head", "4", "--n_embd", "128"]
-COMMON = ["--data", DATA, "--block_size", "128", "--batch_size", "8", "--eval_iters", "10", "--eval_interval", "50",
-          "--log_interval", "50", "--device", "cpu", "--seed", "1337"]
-FROM_SCRATCH = ["--lr", "2e-3", "--warmup_iters", "50"]
-RECOVERY = ["--lr", "1e-3", "--warmup_iters", "20"]
-EVAL_WINDOWS = 200
+CPU = dict(teacher=8, layers=2, big=5, width=128, heads=4, unroll="4,4", lora=16, teacher_steps=500, recovery_steps=125,
+           batch=16, block=128, windows=400, device="cpu")
+GPU = dict(teacher=48, layers=6, big=24, width=384, heads=6, unroll="1,8,8,8,8,1", lora=32, teacher_steps=6000,
+           recovery_steps=1500, batch=32, block=256, windows=400, device="cuda")
 
 
-def compact_vocabulary(src=data_prep.DEFAULT_DIR, dst=DATA):
-    """A copy of the data with the token ids that occur in the training split renumbered densely (see above)."""
-    if os.path.exists(os.path.join(dst, "meta.json")):
-        return
-    if not os.path.exists(os.path.join(src, "meta.json")):
-        data_prep.main([])
-    meta = json.load(open(os.path.join(src, "meta.json")))
-    train_ids = np.fromfile(os.path.join(src, "train.bin"), dtype=meta["dtype"])
-    val_ids = np.fromfile(os.path.join(src, "val.bin"), dtype=meta["dtype"])
-    used = np.unique(train_ids)
-    lookup = np.full(meta["vocab_size"], len(used), dtype=np.uint16)  # unseen in training -> one shared id
-    lookup[used] = np.arange(len(used))
-    os.makedirs(dst, exist_ok=True)
-    lookup[train_ids].tofile(os.path.join(dst, "train.bin"))
-    lookup[val_ids].tofile(os.path.join(dst, "val.bin"))
-    counts = np.bincount(lookup[train_ids], minlength=len(used) + 1)
-    meta.update(vocab_size=len(used) + 1, dtype="uint16", tokenizer="gpt2, renumbered to the ids in train.bin",
-                unigram_counts={str(i): int(c) for i, c in enumerate(counts) if c})
-    with open(os.path.join(dst, "meta.json"), "w") as f:
-        json.dump(meta, f)
-
-
-@torch.no_grad()
-def window_losses(model, x, y):
-    """Mean held-out loss of each window, (n_windows,)."""
-    model.eval()
-    return torch.cat([model.token_losses(x[i:i + 20], y[i:i + 20]).mean(dim=1) for i in range(0, len(x), 20)]).double()
-
-
-def load(out_dir):
-    return cherry.GPT.from_pretrained(out_dir)
-
-
-def curve(out_dir, token_offset=0):
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    per_step = json.load(open(os.path.join(out_dir, "summary.json")))["tokens_per_step"]
-    return [token_offset + r["iter"] * per_step for r in rows], [r["loss"] for r in rows]
-
-
-def plot(curves, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for label, (tokens, losses), style in curves:
-        ax.plot(np.array(tokens) / 1e6, losses, style, label=label, markersize=3)
-    ax.set_xlabel("training tokens seen, teacher's included (millions)")
-    ax.set_ylabel("held-out loss (train.py's evaluation)")
-    ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{TEACHER_LAYERS} layers averaged into {LAYERS}, then recovered (Shakespeare, width 128)")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return True
+def jobs(s, seed, out, data, pilot=False):
+    """The runs of one seed: teacher, recovery (with and without LoRA), dense small and big: [(module, argv)]."""
+    common_flags = ["--data", data, "--block_size", s["block"], "--batch_size", s["batch"], "--eval_iters", 8,
+                    "--log_interval", 10**6, "--device", s["device"], "--seed", seed]
+    shape = ["--n_head", s["heads"], "--n_embd", s["width"], "--lr", 2e-3, "--warmup_iters", 50]
+    steps = s["teacher_steps"] + s["recovery_steps"]
+    run = {"teacher": ("train", [*shape, "--n_layer", s["teacher"], "--max_iters", s["teacher_steps"]]),
+           "small": ("train", [*shape, "--n_layer", s["layers"], "--max_iters", steps]),
+           "big": ("train", [*shape, "--n_layer", s["big"], "--max_iters", steps])}
+    recover = ["--init_from", os.path.join(out, f"teacher-s{seed}"), "--layers", s["layers"], "--unroll", s["unroll"],
+               "--max_iters", s["recovery_steps"], "--lr", 1e-3, "--warmup_iters", 20]
+    if not pilot:
+        run["recovered"] = ("compress", [*recover, "--lora_rank", s["lora"]])
+        run["recovered_no_lora"] = ("compress", recover)
+    return {name: (module, [*common_flags, *flags, "--eval_interval", flags[flags.index("--max_iters") + 1] // 5,
+                            "--out_dir", os.path.join(out, f"{name}-s{seed}")]) for name, (module, flags) in run.items()}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=os.path.join(ROOT, "out-study-compress"), help="where the runs write")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--teacher_steps", type=int, default=500, help="the teacher's training steps")
-    p.add_argument("--recovery_steps", type=int, default=150, help="recovery steps; scratch runs get both")
+    p.add_argument("--out_dir", default=os.path.join("out", "study-compress"))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--pilot", action="store_true", help="one seed of the gate's runs only")
+    p.add_argument("--gpu", metavar="DATA", help="the paper's shape on this token folder, on a GPU")
     args = p.parse_args(argv)
-    teacher_steps, recovery_steps = args.teacher_steps, args.recovery_steps
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0, load_start = time.time(), os.getloadavg()
-    out = lambda name: os.path.join(args.out_dir, name)
-    for name in ("teacher", "d_once", "d_unroll", "d_unroll_lora", "d_full_lora", "e_dense_small", "f_dense_big"):
-        shutil.rmtree(out(name), ignore_errors=True)  # the study re-runs them on purpose; train.py never overwrites a run
-    compact_vocabulary()
-
-    # 1. the teacher; 2. compress and recover three ways; 3. dense from scratch on the same total tokens
-    train.main([*COMMON, *SHAPE, *FROM_SCRATCH, "--n_layer", str(TEACHER_LAYERS), "--max_iters", str(teacher_steps),
-                "--out_dir", out("teacher")])
-    teacher_ckpt = os.path.join(out("teacher"), "ckpt.pt")
-    full_depth = ",".join([str(TEACHER_LAYERS // LAYERS)] * LAYERS)  # each layer group-size times: the teacher's depth
-    recoveries = {"d_once": ["--unroll", "none", "--no_step_embed"],
-                  "d_unroll": [],
-                  "d_unroll_lora": ["--lora_rank", "8"],
-                  "d_full_lora": ["--unroll", full_depth, "--lora_rank", "8"]}
-    for name, flags in recoveries.items():
-        compress.main([*COMMON, *RECOVERY, "--max_iters", str(recovery_steps), "--init_from", teacher_ckpt, "--layers", str(LAYERS), *flags, "--out_dir", out(name)])
-    for name, layers in (("e_dense_small", LAYERS), ("f_dense_big", DENSE_BIG_LAYERS)):
-        train.main([*COMMON, *SHAPE, *FROM_SCRATCH, "--n_layer", str(layers), "--max_iters", str(teacher_steps + recovery_steps),
-                    "--out_dir", out(name)])
-    train_s = time.time() - t0
-
-    # 4. every model on the same held-out windows
-    teacher = load(out("teacher"))
-    schedule, full_schedule = load(out("d_unroll")).schedule, load(out("d_full_lora")).schedule
-    tokens_per_step = json.load(open(os.path.join(out("teacher"), "summary.json")))["tokens_per_step"]
-    teacher_tokens, total_tokens = teacher_steps * tokens_per_step, (teacher_steps + recovery_steps) * tokens_per_step
-    rows = [  # key, what, model, training tokens
-        ("a", f"teacher, dense {TEACHER_LAYERS} layers", teacher, teacher_tokens),
-        ("b", f"averaged into {LAYERS} layers, each run once", cherry.compress(teacher, LAYERS, tuple(range(LAYERS)), step_embed=False), teacher_tokens),
-        ("c", f"averaged, unrolled {schedule}, nothing learned", cherry.compress(teacher, LAYERS, schedule, step_embed=False), teacher_tokens),
-        ("c+", "(c) + LoRA rank 8 from the SVD of (layer - mean)", cherry.compress(teacher, LAYERS, schedule, lora_rank=8), teacher_tokens),
-        ("c'", f"averaged, unrolled {full_depth} (the teacher's depth), nothing learned", cherry.compress(teacher, LAYERS, full_schedule, step_embed=False), teacher_tokens),
-        ("c'+", "(c') + LoRA rank 8 from the SVD", cherry.compress(teacher, LAYERS, full_schedule, lora_rank=8), teacher_tokens),
-        ("d1", "(b) recovered: no unroll", load(out("d_once")), total_tokens),
-        ("d2", "(c) recovered: unroll + step embeddings", load(out("d_unroll")), total_tokens),
-        ("d3", "(c+) recovered: unroll + step embeddings + LoRA 8", load(out("d_unroll_lora")), total_tokens),
-        ("d4", "(c'+) recovered: full-depth unroll + step embeddings + LoRA 8", load(out("d_full_lora")), total_tokens),
-        ("e", f"dense {LAYERS} layers from scratch", load(out("e_dense_small")), total_tokens),
-        ("f", f"dense {DENSE_BIG_LAYERS} layers from scratch", load(out("f_dense_big")), total_tokens),
-    ]
-    data = train.Data(DATA, 128)
-    x, y = data.eval_batch(EVAL_WINDOWS)
-    losses = {key: window_losses(model, x, y) for key, _, model, _ in rows}
-    non_embedding = lambda model: cherry.count_params(model) - model.wte.weight.numel()
-    reference_params = non_embedding(next(model for key, _, model, _ in rows if key == "d3"))  # the paper's method
-
-    lines = ["| row | model | layers (distinct / run) | non-embedding params | x (d3) | training GFLOPs/token | training tokens | held-out loss | minus (f) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    results = {}
-    for key, what, model, tokens in rows:
-        params = non_embedding(model)
-        diff = losses[key] - losses["f"]
-        se = diff.std().item() / len(diff) ** 0.5
-        results[key] = {"model": what, "layers": model.config.n_layer, "effective_layers": len(model.schedule),
-                        "non_embedding_params": params, "params": cherry.count_params(model),
-                        "training_flops_per_token": cherry.flops_per_token(model.config), "training_tokens": tokens,
-                        "loss": losses[key].mean().item(), "minus_f": diff.mean().item(), "minus_f_se": se}
-        gap = "" if key == "f" else f"{diff.mean().item():+.3f} ± {se:.3f}"
-        lines.append(f"| ({key}) | {what} | {model.config.n_layer} / {len(model.schedule)} | {params:,} | {params / reference_params:.2f} "
-                     f"| {cherry.flops_per_token(model.config) / 1e9:.3f} | {tokens / 1e6:.3f}M | {losses[key].mean().item():.3f} | {gap} |")
-    wall = time.time() - t0
-    table = "\n".join(lines)
-    early = {}  # the scratch runs after as many tokens as a recovery alone (mid-schedule, from train.py's evaluations)
-    for key, name in (("e", "e_dense_small"), ("f", "f_dense_big")):
-        tokens, run_losses = curve(out(name))
-        early[key] = min(zip(tokens, run_losses), key=lambda t: abs(t[0] - recovery_steps * tokens_per_step))
-
-    drawn = plot([("(a) teacher, 12 layers", curve(out("teacher")), "k-o"),
-                  ("(d1) recovered, no unroll", curve(out("d_once"), teacher_tokens), "c-s"),
-                  ("(d2) recovered, unroll", curve(out("d_unroll"), teacher_tokens), "b-s"),
-                  ("(d3) recovered, unroll + LoRA 8", curve(out("d_unroll_lora"), teacher_tokens), "m-s"),
-                  ("(d4) recovered, full-depth unroll + LoRA 8", curve(out("d_full_lora"), teacher_tokens), "y-s"),
-                  ("(e) dense 3 layers, scratch", curve(out("e_dense_small")), "g-^"),
-                  ("(f) dense 8 layers, scratch", curve(out("f_dense_big")), "r-^")],
-                 os.path.join(HERE, "img", "compress.png"))
-    machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-               f"{torch.get_num_threads()} torch thread(s), fp32; load average {load_start[0]:.1f} at the start, "
-               f"{os.getloadavg()[0]:.1f} at the end")
-    report = f"""# Depth compression at small scale
-
-`python -m studies.compress {' '.join(argv if argv is not None else sys.argv[1:])}`: wall time {wall / 60:.1f} min ({train_s / 60:.1f} min training), {machine}.
-
-{table}
-
-- Width 128, 4 heads, block 128, batch 8; Shakespeare with the compact vocabulary of 18,711 ids (see the docstring).
-- Teacher and scratch runs: AdamW, lr 2e-3, 50 warm-up steps, cosine to lr/10. Teacher: {teacher_steps} steps;
-  (e) and (f): {teacher_steps + recovery_steps} steps. Recovery: {recovery_steps} steps at lr 1e-3 (20 warm-up).
-  A step is {tokens_per_step:,} tokens.
-- Non-embedding parameters: all but the token and position embeddings (the token table is 18,711 x 128 = 2.39M
-  in every model). FLOPs per token: matmuls, forward + backward, every application of an unrolled layer counted.
-- "minus (f)": held-out loss minus that of (f), mean over {EVAL_WINDOWS} windows ± its standard error (paired).
-- Counting the teacher as free (the recovery tokens alone, {recovery_steps * tokens_per_step / 1e6:.3f}M): the scratch runs were at
-  {early['e'][1]:.3f} (e) and {early['f'][1]:.3f} (f) after {early['e'][0] / 1e6:.3f}M tokens (train.py's evaluation, mid-schedule; plot).
-{'' if drawn else '- No plot: matplotlib is not installed.'}
-"""
-    with open(os.path.join(HERE, "compress_results.md"), "w") as f:
-        f.write(report)
-    with open(out("results.json"), "w") as f:
-        json.dump({"rows": results, "wall_s": wall, "machine": machine}, f, indent=2)
-    print(report)
+    s, t0 = GPU if args.gpu else CPU, time.time()
+    data = args.gpu or os.path.join(os.path.dirname(common.HERE), "data", "shakespeare_char")
+    if not args.gpu and not os.path.exists(os.path.join(data, "meta.json")):
+        train.data_prep.main(["--corpus", "shakespeare_char"])
+    seeds = range(1 if args.pilot else args.seeds)
+    runs = [jobs(s, seed, args.out_dir, data, args.pilot) for seed in seeds]
+    for stage in (("teacher", "small", "big"), ("recovered", "recovered_no_lora")):  # recovery needs its teacher
+        common.run_all([job[name] for job in runs for name in stage if name in job], parallel=1 if args.gpu else 2)
+    x, y = train.Data(data, s["block"]).eval_batch(s["windows"])
+    losses, rows = {}, {}
+    for seed, job in zip(seeds, runs):
+        out = lambda name: job[name][1][job[name][1].index("--out_dir") + 1]
+        models = {name: common.load(out(name)) for name in job}
+        if not args.pilot:
+            teacher = models["teacher"]
+            schedule = models["recovered"].schedule
+            models["averaged"] = cherry.compress(teacher, s["layers"], tuple(range(s["layers"])), step_embed=False)
+            models["unrolled"] = cherry.compress(teacher, s["layers"], schedule, step_embed=False)
+            models["unrolled+LoRA"] = cherry.compress(teacher, s["layers"], schedule, lora_rank=s["lora"])
+            for coda in ("last", "first"):  # a once-run coda (8 -> 4 layers, 1,2,2,1): its residue from which layer?
+                models[f"coda from {coda}"] = cherry.compress(teacher, s["layers"] * 2, cherry.repeat_schedule(
+                    (1, *[s["teacher"] // s["layers"] // 2] * (s["layers"] * 2 - 2), 1)), lora_rank=s["lora"],
+                    coda_from_end=coda == "last")
+        for name, model in models.items():
+            losses.setdefault(name, []).append(common.window_losses(model, x, y, s["device"]))
+            rows[name] = model
+    L = {name: torch.stack(v) for name, v in losses.items()}
+    ps = {name: cherry.count_params(m) - m.wte.weight.numel() for name, m in rows.items()}  # non-embedding
+    small_big, teacher_big = common.paired(L["small"], L["big"]), common.paired(L["teacher"], L["big"])
+    ok, gate_lines = common.gate("depth compression", [
+        (f"dense {s['layers']} layers minus dense {s['big']} layers: {small_big[0]:+.3f} ± {small_big[1]:.3f} "
+         f"(>= 0.05 and >= 10 standard errors needed)", small_big[0] >= 0.05 and small_big[0] >= 10 * small_big[1]),
+        (f"teacher ({s['teacher']} layers) minus dense {s['big']} layers: {teacher_big[0]:+.3f} ± {teacher_big[1]:.3f} "
+         f"(< 0 needed)", teacher_big[0] < 0)])
+    tokens = s["batch"] * s["block"]
+    what = {"teacher": f"teacher, dense {s['teacher']} layers ({s['teacher_steps'] * tokens / 1e6:.2f}M tokens)",
+            "averaged": "averaged, each layer once, not trained", "unrolled": f"averaged, unrolled {s['unroll']}, not trained",
+            "unrolled+LoRA": f"... + LoRA {s['lora']} from the SVD, not trained",
+            "recovered_no_lora": f"recovered: unrolled + step embeddings ({s['recovery_steps'] * tokens / 1e6:.2f}M tokens)",
+            "recovered": "recovered: unrolled + step embeddings + LoRA (the paper's method)",
+            "small": f"dense {s['layers']} layers from scratch, same total tokens",
+            "big": f"dense {s['big']} layers from scratch, same total tokens",
+            "coda from last": "4 layers, 1,2,2,1 + LoRA, coda residue from its group's last layer, not trained",
+            "coda from first": "... from its group's first layer (the original's final layer dropped), not trained"}
+    table = ["| model | non-embedding params | x recovered | training MFLOPs/token | held-out loss | minus dense big |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in [n for n in what if n in L]:
+        d = common.paired(L[name], L["big"])
+        table.append(f"| {what[name]} | {ps[name]:,} | {ps[name] / ps.get('recovered', ps['small']):.2f} | "
+                     f"{cherry.flops_per_token(rows[name].config) / 1e6:.1f} | {L[name].mean():.4f} | "
+                     f"{'' if name == 'big' else f'{d[0]:+.4f} ± {d[1]:.4f}'} |")
+    body = [f"Scale: {s}; {len(seeds)} seed(s); {s['windows']} held-out windows per seed.", "", "## Gate", "",
+            *gate_lines, "", "## Results (mean over seeds; ± the paired standard error)", "", *table, ""]
+    if ok and not args.pilot:
+        d = common.paired(L["recovered"], L["big"])
+        holds = d[0] <= 2 * d[1]
+        body.append(f"**Verdict**: the recovered model minus the dense {s['big']}-layer model: {d[0]:+.4f} ± {d[1]:.4f}: "
+                    + ("within noise or better: the claim holds here." if holds else
+                       f"{d[0] / d[1]:.0f} standard errors worse: the claim does not hold at this scale."))
+    elif not ok:
+        body.append("**Verdict**: not testable at this scale (the gate failed).")
+    name = "compress_pilot.md" if args.pilot else "compress_results.md"
+    common.report(os.path.join(common.HERE, name), "Depth compression with recurrent recovery",
+                  "python -m studies.compress " + " ".join(sys.argv[1:] if argv is None else argv), time.time() - t0, body)
 
 
 if __name__ == "__main__":

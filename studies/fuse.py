@@ -1,201 +1,123 @@
 """
-MoEE at small scale: two compressed experts, one recovered on text and one on code, fused into a Mixture of
-Efficient Experts, against each single expert trained on for the same steps. Runs on 2 CPU cores in ~20 minutes.
+MoEE with experts that differ: Korean and Python source, one BPE vocabulary trained on both. A dense teacher on the
+mix is compressed (its layers averaged into a third, each run 3 times, step embeddings) and recovered twice, on Korean
+only (expert K) and on code only (expert C). Then the same steps on the mix for each of: K, C, each with multi-token
+prediction (D = 1), MoEE(K, C) top-1, MoEE + MTP (a 2 x 2 of fusion and MTP); and a dense model with MoEE's total
+parameters trained from scratch on the mix with the FLOPs of MoEE's whole pipeline. Every model is scored on the same
+held-out windows of each domain (next-token loss only).
 
-  python -m studies.fuse                  # writes studies/fuse_results.md and studies/img/fuse.png
-  python -m studies.fuse --threads 1      # one thread: faster when another job shares the cores
+  python -m studies.fuse                  # one seed, ~30 min on 2 CPU cores
+  python -m studies.fuse --seeds 3
+  python -m studies.fuse --gpu DATA       # width 384, on DATA/{mix,korean,code} prepared elsewhere with one tokenizer
 
-The recipe (DESIGN.md section 3; Branch-Train-MiX):
-  1. a dense 6-layer teacher on the mixed corpus (Shakespeare + Python standard library source, one vocabulary)
-  2. the teacher compressed to 2 layers (unrolled 3,3, step embeddings), recovered twice: on the text half of
-     the training split (expert A) and on the code half (expert B)
-  3. equal compute, the same steps on the mixed corpus for each of: A alone, B alone, MoEE(A, B) top-1 without
-     MTP, MoEE(A, B) top-1 with MTP (D = 1; its module costs extra training FLOPs, counted in the table)
-All models are scored on the same held-out windows (the held-out split of both domains), next-token loss only.
-One seed: seed-to-seed spread is not measured; the noise column is the standard error of the per-window
-difference from the best single expert (paired, the windows being shared).
+Gate first: each expert must be better than the other on its own domain by >= 0.05 nats and >= 10 paired standard
+errors; otherwise the experts have not become different enough for a mixture to pay: not testable at this scale.
 """
 
 import argparse
-import json
+import itertools
 import os
-import platform
-import shutil
 import sys
-import sysconfig
 import time
 
-import numpy as np
 import torch
 
 import cherry
-import compress
-import fuse
 import train
-from data import prepare as data_prep
-from studies.compress import load, window_losses  # the same scoring as the compression study
+from studies import common
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-DATA = os.path.join(ROOT, "data", "fuse")  # mix/, text/, code/: one compact vocabulary
-SHAPE = ["--n_head", "4", "--n_embd", "128"]
-COMMON = ["--block_size", "128", "--batch_size", "8", "--eval_iters", "10", "--eval_interval", "50",
-          "--log_interval", "50", "--device", "cpu", "--seed", "1337"]
-EVAL_WINDOWS = 200
+CPU = dict(teacher=6, layers=2, width=128, heads=4, teacher_steps=600, expert_steps=300, steps=300, batch=16, block=128,
+           windows=200, device="cpu", vocab="bpe:4096", chars=2_500_000)
+DOMAINS = ("korean", "code")
+GPU = dict(teacher=12, layers=4, width=384, heads=6, teacher_steps=4000, expert_steps=2000, steps=2000, batch=32,
+           block=256, windows=400, device="cuda")
 
 
-def prepare_data(code_tokens):
-    """The mixed corpus (text documents first, then code) and its two training halves, all with one vocabulary."""
-    if os.path.exists(os.path.join(DATA, "code", "meta.json")):
-        return
-    text = data_prep.shakespeare_documents()
-    code = data_prep.file_documents(sysconfig.get_paths()["stdlib"], "*.py", code_tokens)
-    mix = os.path.join(DATA, "mix")
-    meta = data_prep.prepare(text + code, mix, compact_vocab=True)
-    text_meta = data_prep.prepare(text, os.path.join(DATA, "text-only"))  # only for where text ends in each split
-    meta["text_train_tokens"], meta["text_val_tokens"] = text_meta["train_tokens"], text_meta["val_tokens"]
-    shutil.rmtree(os.path.join(DATA, "text-only"))
-    with open(os.path.join(mix, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    ids = np.fromfile(os.path.join(mix, "train.bin"), dtype=meta["dtype"])
-    cut = meta["text_train_tokens"]
-    for name, part in (("text", ids[:cut]), ("code", ids[cut:])):  # each half trains on its own; both score on mix's val
-        os.makedirs(os.path.join(DATA, name), exist_ok=True)
-        part.tofile(os.path.join(DATA, name, "train.bin"))
-        shutil.copy(os.path.join(mix, "val.bin"), os.path.join(DATA, name, "val.bin"))
-        counts = np.bincount(part, minlength=meta["vocab_size"])
-        with open(os.path.join(DATA, name, "meta.json"), "w") as f:
-            json.dump({**meta, "train_tokens": int(part.size), "unigram_counts": {str(i): int(c) for i, c in enumerate(counts) if c}}, f)
-
-
-def held_out_windows():
-    """EVAL_WINDOWS windows spread over the held-out split, and which of them are text (the rest are code)."""
-    meta = json.load(open(os.path.join(DATA, "mix", "meta.json")))
-    x, y = train.Data(os.path.join(DATA, "mix"), 128).eval_batch(EVAL_WINDOWS)
-    val = np.fromfile(os.path.join(DATA, "mix", "val.bin"), dtype=meta["dtype"])
-    starts = np.linspace(0, len(val) - 129, EVAL_WINDOWS).astype(np.int64)  # train.Data.eval_batch's windows
-    assert torch.equal(x[:, 0], torch.from_numpy(val[starts].astype(np.int64)))
-    return x, y, torch.from_numpy(starts + 128 < meta["text_val_tokens"])
-
-
-def curve(out_dir):
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    return [r["iter"] for r in rows], [r["loss"] for r in rows]
-
-
-def plot(curves, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for label, (steps, losses), style in curves:
-        ax.plot(steps, losses, style, label=label, markersize=3)
-    ax.set(xlabel="step of the equal-compute phase", ylabel="held-out loss, text + code (next token)",
-           title="Two compressed experts (text, code): single vs MoEE")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return True
+def prepare(s):
+    """Korean and code, the first ~s["chars"] characters of each (whole documents), one BPE trained on both."""
+    folder = os.path.join(os.path.dirname(common.HERE), "data", "fuse")
+    if not os.path.exists(os.path.join(folder, "code", "meta.json")):
+        docs = {}
+        for name in DOMAINS:  # whole documents, in order, until s["chars"] characters
+            texts = train.data_prep.CORPORA[name]()
+            docs[name] = [d for d, before in zip(texts, itertools.accumulate([0, *map(len, texts)])) if before < s["chars"]]
+        train.data_prep.prepare(docs["korean"] + docs["code"], os.path.join(folder, "mix"), s["vocab"])
+        for name in DOMAINS:
+            train.data_prep.prepare(docs[name], os.path.join(folder, name), os.path.join(folder, "mix"))
+    return folder
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=os.path.join(ROOT, "out-study-fuse"), help="where the runs write")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--teacher_steps", type=int, default=300)
-    p.add_argument("--expert_steps", type=int, default=150, help="recovery steps of each expert on its own half")
-    p.add_argument("--steps", type=int, default=200, help="steps of the equal-compute phase")
-    p.add_argument("--code_tokens", type=int, default=1_000_000, help="about this many tokens of standard-library source")
+    p.add_argument("--out_dir", default=os.path.join("out", "study-fuse"))
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--gpu", metavar="DATA", help="DATA/mix, DATA/korean, DATA/code: token folders of one tokenizer")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0, load_start = time.time(), os.getloadavg()
-    out = lambda name: os.path.join(args.out_dir, name)
-    shutil.rmtree(args.out_dir, ignore_errors=True)  # every run of the study starts from nothing
-    prepare_data(args.code_tokens)
-    mix, lr = ["--data", os.path.join(DATA, "mix")], ["--lr", "1e-3", "--warmup_iters", "20"]
-
-    # 1. teacher; 2. two experts; 3. equal compute on the mix
-    train.main([*COMMON, *SHAPE, *mix, "--n_layer", "6", "--max_iters", str(args.teacher_steps), "--lr", "2e-3",
-                "--warmup_iters", "50", "--out_dir", out("teacher")])
-    for name in ("text", "code"):
-        compress.main([*COMMON, *lr, "--data", os.path.join(DATA, name), "--init_from", out("teacher"), "--layers", "2",
-                       "--max_iters", str(args.expert_steps), "--out_dir", out(f"expert-{name}")])
-    phase = [*COMMON, *mix, *lr, "--max_iters", str(args.steps)]
-    for name in ("text", "code"):  # a single expert trained on: train.py's loop with the expert as the model
-        flags = [*phase, "--out_dir", out(f"single-{name}")]
-        expert = load(out(f"expert-{name}"))
-        p_train = train.training_args()
-        p_train.set_defaults(**{k: getattr(expert.config, k) for k in train.SHAPE_FLAGS})
-        train.train(train.parse_args(p_train, flags), expert)
-    experts = [os.path.join(out(f"expert-{name}"), "ckpt.pt") for name in ("text", "code")]
-    fuse.main([*phase, "--experts", *experts, "--out_dir", out("moee")])
-    fuse.main([*phase, "--experts", *experts, "--mtp", "1", "--out_dir", out("moee-mtp")])
-    train_s = time.time() - t0
-
-    # 4. every model on the same held-out windows
-    x, y, is_text = held_out_windows()
-    rows = [("teacher, dense 6 layers", "teacher"), ("expert A (text), before the phase", "expert-text"),
-            ("expert B (code), before the phase", "expert-code"), ("expert A (text) trained on", "single-text"),
-            ("expert B (code) trained on", "single-code"), ("MoEE(A, B) top-1", "moee"), ("MoEE(A, B) top-1 + MTP 1", "moee-mtp")]
-    models = {name: load(out(name)) for _, name in rows}
-    losses = {name: window_losses(model, x, y) for name, model in models.items()}
-    best_single = min(("single-text", "single-code"), key=lambda n: losses[n].mean().item())
-    lines = ["| model | params (total) | params (active) | training GFLOPs/token | held-out loss | text | code | minus best single | expert load by layer |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    results = {}
-    for what, name in rows:
-        model, loss = models[name], losses[name]
-        diff = loss - losses[best_single]
-        se = diff.std().item() / len(diff) ** 0.5
-        summary = json.load(open(os.path.join(out(name), "summary.json")))
-        load_by_layer = summary.get("fuse", {}).get("expert_load")
-        results[name] = {"model": what, "params": cherry.count_params(model), "active": cherry.count_params(model, active=True),
-                         "training_flops_per_token": cherry.flops_per_token(model.config), "loss": loss.mean().item(),
-                         "text": loss[is_text].mean().item(), "code": loss[~is_text].mean().item(),
-                         "minus_best_single": diff.mean().item(), "se": se, "expert_load": load_by_layer}
-        r = results[name]
-        gap = "" if name == best_single or name == "teacher" or name.startswith("expert") else f"{r['minus_best_single']:+.3f} ± {se:.3f}"
-        load_text = "; ".join("/".join(f"{f:.2f}" for f in layer) for layer in load_by_layer) if load_by_layer else ""
-        lines.append(f"| {what} | {r['params']:,} | {r['active']:,} | {r['training_flops_per_token'] / 1e9:.3f} | "
-                     f"{r['loss']:.3f} | {r['text']:.3f} | {r['code']:.3f} | {gap} | {load_text} |")
-    wall = time.time() - t0
-    drawn = plot([("expert A (text) trained on", curve(out("single-text")), "b-s"),
-                  ("expert B (code) trained on", curve(out("single-code")), "g-s"),
-                  ("MoEE top-1", curve(out("moee")), "r-o"), ("MoEE top-1 + MTP 1", curve(out("moee-mtp")), "m-o")],
-                 os.path.join(HERE, "img", "fuse.png"))
-    meta = json.load(open(os.path.join(DATA, "mix", "meta.json")))
-    machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-               f"{torch.get_num_threads()} torch thread(s), fp32; load average {load_start[0]:.1f} at the start, "
-               f"{os.getloadavg()[0]:.1f} at the end")
-    report = f"""# MoEE at small scale
-
-`python -m studies.fuse {' '.join(argv if argv is not None else sys.argv[1:])}`: wall time {wall / 60:.1f} min ({train_s / 60:.1f} min training), {machine}.
-
-{chr(10).join(lines)}
-
-- Data: Shakespeare ({meta['text_train_tokens']:,} training tokens) + Python standard library source
-  ({meta['train_tokens'] - meta['text_train_tokens']:,}), one compact vocabulary of {meta['vocab_size']:,} ids; held-out: both
-  domains' held-out splits, {EVAL_WINDOWS} windows of 128 ({int(is_text.sum())} text, {int((~is_text).sum())} code).
-- Width 128, 4 heads, block 128, batch 8 (1,024 tokens a step). Teacher: {args.teacher_steps} steps at lr 2e-3. Experts: the
-  teacher averaged into 2 layers, unrolled 3,3 (6 applications) with step embeddings, {args.expert_steps} recovery steps at lr 1e-3
-  on their own half. Phase: {args.steps} steps at lr 1e-3 on the mix for every row below the experts.
-- Active parameters: what one token uses (top-1 of the experts' MLPs, the routers; no MTP module). "minus best single":
-  held-out loss minus that of the best single expert after the phase ({best_single}), mean over windows ± standard error.
-- Expert load: share of held-out tokens routed to expert A / B, per layer (all applications of the layer).
-{'' if drawn else '- No plot: matplotlib is not installed.'}
-"""
-    with open(os.path.join(HERE, "fuse_results.md"), "w") as f:
-        f.write(report)
-    with open(out("results.json"), "w") as f:
-        json.dump({"rows": results, "wall_s": wall, "machine": machine}, f, indent=2)
-    print(report)
+    s, t0, seeds = GPU if args.gpu else CPU, time.time(), range(args.seeds)
+    data = args.gpu or prepare(s)
+    folder = lambda name: os.path.join(data, name)
+    out = lambda name, seed: os.path.join(args.out_dir, f"{name}-s{seed}")
+    run = lambda seed, steps, lr=1e-3: ["--block_size", s["block"], "--batch_size", s["batch"], "--eval_iters", 8,
+                                        "--log_interval", 10**6, "--device", s["device"], "--seed", seed, "--max_iters",
+                                        steps, "--eval_interval", max(1, steps // 5), "--lr", lr, "--warmup_iters", 20]
+    shape = ["--n_head", s["heads"], "--n_embd", s["width"]]
+    par = 1 if args.gpu else 2
+    common.run_all([("train", ["--data", folder("mix"), "--n_layer", s["teacher"], *shape, *run(seed, s["teacher_steps"],
+                                                                                                2e-3),
+                               "--out_dir", out("teacher", seed)]) for seed in seeds], par)
+    group = s["teacher"] // s["layers"]
+    common.run_all([("compress", ["--data", folder(d), "--init_from", out("teacher", seed), "--layers", s["layers"],
+                                  "--unroll", ",".join([str(group)] * s["layers"]), *run(seed, s["expert_steps"]),
+                                  "--out_dir", out(f"expert-{d}", seed)]) for seed in seeds for d in DOMAINS], par)
+    # the 2 x 2: one expert (a mixture of one is that expert) or both, without or with MTP; the same steps on the mix
+    arms = {f"{'+'.join(e)}{'-mtp' if mtp else ''}": (e, mtp) for e in (["korean"], ["code"], list(DOMAINS)) for mtp in (0, 1)}
+    common.run_all([("fuse", ["--data", folder("mix"), "--experts", *[out(f"expert-{d}", seed) for d in e], "--mtp", mtp,
+                              *run(seed, s["steps"]), "--out_dir", out(arm, seed)])
+                    for seed in seeds for arm, (e, mtp) in arms.items()], par)
+    # a dense model with MoEE's total (non-embedding) parameters, from scratch, with the FLOPs of MoEE's whole pipeline
+    moee, teacher, expert = (common.load(out(name, 0)) for name in ("korean+code", "teacher", "expert-code"))
+    dense_layers = max(1, round((cherry.count_params(moee) - moee.wte.weight.numel()) / (12 * s["width"] ** 2)))
+    dense = cherry.GPTConfig(**{**teacher.config.to_dict(), "n_layer": dense_layers})
+    f = cherry.flops_per_token
+    dense_steps = round((s["teacher_steps"] * f(teacher.config) + 2 * s["expert_steps"] * f(expert.config)
+                         + s["steps"] * f(moee.config)) / f(dense))
+    common.run_all([("train", ["--data", folder("mix"), "--n_layer", dense_layers, *shape, *run(seed, dense_steps, 2e-3),
+                               "--out_dir", out("dense", seed)]) for seed in seeds], par)
+    windows = {d: train.Data(folder(d), s["block"]).eval_batch(s["windows"]) for d in DOMAINS}
+    names = ["expert-korean", "expert-code", *arms, "dense"]
+    losses = {name: {d: torch.cat([common.window_losses(common.load(out(name, seed)), *windows[d], s["device"])
+                                   for seed in seeds]) for d in DOMAINS} for name in names}
+    both = lambda name: torch.cat([losses[name][d] for d in DOMAINS])  # the mix: both domains' windows, equally
+    gate_checks = []
+    for d, other in (("korean", "code"), ("code", "korean")):
+        diff = common.paired(losses[f"expert-{d}"][d], losses[f"expert-{other}"][d])
+        gate_checks.append((f"on {d}: expert {d} minus expert {other}: {diff[0]:+.3f} ± {diff[1]:.3f} (<= -0.05 and "
+                            f"beyond 10 standard errors needed)", diff[0] <= -0.05 and -diff[0] >= 10 * diff[1]))
+    ok, gate_lines = common.gate("MoEE", gate_checks)
+    best = min(("korean", "code"), key=lambda a: both(a).mean().item())
+    table = ["| model | params (total) | active | training MFLOPs/token | korean | code | both | minus best single |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in names:
+        m = common.load(out(name, 0))
+        d = common.paired(both(name), both(best))
+        table.append(f"| {name} | {cherry.count_params(m):,} | {cherry.count_params(m, active=True):,} | "
+                     f"{f(m.config) / 1e6:.1f} | {losses[name]['korean'].mean():.4f} | {losses[name]['code'].mean():.4f} | "
+                     f"{both(name).mean():.4f} | {'' if name == best else f'{d[0]:+.4f} ± {d[1]:.4f}'} |")
+    body = [f"Scale: {s}; {len(seeds)} seed(s); {s['windows']} held-out windows per domain and seed. The dense model: "
+            f"{dense_layers} layers, {dense_steps} steps.", "", "## Gate", "", *gate_lines, "",
+            "## Results (mean over windows and seeds; ± the paired standard error)", "", *table, ""]
+    if ok:
+        fusion, mtp = common.paired(both("korean+code"), both(best)), common.paired(both("korean+code-mtp"),
+                                                                                   both("korean+code"))
+        body += [f"**Verdict**: MoEE minus the best single expert ({best}) at equal steps: {fusion[0]:+.4f} ± "
+                 f"{fusion[1]:.4f}: " + ("better, beyond 2 standard errors: the claim holds here." if fusion[0] < -2 *
+                                         fusion[1] else "not better beyond 2 standard errors: the claim does not hold "
+                                                        "here."),
+                 f"MTP (D = 1) on the MoEE: {mtp[0]:+.4f} ± {mtp[1]:.4f} (reported to help only at large sizes)."]
+    else:
+        body.append("**Verdict**: not testable at this scale (the gate failed).")
+    common.report(os.path.join(common.HERE, "fuse_results.md"), "MoEE: a mixture of efficient experts",
+                  "python -m studies.fuse " + " ".join(sys.argv[1:] if argv is None else argv), time.time() - t0, body)
 
 
 if __name__ == "__main__":

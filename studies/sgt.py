@@ -14,6 +14,8 @@ at half time. Flags after -- go to train.py for every run (argparse keeps the la
 """
 
 import argparse
+import contextlib
+import copy
 import math
 import os
 import statistics
@@ -50,32 +52,36 @@ def selector_flags(name):
     return ["--sgt_select", "excess"] if beta_mix is None else ["--sgt_beta", beta_mix[0], "--sgt_mix", beta_mix[1]]
 
 
-def plan(args, scale, domains, out):
-    """{(domain, setting, seed, start): train.py argv}; setting 'full' or a selector; start 'scratch' or 'continued'."""
-    runs, half = {}, int(scale[scale.index("--max_iters") + 1]) // 2
-    for domain, seeds in domains.items():
-        folder = domains_data(args)[domain]
-        for seed in range(seeds):
+def plan(args, scale, seeds, folders):
+    """{(domain, setting, seed, start): train.py argv}; setting 'full', a selector or 'half' (full supervision for half
+    the steps, on the full run's schedule); start 'scratch' or 'continued' (the second half, from the half run)."""
+    flags = train.parse_args(train.training_args("train"), [str(a) for a in (*scale, *args.train)])
+    runs, half = {}, flags.max_iters // 2  # after the -- flags, which win
+    for domain, n in seeds.items():
+        for seed in range(n):
+            base = ["--data", folders[domain], "--seed", seed, *scale, *(["--shuffle_tokens"] if domain == "shuffled" else [])]
+            out = lambda name: ["--out_dir", os.path.join(args.out_dir, f"{domain}-{name}-s{seed}")]
+            continued = seed == 0 and (domain == "text" or args.full)
             for setting in ("full", *SELECTORS):
-                base = ["--data", folder, "--seed", seed, *scale, *(["--shuffle_tokens"] if domain == "shuffled" else [])]
                 sgt = [] if setting == "full" else ["--sgt", 0.15, *selector_flags(setting)]
-                name = f"{domain}-{setting.replace(' ', '').replace(',', '-').replace('/', '')}-s{seed}"
-                runs[domain, setting, seed, "scratch"] = [*base, *sgt, *args.train, "--out_dir", os.path.join(out, name)]
-                if seed == 0 or args.full:  # continued: the second half from the full run's checkpoint at half time
-                    runs[domain, setting, seed, "continued"] = [*base, *sgt, *args.train, "--max_iters", half,
-                                                                "--init_from", os.path.join(out, f"{domain}-half-s{seed}"),
-                                                                "--out_dir", os.path.join(out, name + "-cont")]
-            runs[domain, "half", seed, "scratch"] = [*base, "--max_iters", half, "--lr_decay_iters", 2 * half,
-                                                     *args.train, "--out_dir", os.path.join(out, f"{domain}-half-s{seed}")]
+                name = setting.replace(" ", "").replace(",", "-").replace("/", "")
+                runs[domain, setting, seed, "scratch"] = [*base, *sgt, *args.train, *out(name)]
+                if continued:
+                    runs[domain, setting, seed, "continued"] = [*base, *sgt, *args.train, "--max_iters", half, "--init_from",
+                                                                os.path.join(args.out_dir, f"{domain}-half-s{seed}"),
+                                                                *out(name + "-cont")]
+            if continued:
+                runs[domain, "half", seed, "scratch"] = [*base, "--lr_decay_iters", 2 * half, *args.train,
+                                                         "--max_iters", half, *out("half")]
     return runs
 
 
-def domains_data(args):
-    """Shakespeare and the standard library's sources, compact vocabularies (GPT-2's whole one with --gpu)."""
+def data_folders(args):
+    """Shakespeare and the standard library's sources (1.5M tokens each), compact vocabularies (GPT-2's with --gpu)."""
     from data import prepare as data_prep
     folders = {}
     for domain, corpus in (("text", "shakespeare"), ("shuffled", "shakespeare"), ("code", "code")):
-        folders[domain] = os.path.join(DATA, f"sgt-{corpus}" + ("-gpt2" if args.gpu else ""))
+        folders[domain] = os.path.join(DATA, f"sgt-{corpus}" + ("-gpt2" if args.gpu else ""))  # text, shuffled: one
         if not os.path.exists(os.path.join(folders[domain], "meta.json")):
             docs = data_prep.CORPORA[corpus]()
             data_prep.prepare(docs, folders[domain], compact_vocab=not args.gpu, max_tokens=1_500_000)
@@ -83,15 +89,16 @@ def domains_data(args):
 
 
 def recovery(init, sgt, full):
-    return (init - sgt) / (init - full)
+    """The share of full supervision's loss reduction from init that SGT reaches: 1 = as good as full."""
+    return (init - sgt) / (init - full) if init != full else math.nan
 
 
 def compare(rows, full_rows, unigram):
     """One SGT run against the full run of its seed: R at each step, best vs best, beyond the unigram model, gamma."""
     by_step = {r["iter"]: r["loss"] for r in full_rows}
     init = full_rows[0]["loss"]
-    best, full_best = min(rows, key=lambda r: r["loss"]), min(r["loss"] for r in full_rows)
-    gamma = lambda key: statistics.mean(r[key] for r in rows if key in r and not math.isnan(r[key]))
+    best, full_best = min(rows[1:], key=lambda r: r["loss"]), min(r["loss"] for r in full_rows[1:])
+    gamma = lambda key: statistics.mean([r[key] for r in rows if not math.isnan(r[key])] or [math.nan])
     return {"R_t": {r["iter"]: recovery(init, r["loss"], by_step[r["iter"]]) for r in rows[1:]},
             "R": recovery(init, best["loss"], full_best), "R_opt": recovery(init, best["loss"], by_step[best["iter"]]),
             "R_ctx": recovery(unigram, best["loss"], full_best), "best_iter": best["iter"], "final": rows[-1]["loss"],
@@ -104,6 +111,30 @@ def mean_sd(values, fmt="{:.2f}"):
     if not values:
         return "-"
     return fmt.format(statistics.mean(values)) + (f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else "")
+
+
+def theorem1_check(model, train_batches, held_out_batches, update):
+    """
+    Theorem 1 to first order, out of sample: a step delta computed from g_S on training batches changes L_U, the loss
+    of the unselected targets of held-out batches, by about g_U . delta. update(model, grads) takes the step in place:
+    plain SGD (sgd_update) or the run's own AdamW (theorem1). Batches [(x, y, mask)]; on a copy. Returns (predicted, measured).
+    """
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    mean = lambda batches, sel: sum(model.token_losses(x, y)[m if sel else ~m].mean() for x, y, m in batches) / len(batches)
+    g_s = torch.autograd.grad(mean(train_batches, True), params, allow_unused=True)
+    before = mean(held_out_batches, False)
+    g_u = torch.autograd.grad(before, params, allow_unused=True)
+    old = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        update(model, [g if g is not None else torch.zeros_like(p) for g, p in zip(g_s, params)])
+        predicted = sum((g * (p - o)).sum() for g, p, o in zip(g_u, params, old) if g is not None)
+        return predicted.item(), (mean(held_out_batches, False) - before).item()
+
+
+def sgd_update(lr):
+    """theorem1_check's plain SGD step: weights -= lr * gradient."""
+    return lambda model, grads: [p.sub_(lr * g) for p, g in zip([p for p in model.parameters() if p.requires_grad], grads)]
 
 
 def theorem1(out_dir):
@@ -132,11 +163,11 @@ def theorem1(out_dir):
             p.grad = g
         optimizer.step()
 
-    updates = {"SGD 1e-3": cherry.sgd_update(1e-3), "SGD 1e-2": cherry.sgd_update(1e-2), "AdamW": adamw}
-    return {name: cherry.theorem1_check(model, train_batches, held_out, update) for name, update in updates.items()}
+    updates = {"SGD 1e-3": sgd_update(1e-3), "SGD 1e-2": sgd_update(1e-2), "AdamW": adamw}
+    return {name: theorem1_check(model, train_batches, held_out, update) for name, update in updates.items()}
 
 
-ctx = train.nullcontext()
+ctx = contextlib.nullcontext()
 
 
 def stays_below(rows, unigram):
@@ -193,6 +224,90 @@ def main(argv=None):
     if args.defaults:
         return defaults(args)
     study(args)
+
+
+def study(args):
+    t0, scale = time.time(), GPU if args.gpu else SCALE
+    seeds = {"text": 3, "shuffled": 3, "code": 3 if args.full else 1}
+    runs = plan(args, scale, seeds, data_folders(args))
+    order = sorted(runs, key=lambda k: (k[1] != "half", k[3] == "continued", k[1] != "full"))  # halves first
+    parallel = 1 if args.gpu else 2
+    common.run_all([("train", runs[k]) for k in order if k[1] == "half"], parallel)
+    common.run_all([("train", runs[k]) for k in order if k[1] != "half"], parallel)
+    out = lambda key: runs[key][runs[key].index("--out_dir") + 1]
+    rows = {key: common.metrics(out(key)) for key in runs}
+    unigram = {d: common.summary(out((d, "full", 0, "scratch")))["unigram_loss"] for d in seeds}
+    c = {k: compare(rows[k], rows[(k[0], "full", k[2], k[3])], unigram[k[0]]) for k in runs if k[1] not in ("full", "half")}
+    report(args, scale, seeds, rows, unigram, c, out, time.time() - t0)
+
+
+def report(args, scale, seeds, rows, unigram, c, out, wall_s):
+    sel = lambda domain, setting, start="scratch": [c[domain, setting, s, start] for s in range(seeds[domain])
+                                                    if (domain, setting, s, start) in c]
+    full = lambda domain: [rows[domain, "full", s, "scratch"] for s in range(seeds[domain])]
+    gap = {d: statistics.mean(unigram[d] - min(x["loss"] for x in rs) for rs in full(d)) for d in seeds}
+    steps = sorted(next(iter(c.values()))["R_t"])
+    marks = [t for t in steps if t in (50, 100, 200) or t == steps[-1]]
+    body = [f"Scale: train.py {' '.join(str(a) for a in scale)} {' '.join(args.train)}; f = 0.15; seeds: "
+            f"{', '.join(f'{d} {n}' for d, n in seeds.items())}.", "", "## Can the comparison discriminate?", ""]
+    ok, lines = common.gate("the collapse on shuffled text", [
+        (f"text: full supervision beats the unigram model by {gap['text']:.2f} nats (>= 0.5 needed)", gap["text"] >= 0.5),
+        (f"shuffled text: full supervision beats it by {gap['shuffled']:.2f} nats: context is what shuffling removes, "
+         f"so R_ctx is defined on text only", True)])
+    body += lines + ["", f"## Text (Shakespeare), {seeds['text']} seeds, mean ± sd", "",
+                     "R(t) = (L(init) - L_SGT(t)) / (L(init) - L_full(t)) at the same step t; R: best vs best; R_opt: at "
+                     "the SGT run's own best step (the paper's 'eval optimum'); R_ctx: best vs best beyond the unigram "
+                     "model. gamma: the noise-free coupling (held-out batches), mean over the evaluations; naive: one "
+                     "batch's cosine.", "",
+                     "| selector | " + " | ".join(f"R@{t}" for t in marks) + " | R | R_opt (step) | R_ctx | gamma | trunk "
+                     "| emb+head | naive | final - unigram | L_unsup start -> end |", "|" + " --- |" * (len(marks) + 10)]
+    for name in SELECTORS:
+        r = sel("text", name)
+        body.append(f"| {name} | " + " | ".join(mean_sd([x["R_t"][t] for x in r]) for t in marks) +
+                    f" | {mean_sd([x['R'] for x in r])} | {mean_sd([x['R_opt'] for x in r])} "
+                    f"({mean_sd([x['best_iter'] for x in r], '{:.0f}')}) | {mean_sd([x['R_ctx'] for x in r])} | " +
+                    " | ".join(mean_sd([x.get(k) for x in r]) for k in ("gamma", "gamma_trunk", "gamma_embedding_head",
+                                                                          "gamma_naive")) +
+                    f" | {mean_sd([x['final'] - unigram['text'] for x in r])} | "
+                    f"{mean_sd([x['unsup'][0] for x in r])} -> {mean_sd([x['unsup'][1] for x in r])} |")
+    paper = min(SELECTORS, key=lambda n: abs(statistics.mean(x["R_opt"] for x in sel("text", n)) - PAPER_R))
+    body += ["", f"Paper setting (early-optimum R closest to the paper's {PAPER_R}): **{paper}**, R_opt "
+             f"{mean_sd([x['R_opt'] for x in sel('text', paper)])}.", "",
+             "## Controls: shuffled text and Python source; continued from full supervision at half time", "",
+             "| selector | shuffled: R | shuffled: gamma | code: R | code: R_ctx | code: gamma | continued (text): R |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in SELECTORS:
+        body.append(f"| {name} | {mean_sd([x['R'] for x in sel('shuffled', name)])} | "
+                    f"{mean_sd([x.get('gamma') for x in sel('shuffled', name)])} | {mean_sd([x['R'] for x in sel('code', name)])} "
+                    f"| {mean_sd([x['R_ctx'] for x in sel('code', name)])} | {mean_sd([x.get('gamma') for x in sel('code', name)])}"
+                    f" | {mean_sd([x['R'] for x in sel('text', name, 'continued')])} |")
+    body += ["", "## Theorem 1 out of sample (text, first seed, end of training)", "",
+             "g_S from two training batches; the change of L_U on two held-out batches: predicted g_U . delta / measured.",
+             "", "| selector | SGD lr 1e-3 | SGD lr 1e-2 | the run's AdamW, one step |", "| --- | --- | --- | --- |"]
+    for name in SELECTORS:
+        t1 = theorem1(out(("text", name, 0, "scratch")))
+        body.append(f"| {name} | " + " | ".join(f"{p:+.2e} / {m:+.2e}" for p, m in t1.values()) + " |")
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        for i, name in enumerate(SELECTORS):
+            r = sel("text", name)
+            axes[0].plot(steps, [statistics.mean(x["R_t"][t] for x in r) for t in steps], label=name, color=f"C{i}")
+            rs = [rows["text", name, s, "scratch"] for s in range(seeds["text"])]
+            axes[1].plot([x["iter"] for x in rs[0]], [statistics.mean(x[j]["loss"] for x in rs) for j in range(len(rs[0]))],
+                         color=f"C{i}")
+        axes[1].plot([x["iter"] for x in full("text")[0]], [statistics.mean(x[j]["loss"] for x in full("text"))
+                                                           for j in range(len(full("text")[0]))], "k", label="full")
+        axes[1].axhline(unigram["text"], color="gray", ls="--", label="unigram")
+        axes[0].axhline(PAPER_R, color="gray", ls=":", label="paper 0.67")
+        axes[0].set(xlabel="step", ylabel="R(t)", title="text: recovery at the same step", ylim=(-0.5, 1.1))
+        axes[1].set(xlabel="step", ylabel="held-out loss", title="text: held-out loss (mean of seeds)")
+        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
+    common.figure(os.path.join(common.HERE, "img", "sgt.png"), draw)
+    body += ["", "![SGT](img/sgt.png)"]
+    common.report(os.path.join(common.HERE, "sgt_results.md"), "SGT study: results",
+                  "python -m studies.sgt " + " ".join(sys.argv[1:]), wall_s, body)
 
 
 if __name__ == "__main__":
