@@ -662,7 +662,8 @@ def build_model(config, state, source, dropout=None):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source} holds no weights of this model")
     state = {k.removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v for k, v in state.items()}
-    for field, pattern in (("n_layer", r"blocks\.(\d+)\."), ("n_expert", r"experts\.(\d+)"), ("mtp", r"mtp_modules\.(\d+)")):
+    modules = {"n_layer": r"blocks\.(\d+)\.", "n_expert": r"experts\.(\d+)", "mtp": r"mtp_modules\.(\d+)"}
+    for field, pattern in modules.items():
         stored = len({m.group(1) for m in map(re.compile(pattern).search, state) if m})
         if stored != getattr(config, field):  # modules are counted before any is built
             raise ValueError(f"{source} declares {field} {getattr(config, field)} but stores {stored}")

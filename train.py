@@ -176,7 +176,8 @@ class Data:
         return chunks[:, :-1], chunks[:, 1:]
 
     def train_batch(self, n, generator):
-        return self._windows(self.train, torch.randint(len(self.train) - self.block_size - 1, (n,), generator=generator))
+        starts = torch.randint(len(self.train) - self.block_size - 1, (n,), generator=generator)
+        return self._windows(self.train, starts)
 
     def eval_batch(self, n):
         """n windows spread evenly over val: the same tokens at every evaluation and in every run."""
@@ -211,10 +212,11 @@ def check_vocab(model, meta, source):
     """Weights whose ids mean other tokens than the data's are refused (an unknown vocabulary is let through)."""
     data_vocab = data_prep.vocab_id(meta)
     if model.config.vocab and model.config.vocab != data_vocab:
-        raise ValueError(f"{source} was trained on the vocabulary {model.config.vocab!r}, the data's is {data_vocab!r}: "
-                         f"its ids mean other tokens; prepare the data with the model's tokenizer")
+        raise ValueError(f"{source} was trained on the vocabulary {model.config.vocab!r}, the data's is "
+                         f"{data_vocab!r}: its ids mean other tokens; prepare the data with the model's tokenizer")
     if model.config.vocab_size < meta["vocab_size"]:
-        raise ValueError(f"{source} has {model.config.vocab_size} token ids, fewer than the data's {meta['vocab_size']}")
+        raise ValueError(f"{source} has {model.config.vocab_size} token ids, fewer than the data's "
+                         f"{meta['vocab_size']}")
     return model
 
 
@@ -249,7 +251,8 @@ def setup_device(args, distributed=False):
     if dtype == "float16" and kind != "cuda":
         raise ValueError(f"--dtype float16 needs a CUDA GPU; on {kind} use float32 or bfloat16")
     if args.compile and not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
-        raise ValueError("--compile needs a C++ compiler (g++ or clang++) for torch.compile; install one or leave it out")
+        raise ValueError("--compile needs a C++ compiler (g++ or clang++) for torch.compile; install one, or leave "
+                         "--compile out")
     if kind == "cuda":
         torch.cuda.set_device(index)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -332,7 +335,7 @@ class HeldOut:
         return dict(zip(("loss", "loss_sup", "loss_unsup"), (sums[:, 0] / sums[:, 1]).tolist()))
 
     def coupling(self, model, ctx):
-        """gamma without batch noise (cherry.gradient_coupling) over held-out batches, and the naive one-batch cosine."""
+        """gamma without batch noise (cherry.gradient_coupling) on held-out batches, and the naive one-batch cosine."""
         batches = [(x, y, mask) for x, y, mask, _ in self.masks(model, ctx)[:self.GAMMA_BATCHES]]
         with ctx:
             gamma = cherry.gradient_coupling(model, batches)
@@ -415,8 +418,8 @@ def run_state(ckpt, optimizer, scaler, generators, device, **now):
         if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         return ckpt
-    return {**now, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
-            "rng": [g.get_state() for g in generators],
+    return {**now, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng": [g.get_state() for g in generators], "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
 
 
@@ -503,13 +506,17 @@ def train(args, model=None, summary_extra=None):
                 if sgt and master:
                     row.update(held_out.coupling(raw_model, ctx))
                 row.update(tokens_per_s=tokens / train_s if tokens else None, eval_s=time.time() - t_eval,
-                           lr=lr_at(it, args), **({"mfu": tokens / train_s * flops / peak / world} if peak and tokens else {}),
-                           **({"dropped": dropped.item() * tokens_per_step / tokens} if tokens and cfg.n_expert else {}))
+                           lr=lr_at(it, args))
+                if peak and tokens:
+                    row["mfu"] = row["tokens_per_s"] * flops / peak / world
+                if cfg.n_expert and tokens:  # the share of expert assignments the capacity dropped
+                    row["dropped"] = dropped.item() * tokens_per_step / tokens
                 best = dict(row) if best is None or row["loss"] < best["loss"] else best
                 rows.append(row)
                 if master and (it > start or ckpt is not None):  # step 0: the flags' own start, nothing to resume
-                    save = run_state(None, optimizer, scaler, (data_gen, selector.generator), device, iter=it, best=best,
-                                     metrics=rows, model=raw_model.state_dict(), config=cfg.to_dict(), args=vars(args))
+                    save = run_state(None, optimizer, scaler, (data_gen, selector.generator), device, iter=it,
+                                     best=best, metrics=rows, model=raw_model.state_dict(), config=cfg.to_dict(),
+                                     args=vars(args))
                     data_prep.atomic_write(ckpt_path, lambda f: torch.save(save, f))  # first: it holds the rows
                     save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
                 if master:
@@ -534,9 +541,11 @@ def train(args, model=None, summary_extra=None):
                           f"{tok_s:,.0f} tok/s" + (f" | MFU {tok_s * flops / peak / world:.1%}" if peak else "") +
                           f" | {elapsed:.0f}s, ~{elapsed / (it + 1 - start) * (args.max_iters - it - 1):.0f}s left")
         summary = {"final": rows[-1], "best": best, "params": cherry.count_params(raw_model), "flops_per_token": flops,
-                   "tokens_per_step": tokens_per_step, "unigram_loss": held_out.unigram_loss, "wall_s": time.time() - t0,
-                   "device": device, "dtype": dtype, "processes": world, "config": cfg.to_dict(), "args": vars(args),
-                   **(summary_extra or {}), **({"expert_load": held_out.expert_load(raw_model, ctx)} if cfg.n_expert else {})}
+                   "tokens_per_step": tokens_per_step, "unigram_loss": held_out.unigram_loss, "device": device,
+                   "dtype": dtype, "processes": world, "wall_s": time.time() - t0, "config": cfg.to_dict(),
+                   "args": vars(args), **(summary_extra or {})}
+        if cfg.n_expert:
+            summary["expert_load"] = held_out.expert_load(raw_model, ctx)
         if master:
             save_json(summary, os.path.join(args.out_dir, "summary.json"))
             print(verdict(summary, rows))

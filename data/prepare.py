@@ -36,7 +36,8 @@ import tiktoken
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = os.path.join(HERE, "shakespeare")
-GPT2_RANKS, GPT2_SHA256 = os.path.join(HERE, "gpt2.tiktoken"), "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_RANKS = os.path.join(HERE, "gpt2.tiktoken")
+GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # tiktoken's r50k_base pattern (GPT-2's own, written to run faster)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 EOT = "<|endoftext|>"
@@ -86,7 +87,8 @@ def read_ranks(path, sha256):
     contents = open(path, "rb").read()
     if hashlib.sha256(contents).hexdigest() != sha256:
         raise ValueError(f"{path} does not match the sha256 its meta.json records: changed or damaged; prepare again")
-    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in contents.splitlines() if line)}
+    lines = (line.split() for line in contents.splitlines() if line)
+    return {base64.b64decode(token): int(rank) for token, rank in lines}
 
 
 def bpe_encoding(ranks, pattern):
@@ -117,8 +119,9 @@ def train_bpe(texts, n_tokens, folder):
     bpe.train_from_iterator(iter(texts), n_tokens - 1)
     text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in bpe.get_mergeable_ranks())
     atomic_write(os.path.join(folder, "tokenizer.tiktoken"), lambda f: f.write(text.encode()))
-    meta = {"tokenizer": f"bpe:{n_tokens}", "tokenizer_file": "tokenizer.tiktoken", "tokenizer_pattern": bpe.get_pattern(),
-            "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest(), "tokenizer_seconds": round(time.time() - t0, 2)}
+    meta = {"tokenizer": f"bpe:{n_tokens}", "tokenizer_file": "tokenizer.tiktoken", "tokenizer_seconds":
+            round(time.time() - t0, 2), "tokenizer_pattern": bpe.get_pattern(),
+            "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest()}
     return tokenizer(meta, folder), meta
 
 
@@ -141,7 +144,8 @@ class Codec:
         ids = self.enc.encode_ordinary(text) if text else [self.enc.eot_token]  # nothing: a new document
         unknown = [t for t in ids if self.compact is not None and t not in self.compact]
         if unknown:
-            raise ValueError(f"the text has a token this vocabulary lacks ({self.enc.decode(unknown[:1])!r}); reword it")
+            raise ValueError(f"the text has a token this vocabulary lacks ({self.enc.decode(unknown[:1])!r}); "
+                             f"reword it")
         return [self.compact[t] for t in ids] if self.compact is not None else ids
 
     def decode(self, ids):
@@ -207,7 +211,8 @@ def file_documents(path, pattern="*", max_chars=None, skip=()):
         try:
             text = open(p, encoding="utf-8").read()
         except (UnicodeDecodeError, OSError) as e:
-            print(f"skipped {p}: {'not UTF-8 text' if isinstance(e, UnicodeDecodeError) else e.strerror}", file=sys.stderr)
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
+            print(f"skipped {p}: {why}", file=sys.stderr)
             continue
         if "\0" in text:
             print(f"skipped {p}: binary (it holds NUL bytes)", file=sys.stderr)
@@ -276,8 +281,9 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
         new_id[token_ids] = np.arange(len(token_ids))
         train, val, vocab_size, meta["token_ids"] = new_id[train], new_id[val], len(token_ids), token_ids.tolist()
     counts = np.bincount(train, minlength=vocab_size)
-    meta.update(vocab_size=vocab_size, dtype=np.dtype(dtype).name, documents=len(documents), train_tokens=int(train.size),
-                val_tokens=int(val.size), unigram_counts={str(i): int(c) for i, c in enumerate(counts) if c})
+    meta.update(vocab_size=vocab_size, dtype=np.dtype(dtype).name, documents=len(documents),
+                train_tokens=int(train.size), val_tokens=int(val.size),
+                unigram_counts={str(i): int(c) for i, c in enumerate(counts) if c})
     for name, tokens in (("train.bin", train), ("val.bin", val)):
         atomic_write(os.path.join(out_dir, name), tokens.tofile)
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta).encode()))
@@ -293,21 +299,23 @@ def load(folder):
     hint = f"make it with: python data/prepare.py --input YOUR_TEXT --out_dir {folder}"
     missing = [f for f in ("meta.json", "train.bin", "val.bin") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise FileNotFoundError(f"--data {folder}: {'no such folder' if not os.path.isdir(folder) else f'no {missing[0]} in it'}; {hint}")
+        what = "no such folder" if not os.path.isdir(folder) else f"no {missing[0]} in it"
+        raise FileNotFoundError(f"--data {folder}: {what}; {hint}")
     try:
         meta = json.load(open(os.path.join(folder, "meta.json"), encoding="utf-8"))
     except ValueError:
         raise ValueError(f"{folder}/meta.json is not valid JSON; {hint}") from None
     lacking = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
     if lacking or meta["dtype"] not in ("uint16", "uint32") or not isinstance(meta["vocab_size"], int):
-        raise ValueError(f"{folder}/meta.json " + (f"has no {lacking[0]}" if lacking else f"has dtype {meta['dtype']!r} "
-                         f"and vocab_size {meta['vocab_size']!r}; this project writes uint16 or uint32") + f"; {hint}")
+        what = f"has no {lacking[0]}" if lacking else f"has dtype {meta['dtype']!r} and vocab_size " \
+            f"{meta['vocab_size']!r}; this project writes uint16 or uint32"
+        raise ValueError(f"{folder}/meta.json {what}; {hint}")
     splits = []
     for split in ("train", "val"):
         path, n, width = os.path.join(folder, f"{split}.bin"), meta[f"{split}_tokens"], np.dtype(meta["dtype"]).itemsize
         if not isinstance(n, int) or n < 1 or os.path.getsize(path) != n * width:
-            raise ValueError(f"{path} holds {os.path.getsize(path)} bytes where meta.json says {n} {meta['dtype']} tokens "
-                             f"({n * width if isinstance(n, int) else '?'} bytes); prepare the folder again")
+            raise ValueError(f"{path} holds {os.path.getsize(path)} bytes where meta.json says {n} {meta['dtype']} "
+                             f"tokens ({n * width if isinstance(n, int) else '?'} bytes); prepare the folder again")
         tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
         top = max(int(tokens[i:i + 2**26].max()) for i in range(0, len(tokens), 2**26))
         if top >= meta["vocab_size"]:
@@ -317,8 +325,9 @@ def load(folder):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", help="shakespeare (default), shakespeare_char, korean, code, or several joined by commas")
+    p = argparse.ArgumentParser(prog="prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", help="shakespeare (the default), shakespeare_char, korean, code; several: a,b")
     p.add_argument("--input", help="instead: a text file, or a folder of them")
     p.add_argument("--glob", default="*", help="with a folder --input: which files, e.g. '*.py' (default: all)")
     p.add_argument("--out_dir", help="where train.bin, val.bin and meta.json go (default: data/<corpus>)")
@@ -349,8 +358,9 @@ def main(argv=None):
     sample = "".join(docs)[:1_000_000]  # how densely the tokenizer packs the text, against GPT-2's
     ours, gpt2 = (len(tokenizer(m, out_dir).encode_ordinary(sample)) for m in (meta, {"tokenizer": "gpt2"}))
     hangul = len(re.findall("[\uac00-\ud7a3]", sample))
-    per = f"{ours / hangul:.2f} tokens per Hangul syllable (GPT-2: {gpt2 / hangul:.2f})" if hangul > len(sample) / 4 else \
-        f"{len(sample) / ours:.2f} characters per token (GPT-2: {len(sample) / gpt2:.2f})"
+    per = f"{len(sample) / ours:.2f} characters per token (GPT-2: {len(sample) / gpt2:.2f})"
+    if hangul > len(sample) / 4:
+        per = f"{ours / hangul:.2f} tokens per Hangul syllable (GPT-2: {gpt2 / hangul:.2f})"
     trained = f"; the tokenizer trained in {meta['tokenizer_seconds']:.1f} s" if "tokenizer_seconds" in meta else ""
     print(f"{meta['documents']} documents -> {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
           f"({meta['tokenizer']}, vocabulary {meta['vocab_size']:,}) in {out_dir}; {per}{trained}")

@@ -46,8 +46,9 @@ def jobs(s, seed, out, data, pilot=False):
     if not pilot:
         run["recovered"] = ("compress", [*recover, "--lora_rank", s["lora"]])
         run["recovered_no_lora"] = ("compress", recover)
-    return {name: (module, [*common_flags, *flags, "--eval_interval", flags[flags.index("--max_iters") + 1] // 5,
-                            "--out_dir", os.path.join(out, f"{name}-s{seed}")]) for name, (module, flags) in run.items()}
+    every = lambda flags: ["--eval_interval", flags[flags.index("--max_iters") + 1] // 5]
+    return {name: (module, [*common_flags, *flags, *every(flags), "--out_dir", os.path.join(out, f"{name}-s{seed}")])
+            for name, (module, flags) in run.items()}
 
 
 def main(argv=None):
@@ -89,13 +90,15 @@ def main(argv=None):
     ok, gate_lines = common.gate("depth compression", [
         (f"dense {s['layers']} layers minus dense {s['big']} layers: {small_big[0]:+.3f} ± {small_big[1]:.3f} "
          f"(>= 0.05 and >= 10 standard errors needed)", small_big[0] >= 0.05 and small_big[0] >= 10 * small_big[1]),
-        (f"teacher ({s['teacher']} layers) minus dense {s['big']} layers: {teacher_big[0]:+.3f} ± {teacher_big[1]:.3f} "
-         f"(< 0 needed)", teacher_big[0] < 0)])
+        (f"teacher ({s['teacher']} layers) minus dense {s['big']} layers: {teacher_big[0]:+.3f} ± "
+         f"{teacher_big[1]:.3f} (< 0 needed)", teacher_big[0] < 0)])
     tokens = s["batch"] * s["block"]
     what = {"teacher": f"teacher, dense {s['teacher']} layers ({s['teacher_steps'] * tokens / 1e6:.2f}M tokens)",
-            "averaged": "averaged, each layer once, not trained", "unrolled": f"averaged, unrolled {s['unroll']}, not trained",
+            "averaged": "averaged, each layer once, not trained",
+            "unrolled": f"averaged, unrolled {s['unroll']}, not trained",
             "unrolled+LoRA": f"... + LoRA {s['lora']} from the SVD, not trained",
-            "recovered_no_lora": f"recovered: unrolled + step embeddings ({s['recovery_steps'] * tokens / 1e6:.2f}M tokens)",
+            "recovered_no_lora": f"recovered: unrolled + step embeddings "
+                                 f"({s['recovery_steps'] * tokens / 1e6:.2f}M tokens)",
             "recovered": "recovered: unrolled + step embeddings + LoRA (the paper's method)",
             "small": f"dense {s['layers']} layers from scratch, same total tokens",
             "big": f"dense {s['big']} layers from scratch, same total tokens",
@@ -113,14 +116,16 @@ def main(argv=None):
     if ok and not args.pilot:
         d = common.paired(L["recovered"], L["big"])
         holds = d[0] <= 2 * d[1]
-        body.append(f"**Verdict**: the recovered model minus the dense {s['big']}-layer model: {d[0]:+.4f} ± {d[1]:.4f}: "
+        body.append(f"**Verdict**: the recovered model minus the dense {s['big']}-layer model: {d[0]:+.4f} ± "
+                    f"{d[1]:.4f}: "
                     + ("within noise or better: the claim holds here." if holds else
                        f"{d[0] / d[1]:.0f} standard errors worse: the claim does not hold at this scale."))
     elif not ok:
         body.append("**Verdict**: not testable at this scale (the gate failed).")
     name = "compress_pilot.md" if args.pilot else "compress_results.md"
-    common.report(os.path.join(common.HERE, name), "Depth compression with recurrent recovery",
-                  "python -m studies.compress " + " ".join(sys.argv[1:] if argv is None else argv), time.time() - t0, body)
+    command = "python -m studies.compress " + " ".join(sys.argv[1:] if argv is None else argv)
+    common.report(os.path.join(common.HERE, name), "Depth compression with recurrent recovery", command,
+                  time.time() - t0, body)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def prepare(s):
         docs = {}
         for name in DOMAINS:  # whole documents, in order, until s["chars"] characters
             texts = train.data_prep.CORPORA[name]()
-            docs[name] = [d for d, before in zip(texts, itertools.accumulate([0, *map(len, texts)])) if before < s["chars"]]
+            starts = itertools.accumulate([0, *map(len, texts)])
+            docs[name] = [d for d, before in zip(texts, starts) if before < s["chars"]]
         train.data_prep.prepare(docs["korean"] + docs["code"], os.path.join(folder, "mix"), s["vocab"])
         for name in DOMAINS:
             train.data_prep.prepare(docs[name], os.path.join(folder, name), os.path.join(folder, "mix"))
@@ -62,17 +63,18 @@ def main(argv=None):
                                         steps, "--eval_interval", max(1, steps // 5), "--lr", lr, "--warmup_iters", 20]
     shape = ["--n_head", s["heads"], "--n_embd", s["width"]]
     par = 1 if args.gpu else 2
-    common.run_all([("train", ["--data", folder("mix"), "--n_layer", s["teacher"], *shape, *run(seed, s["teacher_steps"],
-                                                                                                2e-3),
-                               "--out_dir", out("teacher", seed)]) for seed in seeds], par)
+    common.run_all([("train", ["--data", folder("mix"), "--n_layer", s["teacher"], *shape,
+                               *run(seed, s["teacher_steps"], 2e-3), "--out_dir", out("teacher", seed)])
+                    for seed in seeds], par)
     group = s["teacher"] // s["layers"]
     common.run_all([("compress", ["--data", folder(d), "--init_from", out("teacher", seed), "--layers", s["layers"],
                                   "--unroll", ",".join([str(group)] * s["layers"]), *run(seed, s["expert_steps"]),
                                   "--out_dir", out(f"expert-{d}", seed)]) for seed in seeds for d in DOMAINS], par)
     # the 2 x 2: one expert (a mixture of one is that expert) or both, without or with MTP; the same steps on the mix
-    arms = {f"{'+'.join(e)}{'-mtp' if mtp else ''}": (e, mtp) for e in (["korean"], ["code"], list(DOMAINS)) for mtp in (0, 1)}
-    common.run_all([("fuse", ["--data", folder("mix"), "--experts", *[out(f"expert-{d}", seed) for d in e], "--mtp", mtp,
-                              *run(seed, s["steps"]), "--out_dir", out(arm, seed)])
+    arms = {f"{'+'.join(e)}{'-mtp' if mtp else ''}": (e, mtp) for e in (["korean"], ["code"], list(DOMAINS))
+            for mtp in (0, 1)}
+    common.run_all([("fuse", ["--data", folder("mix"), "--experts", *[out(f"expert-{d}", seed) for d in e],
+                              "--mtp", mtp, *run(seed, s["steps"]), "--out_dir", out(arm, seed)])
                     for seed in seeds for arm, (e, mtp) in arms.items()], par)
     # a dense model with MoEE's total (non-embedding) parameters, from scratch, with the FLOPs of MoEE's whole pipeline
     moee, teacher, expert = (common.load(out(name, 0)) for name in ("korean+code", "teacher", "expert-code"))
@@ -81,8 +83,8 @@ def main(argv=None):
     f = cherry.flops_per_token
     dense_steps = round((s["teacher_steps"] * f(teacher.config) + 2 * s["expert_steps"] * f(expert.config)
                          + s["steps"] * f(moee.config)) / f(dense))
-    common.run_all([("train", ["--data", folder("mix"), "--n_layer", dense_layers, *shape, *run(seed, dense_steps, 2e-3),
-                               "--out_dir", out("dense", seed)]) for seed in seeds], par)
+    common.run_all([("train", ["--data", folder("mix"), "--n_layer", dense_layers, *shape,
+                               *run(seed, dense_steps, 2e-3), "--out_dir", out("dense", seed)]) for seed in seeds], par)
     windows = {d: train.Data(folder(d), s["block"]).eval_batch(s["windows"]) for d in DOMAINS}
     names = ["expert-korean", "expert-code", *arms, "dense"]
     losses = {name: {d: torch.cat([common.window_losses(common.load(out(name, seed)), *windows[d], s["device"])
@@ -101,7 +103,8 @@ def main(argv=None):
         m = common.load(out(name, 0))
         d = common.paired(both(name), both(best))
         table.append(f"| {name} | {cherry.count_params(m):,} | {cherry.count_params(m, active=True):,} | "
-                     f"{f(m.config) / 1e6:.1f} | {losses[name]['korean'].mean():.4f} | {losses[name]['code'].mean():.4f} | "
+                     f"{f(m.config) / 1e6:.1f} | {losses[name]['korean'].mean():.4f} | "
+                     f"{losses[name]['code'].mean():.4f} | "
                      f"{both(name).mean():.4f} | {'' if name == best else f'{d[0]:+.4f} ± {d[1]:.4f}'} |")
     body = [f"Scale: {s}; {len(seeds)} seed(s); {s['windows']} held-out windows per domain and seed. The dense model: "
             f"{dense_layers} layers, {dense_steps} steps.", "", "## Gate", "", *gate_lines, "",

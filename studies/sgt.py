@@ -59,7 +59,8 @@ def plan(args, scale, seeds, folders):
     runs, half = {}, flags.max_iters // 2  # after the -- flags, which win
     for domain, n in seeds.items():
         for seed in range(n):
-            base = ["--data", folders[domain], "--seed", seed, *scale, *(["--shuffle_tokens"] if domain == "shuffled" else [])]
+            base = ["--data", folders[domain], "--seed", seed, *scale]
+            base += ["--shuffle_tokens"] if domain == "shuffled" else []
             out = lambda name: ["--out_dir", os.path.join(args.out_dir, f"{domain}-{name}-s{seed}")]
             continued = seed == 0 and (domain == "text" or args.full)
             for setting in ("full", *SELECTORS):
@@ -67,9 +68,8 @@ def plan(args, scale, seeds, folders):
                 name = setting.replace(" ", "").replace(",", "-").replace("/", "")
                 runs[domain, setting, seed, "scratch"] = [*base, *sgt, *args.train, *out(name)]
                 if continued:
-                    runs[domain, setting, seed, "continued"] = [*base, *sgt, *args.train, "--max_iters", half, "--init_from",
-                                                                os.path.join(args.out_dir, f"{domain}-half-s{seed}"),
-                                                                *out(name + "-cont")]
+                    start = ["--max_iters", half, "--init_from", os.path.join(args.out_dir, f"{domain}-half-s{seed}")]
+                    runs[domain, setting, seed, "continued"] = [*base, *sgt, *args.train, *start, *out(name + "-cont")]
             if continued:
                 runs[domain, "half", seed, "scratch"] = [*base, "--lr_decay_iters", 2 * half, *args.train,
                                                          "--max_iters", half, *out("half")]
@@ -110,18 +110,21 @@ def mean_sd(values, fmt="{:.2f}"):
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "-"
-    return fmt.format(statistics.mean(values)) + (f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else "")
+    spread = f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else ""
+    return fmt.format(statistics.mean(values)) + spread
 
 
 def theorem1_check(model, train_batches, held_out_batches, update):
     """
     Theorem 1 to first order, out of sample: a step delta computed from g_S on training batches changes L_U, the loss
     of the unselected targets of held-out batches, by about g_U . delta. update(model, grads) takes the step in place:
-    plain SGD (sgd_update) or the run's own AdamW (theorem1). Batches [(x, y, mask)]; on a copy. Returns (predicted, measured).
+    plain SGD (sgd_update) or the run's own AdamW (theorem1). Batches [(x, y, mask)]; on a copy. Returns (predicted,
+    measured).
     """
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    mean = lambda batches, sel: sum(model.token_losses(x, y)[m if sel else ~m].mean() for x, y, m in batches) / len(batches)
+    mean = lambda batches, sel: sum(model.token_losses(x, y)[m if sel else ~m].mean() for x, y, m in batches) \
+        / len(batches)
     g_s = torch.autograd.grad(mean(train_batches, True), params, allow_unused=True)
     before = mean(held_out_batches, False)
     g_u = torch.autograd.grad(before, params, allow_unused=True)
@@ -134,7 +137,8 @@ def theorem1_check(model, train_batches, held_out_batches, update):
 
 def sgd_update(lr):
     """theorem1_check's plain SGD step: weights -= lr * gradient."""
-    return lambda model, grads: [p.sub_(lr * g) for p, g in zip([p for p in model.parameters() if p.requires_grad], grads)]
+    return lambda model, grads: [p.sub_(lr * g) for p, g in zip(filter(lambda p: p.requires_grad, model.parameters()),
+                                                                 grads)]
 
 
 def theorem1(out_dir):
@@ -183,8 +187,9 @@ def defaults(args):
     code = os.path.join(DATA, "code")
     if not os.path.exists(os.path.join(code, "meta.json")):
         data_prep.main(["--corpus", "code"])
-    lines, chosen, t0 = ["| beta | mix | data | seed | held-out loss: best / final | unigram | unsupervised: start -> end "
-                         "| gamma (end) | passes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"], None, time.time()
+    chosen, t0 = None, time.time()
+    lines = ["| beta | mix | data | seed | held-out loss: best / final | unigram | unsupervised: start -> end | gamma "
+             "(end) | passes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for beta, mix in CANDIDATES:
         passed = True
         for seed in DEFAULT_SEEDS:
@@ -237,7 +242,8 @@ def study(args):
     out = lambda key: runs[key][runs[key].index("--out_dir") + 1]
     rows = {key: common.metrics(out(key)) for key in runs}
     unigram = {d: common.summary(out((d, "full", 0, "scratch")))["unigram_loss"] for d in seeds}
-    c = {k: compare(rows[k], rows[(k[0], "full", k[2], k[3])], unigram[k[0]]) for k in runs if k[1] not in ("full", "half")}
+    c = {k: compare(rows[k], rows[(k[0], "full", k[2], k[3])], unigram[k[0]])
+         for k in runs if k[1] not in ("full", "half")}
     report(args, scale, seeds, rows, unigram, c, out, time.time() - t0)
 
 
@@ -251,16 +257,19 @@ def report(args, scale, seeds, rows, unigram, c, out, wall_s):
     body = [f"Scale: train.py {' '.join(str(a) for a in scale)} {' '.join(args.train)}; f = 0.15; seeds: "
             f"{', '.join(f'{d} {n}' for d, n in seeds.items())}.", "", "## Can the comparison discriminate?", ""]
     ok, lines = common.gate("the collapse on shuffled text", [
-        (f"text: full supervision beats the unigram model by {gap['text']:.2f} nats (>= 0.5 needed)", gap["text"] >= 0.5),
+        (f"text: full supervision beats the unigram model by {gap['text']:.2f} nats (>= 0.5 needed)",
+         gap["text"] >= 0.5),
         (f"shuffled text: full supervision beats it by {gap['shuffled']:.2f} nats: context is what shuffling removes, "
          f"so R_ctx is defined on text only", True)])
     body += lines + ["", f"## Text (Shakespeare), {seeds['text']} seeds, mean ± sd", "",
-                     "R(t) = (L(init) - L_SGT(t)) / (L(init) - L_full(t)) at the same step t; R: best vs best; R_opt: at "
+                     "R(t) = (L(init) - L_SGT(t)) / (L(init) - L_full(t)) at the same step t; R: best vs best; "
+                     "R_opt: at "
                      "the SGT run's own best step (the paper's 'eval optimum'); R_ctx: best vs best beyond the unigram "
                      "model. gamma: the noise-free coupling (held-out batches), mean over the evaluations; naive: one "
                      "batch's cosine.", "",
-                     "| selector | " + " | ".join(f"R@{t}" for t in marks) + " | R | R_opt (step) | R_ctx | gamma | trunk "
-                     "| emb+head | naive | final - unigram | L_unsup start -> end |", "|" + " --- |" * (len(marks) + 10)]
+                     "| selector | " + " | ".join(f"R@{t}" for t in marks) + " | R | R_opt (step) | R_ctx | gamma | "
+                     "trunk | emb+head | naive | final - unigram | L_unsup start -> end |",
+                     "|" + " --- |" * (len(marks) + 10)]
     for name in SELECTORS:
         r = sel("text", name)
         body.append(f"| {name} | " + " | ".join(mean_sd([x["R_t"][t] for x in r]) for t in marks) +
@@ -277,12 +286,13 @@ def report(args, scale, seeds, rows, unigram, c, out, wall_s):
              "| selector | shuffled: R | shuffled: gamma | code: R | code: R_ctx | code: gamma | continued (text): R |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in SELECTORS:
-        body.append(f"| {name} | {mean_sd([x['R'] for x in sel('shuffled', name)])} | "
-                    f"{mean_sd([x.get('gamma') for x in sel('shuffled', name)])} | {mean_sd([x['R'] for x in sel('code', name)])} "
-                    f"| {mean_sd([x['R_ctx'] for x in sel('code', name)])} | {mean_sd([x.get('gamma') for x in sel('code', name)])}"
-                    f" | {mean_sd([x['R'] for x in sel('text', name, 'continued')])} |")
+        cells = [[x["R"] for x in sel("shuffled", name)], [x.get("gamma") for x in sel("shuffled", name)],
+                 [x["R"] for x in sel("code", name)], [x["R_ctx"] for x in sel("code", name)],
+                 [x.get("gamma") for x in sel("code", name)], [x["R"] for x in sel("text", name, "continued")]]
+        body.append(f"| {name} | " + " | ".join(mean_sd(cell) for cell in cells) + " |")
     body += ["", "## Theorem 1 out of sample (text, first seed, end of training)", "",
-             "g_S from two training batches; the change of L_U on two held-out batches: predicted g_U . delta / measured.",
+             "g_S from two training batches; the change of L_U on two held-out batches: predicted g_U . delta / "
+             "measured.",
              "", "| selector | SGD lr 1e-3 | SGD lr 1e-2 | the run's AdamW, one step |", "| --- | --- | --- | --- |"]
     for name in SELECTORS:
         t1 = theorem1(out(("text", name, 0, "scratch")))
@@ -294,8 +304,8 @@ def report(args, scale, seeds, rows, unigram, c, out, wall_s):
             r = sel("text", name)
             axes[0].plot(steps, [statistics.mean(x["R_t"][t] for x in r) for t in steps], label=name, color=f"C{i}")
             rs = [rows["text", name, s, "scratch"] for s in range(seeds["text"])]
-            axes[1].plot([x["iter"] for x in rs[0]], [statistics.mean(x[j]["loss"] for x in rs) for j in range(len(rs[0]))],
-                         color=f"C{i}")
+            axes[1].plot([x["iter"] for x in rs[0]], [statistics.mean(r[j]["loss"] for r in rs)
+                                                       for j in range(len(rs[0]))], color=f"C{i}")
         axes[1].plot([x["iter"] for x in full("text")[0]], [statistics.mean(x[j]["loss"] for x in full("text"))
                                                            for j in range(len(full("text")[0]))], "k", label="full")
         axes[1].axhline(unigram["text"], color="gray", ls="--", label="unigram")
