@@ -494,16 +494,17 @@ class MoE(nn.Module):
         # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly one expert's
         # output); the scale is detached, so the router still learns from the LM loss as in Switch
         gates = (top_p / top_p.sum(dim=-1, keepdim=True).detach()).flatten()
-        expert, token = expert.flatten(), torch.arange(N, device=x.device).repeat_interleave(self.k)
+        expert = expert.flatten()  # the N * k assignments, token-major: token i's k choices are i*k .. i*k + k-1
         # each assignment's place in its expert's queue (token order); past the capacity it is dropped
         capacity = min(N, math.ceil(self.capacity_factor * N * self.k / E)) if self.training else N
         one_hot = F.one_hot(expert, E)  # (N * k, E)
         place = (one_hot.cumsum(dim=0) * one_hot).sum(dim=1) - 1
         kept = place < capacity
-        slot = torch.where(kept, expert * capacity + place, E * capacity)  # dropped ones share a spare row
-        buffers = x.new_zeros(E * capacity + 1, C).index_copy(0, slot, x[token]).narrow(0, 0, E * capacity)
+        slot = torch.where(kept, expert * capacity + place, E * capacity)  # the dropped share a spare last row
+        inputs = x if self.k == 1 else x.repeat_interleave(self.k, dim=0)
+        buffers = x.new_zeros(E * capacity + 1, C).index_copy(0, slot, inputs)[:-1]  # (E * capacity, C)
         y = torch.cat([mlp(part) for mlp, part in zip(self.experts, buffers.split(capacity))] + [x.new_zeros(1, C)])
-        out = torch.zeros_like(x).index_add_(0, token, (y[slot] * (gates * kept).unsqueeze(-1)).to(x.dtype))
+        out = (y[slot] * (gates * kept).unsqueeze(-1)).view(N, self.k, C).sum(dim=1)
         counts = one_hot.sum(dim=0)
         loss = self.aux_weight * switch_loss(probs, counts)
         if self.z_weight:
