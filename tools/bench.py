@@ -115,7 +115,7 @@ def main(argv=None):
               "dense MFU": mfu["dense"]}
     for name, where, target in TARGETS:
         if where == kind and ratios[name] is not None:
-            print(f"target {name} >= {target}x on {where}: {ratios[name]:.2f}x, "
+            print(f"target on {where}: {name} >= {target:g}: {ratios[name]:.2f}, "
                   f"{'met' if ratios[name] >= target else 'MISSED'}")
     bound = cherry.flops_per_token(cfg) / cherry.flops_per_token(cfg, 0.15)
     print(f"matmul-FLOP ratio dense / SGT 0.15 at this config: {bound:.2f}x (the softmax's memory traffic on top)")
