@@ -338,7 +338,8 @@ class HeldOut:
         """gamma without batch noise (cherry.gradient_coupling) on held-out batches, and the naive one-batch cosine."""
         batches = [(x, y, mask) for x, y, mask, _ in self.masks(model, ctx)[:self.GAMMA_BATCHES]]
         with ctx:
-            gamma = cherry.gradient_coupling(model, batches)
+            gamma = cherry.gradient_coupling(model.eval(), batches)  # no dropout: gradients of the model itself
+        model.train()
         return {"gamma": gamma["all"], "gamma_trunk": gamma["trunk"], "gamma_embedding_head": gamma["embedding+head"],
                 "gamma_naive": gamma["naive"], "gamma_batch": len(batches[0][0])}
 
