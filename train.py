@@ -36,7 +36,7 @@ SHAPE = dict(n_layer=12, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")  # fixed by the weights a script starts from
 RUN_FLAGS = ("data", *SHAPE_FLAGS, "block_size", "batch_size", "grad_accum", "sgt", "sgt_select", "sgt_beta", "sgt_mix",
              "sgt_ref", "shuffle_tokens", "eval_iters", "seed")  # what --resume must be given unchanged
-DEFAULT_BETA, DEFAULT_MIX = math.inf, 1 / 3  # chosen by the rule in studies/sgt.py (studies/sgt_defaults.md)
+DEFAULT_BETA, DEFAULT_MIX = 2.0, 0.0  # chosen by the rule in studies/sgt.py (studies/sgt_defaults.md)
 
 
 class Parser(argparse.ArgumentParser):
