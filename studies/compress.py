@@ -5,8 +5,8 @@ parameters. A dense 8-layer teacher is averaged into 2 layers and recovered thro
 parameters) train from scratch on the same total tokens (the teacher's plus the recovery's). Every model is scored on
 the same held-out windows; differences are paired, their standard errors pooled over the windows of 3 seeds.
 
-  python -m studies.compress             # 3 seeds, ~25 min on 2 CPU cores
-  python -m studies.compress --pilot     # one seed of the gate's runs only (~5 min): is the gate within reach?
+  python -m studies.compress             # 3 seeds, with the recovery runs
+  python -m studies.compress --pilot     # one seed of the gate's runs only (13 min): is the gate within reach?
   python -m studies.compress --gpu DATA  # the paper's 48 -> 6 (1,8,8,8,8,1) at width 384, dense 24 and 6 layers,
                                          # on a token folder prepared elsewhere (a GPU machine may have no network)
 
@@ -28,7 +28,8 @@ from studies import common
 
 # Pilots (--pilot; studies/compress_pilot.md) decided the CPU sizes. At 8 x 128 on 1M characters (batch 16, lr 2e-3)
 # dense 2 and 5 layers tied (2.100 vs 2.103) and the teacher was worse than both. At width 64, batch 32, 7M characters:
-# lr 3e-3 gave dense 2 minus dense 5 = +0.032, lr 6e-3 +0.072 (one seed; the deeper model gains more from it).
+# lr 3e-3 gave dense 2 minus dense 5 = +0.032, lr 6e-3 +0.072 (one seed; the deeper model gains more from it), but
+# at lr 6e-3 the teacher ends worse than dense 5 (+0.025): the gate fails at these sizes (compress_pilot.md).
 CPU = dict(teacher=8, layers=2, big=5, width=64, heads=4, unroll="4,4", lora=16, teacher_steps=1500, recovery_steps=250,
            batch=32, block=128, lr=6e-3, windows=400, device="cpu")
 GPU = dict(teacher=48, layers=6, big=24, width=384, heads=6, unroll="1,8,8,8,8,1", lora=32, teacher_steps=6000,
