@@ -2,7 +2,7 @@
 The SGT study: how much of full supervision's loss reduction does supervising 15% of the targets recover, with which
 selector, and why (gradient coupling, Theorem 1)? Every run is train.py's own.
 
-  python -m studies.sgt               # text, shuffled text, code; 3 seeds; scratch and continued (~30 min, 2 CPU cores)
+  python -m studies.sgt               # text, shuffled text, code; 3 seeds; scratch and continued (~70 min, 2 CPU cores)
   python -m studies.sgt --full        # also code with 3 seeds and continued runs on every domain
   python -m studies.sgt --defaults    # the rule that picks train.py's default selector (default-length runs: hours)
   python -m studies.sgt --gpu         # 6 x 384 on GPT-2's whole vocabulary, one run at a time on a GPU
