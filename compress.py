@@ -18,6 +18,7 @@ import re
 
 import cherry
 import train
+from tools import guards
 
 
 def parse_unroll(text, k):
@@ -49,14 +50,14 @@ def main(argv=None):
     a("--coda_from", choices=["last", "first"], default="last",
       help="the last compressed layer's LoRA starts from its group's last layer (the original's final) or first")
     p.set_defaults(out_dir="out-compress")
-    args = train.parse_args(p, argv)
+    args = guards.parse_args(p, argv)
     schedule = parse_unroll(args.unroll, args.layers)  # a mistake in it is said before anything is loaded
     source = os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else args.init_from
     if os.path.abspath(source) == os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")):
         raise ValueError(f"--out_dir {args.out_dir} would overwrite the model it compresses; choose another --out_dir")
-    train.check_run_folder(args)  # before loading what may be a large model
+    guards.check_run_folder(args)  # before loading what may be a large model
     teacher = cherry.load_model(args.init_from).eval()
-    train.take_shape(args, teacher.config, "--init_from")
+    guards.take_shape(args, teacher.config, "--init_from")
     cfg = teacher.config
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed or cfg.n_expert:
         raise ValueError(f"{args.init_from} is already compressed or fused; give a dense model")
@@ -88,4 +89,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.cli(main, "compress")
+    guards.cli(main, "compress")

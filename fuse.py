@@ -16,6 +16,7 @@ The held-out `loss` is the next-token loss only (no MTP or router terms): the nu
 
 import cherry
 import train
+from tools import guards
 
 
 def main(argv=None):
@@ -32,12 +33,12 @@ def main(argv=None):
     a("--aux_weight", type=train.NON_NEGATIVE, default=0.01, help="Switch load-balancing loss, per mixture-layer call")
     a("--z_weight", type=train.NON_NEGATIVE, default=0.0, help="router z-loss (1e-3 is usual; 0: off)")
     p.set_defaults(out_dir="out-fuse")
-    args = train.parse_args(p, argv)
+    args = guards.parse_args(p, argv)
     if not (args.init_from or args.experts):
         raise ValueError("give --experts to fuse (or --init_from a fused model to train on)")
     if args.init_from is None and args.experts_per_token > len(args.experts):
         raise ValueError(f"--experts_per_token {args.experts_per_token} is more than the {len(args.experts)} experts")
-    train.check_run_folder(args)  # before loading anything
+    guards.check_run_folder(args)  # before loading anything
     if args.init_from:
         experts, model = [], cherry.load_model(args.init_from)
         if not model.config.n_expert:
@@ -46,7 +47,7 @@ def main(argv=None):
         experts = [cherry.load_model(path).eval() for path in args.experts]
         model = cherry.fuse(experts, args.experts_per_token, args.mtp, capacity_factor=args.capacity_factor,
                             mtp_weight=args.mtp_weight, aux_weight=args.aux_weight, z_weight=args.z_weight)
-    train.take_shape(args, model.config, "the experts")
+    guards.take_shape(args, model.config, "the experts")
     cfg = model.config
     info = {"experts": args.experts, "init_from": args.init_from, "n_expert": cfg.n_expert, "mtp": cfg.mtp,
             "experts_per_token": cfg.experts_per_token, "params_total": cherry.count_params(model),
@@ -62,4 +63,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.cli(main, "fuse")
+    guards.cli(main, "fuse")

@@ -26,7 +26,7 @@ import fuse
 import train
 from data import prepare as data_prep
 from studies import sgt as sgt_study
-from tools import bench, sample
+from tools import bench, guards, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN = ["--batch_size", "8", "--eval_iters", "4", "--log_interval", "1000", "--warmup_iters", "5", "--lr", "3e-3",
@@ -927,7 +927,7 @@ def fails(capsys, prog, argv, pattern):
     main = {"train": train.main, "compress": compress.main, "fuse": fuse.main, "sample": sample.main,
             "bench": bench.main, "prepare": data_prep.main}[prog]
     with pytest.raises(SystemExit) as e:
-        train.cli(main, prog, argv)
+        guards.cli(main, prog, argv)
     message = capsys.readouterr().err if e.value.code == 2 else str(e.value.code)
     assert message.startswith(f"{prog}: ") and message.strip().count("\n") == 0, message
     assert re.search(pattern, message), message
@@ -1143,7 +1143,7 @@ def test_broken_foreign_oversized_or_unsafe_checkpoints_are_refused_in_one_line(
 
 
 def test_compile_without_a_compiler_is_one_line(tiny_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    monkeypatch.setattr(guards.shutil, "which", lambda name: None)
     fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "x"), *TINY, "--compile"],
           r"needs a C\+\+ compiler")
     assert not (tmp_path / "x").exists()

@@ -15,11 +15,8 @@ ends bit for bit as if never stopped (on the CPU). compress.py and fuse.py build
 
 import argparse
 import contextlib
-import fcntl
-import json
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -28,42 +25,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cherry
 from data import prepare as data_prep
+from tools import guards
+from tools.guards import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, number
 
 # ----------------------------------------------------------------------------
 # flags, shared by train.py, compress.py and fuse.py
 
 SHAPE = dict(n_layer=12, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias=False)  # the default model
-SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")  # fixed by the weights a script starts from
-RUN_FLAGS = ("data", *SHAPE_FLAGS, "block_size", "batch_size", "grad_accum", "sgt", "sgt_select", "sgt_beta", "sgt_mix",
-             "sgt_ref", "shuffle_tokens", "eval_iters", "seed")  # what --resume must be given unchanged
 DEFAULT_BETA, DEFAULT_MIX = 2.0, 0.0  # chosen by the rule in studies/sgt.py (studies/sgt_defaults.md)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other mistake; --help has the rest
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
-def number(kind, interval):
-    """An argparse type: a number of this kind in an interval written as "[0, 1)" or "(0, inf)"; never NaN."""
-    low, high = (float(end) for end in interval[1:-1].split(","))
-
-    def parse(text):
-        value = kind(text)
-        low_ok = low < value if interval[0] == "(" else low <= value
-        if not (low_ok and (value < high if interval[-1] == ")" else value <= high)):  # NaN fails both
-            raise argparse.ArgumentTypeError(f"{text} is not in {interval}")
-        return value
-    parse.__name__ = kind.__name__  # argparse says "invalid int value: '1.5'"
-    return parse
-
-
-COUNT, NATURAL = number(int, "[1, inf)"), number(int, "[0, inf)")
-POSITIVE, NON_NEGATIVE = number(float, "(0, inf)"), number(float, "[0, inf)")
-
-
 def training_args(prog, doc=__doc__):
-    p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = guards.Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", default=data_prep.DEFAULT_DIR, help="folder made by data/prepare.py (the default is made on first use)")
     a("--out_dir", default="out", help="where ckpt.pt, metrics.jsonl and summary.json go")
@@ -111,26 +84,6 @@ def training_args(prog, doc=__doc__):
     return p
 
 
-def parse_args(parser, argv=None):
-    args = parser.parse_args(argv)
-    if args.min_lr is not None and args.min_lr > args.lr:
-        parser.error(f"argument --min_lr: {args.min_lr} is above --lr {args.lr}")
-    return args
-
-
-def take_shape(args, config, source):
-    """A model that comes from weights keeps its shape: a shape flag that says otherwise is a mistake. Training may use
-    a shorter context than the model's."""
-    given = [f"--{k}" for k in SHAPE_FLAGS if getattr(args, k) not in (None, getattr(config, k))]
-    if given or args.preset:
-        raise ValueError(f"the model's shape comes from {source}; leave out {' '.join(given or ['--preset'])}")
-    if (args.block_size or 0) > config.block_size:
-        raise ValueError(f"--block_size {args.block_size} is longer than the model's {config.block_size}")
-    for k in SHAPE_FLAGS:
-        setattr(args, k, getattr(config, k))
-    args.block_size, args.dropout = args.block_size or config.block_size, config.dropout
-
-
 def fill_shape(args):
     """A fresh model's shape: each flag not given comes from the preset, else from SHAPE."""
     for k in (*SHAPE, "vocab_size"):
@@ -158,9 +111,6 @@ class Data:
     """
 
     def __init__(self, path, block_size, shuffle=False):
-        if os.path.abspath(path) == data_prep.DEFAULT_DIR and not os.path.exists(os.path.join(path, "meta.json")):
-            print("preparing the default data set (Shakespeare, GPT-2 tokens) ...")
-            data_prep.main([])
         self.meta, self.train, self.val = data_prep.load(path)
         self.block_size, self.shuffle = block_size, shuffle
         for split, tokens in (("train", self.train), ("val", self.val)):
@@ -193,7 +143,7 @@ class Selector:
         self.generator = torch.Generator().manual_seed(args.seed + 1)
         self.reference = None  # Rho-1's reference model (frozen), else the unigram model
         if args.sgt_ref:
-            self.reference = check_vocab(cherry.load_model(args.sgt_ref), meta, "--sgt_ref").to(device).eval()
+            self.reference = guards.check_vocab(cherry.load_model(args.sgt_ref), meta, "--sgt_ref").to(device).eval()
 
     def draw(self, targets, generator=None):
         """(B, k) positions for a batch on the CPU; None for excess, which picks inside the model's forward."""
@@ -208,56 +158,8 @@ class Selector:
         return cherry.excess_selector(math.ceil(self.fraction * y.size(1)), ref)
 
 
-def check_vocab(model, meta, source):
-    """Weights whose ids mean other tokens than the data's are refused (an unknown vocabulary is let through)."""
-    data_vocab = data_prep.vocab_id(meta)
-    if model.config.vocab and model.config.vocab != data_vocab:
-        raise ValueError(f"{source} was trained on the vocabulary {model.config.vocab!r}, the data's is "
-                         f"{data_vocab!r}: its ids mean other tokens; prepare the data with the model's tokenizer")
-    if model.config.vocab_size < meta["vocab_size"]:
-        raise ValueError(f"{source} has {model.config.vocab_size} token ids, fewer than the data's "
-                         f"{meta['vocab_size']}")
-    return model
-
-
 # ----------------------------------------------------------------------------
-# devices, steps, evaluation
-
-PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100": (989e12, 494e12), "H200": (989e12, 494e12),  # (bf16, tf32)
-              "B200": (2250e12, 1100e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12)}
-
-
-def peak_flops(device, dtype):
-    """The GPU's dense tensor-core peak FLOP/s at this precision, or None where unknown (CPUs)."""
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
-    return next((peaks[dtype == "float32"] for key, peaks in PEAK_FLOPS.items() if name and key in name), None)
-
-
-def setup_device(args, distributed=False):
-    """Device, autocast precision and context; a device, precision or compiler this machine lacks is refused."""
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if distributed and device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    try:
-        kind, index = torch.device(device).type, torch.device(device).index or 0
-    except RuntimeError:
-        raise ValueError(f"unknown --device {args.device!r}; use cpu, cuda, cuda:N or mps") from None
-    if kind == "cuda" and index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: no Apple GPU (MPS) here")
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() \
-        else "float32"
-    if dtype == "float16" and kind != "cuda":
-        raise ValueError(f"--dtype float16 needs a CUDA GPU; on {kind} use float32 or bfloat16")
-    if args.compile and not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
-        raise ValueError("--compile needs a C++ compiler (g++ or clang++) for torch.compile; install one, or leave "
-                         "--compile out")
-    if kind == "cuda":
-        torch.cuda.set_device(index)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ctx = contextlib.nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=getattr(torch, dtype))
-    return device, kind, dtype, ctx
+# steps and evaluation
 
 
 def lr_at(it, args):
@@ -357,98 +259,10 @@ class HeldOut:
 
 def held_out_loss(args, model):
     """The evaluation train() makes at step 0 (same windows, same split), for a model trained elsewhere or not yet."""
-    device, _, _, ctx = setup_device(args)
+    device, _, _, ctx = guards.setup_device(args)
     data = Data(args.data, args.block_size)
-    check_vocab(model, data.meta, "the model")
+    guards.check_vocab(model, data.meta, "the model")
     return HeldOut(args, data, Selector(args, data.meta, device), device).evaluate(model.to(device), ctx)
-
-
-# ----------------------------------------------------------------------------
-# the run folder: never lost, never mixed, never shared
-
-
-def check_run_folder(args):
-    """Before anything is written: a folder that holds a run (ckpt.pt, metrics.jsonl, summary.json) is continued only
-    with --resume and the flags it was started with (shape flags left out come from it). Returns the checkpoint to
-    resume from, or None."""
-    out, ckpt_path = args.out_dir, os.path.join(args.out_dir, "ckpt.pt")
-    if not out or os.path.isfile(out):
-        raise ValueError(f"--out_dir {out!r} is not a folder")
-    found = [f for f in ("ckpt.pt", "metrics.jsonl", "summary.json") if os.path.exists(os.path.join(out, f))]
-    if found and not args.resume:
-        raise ValueError(f"--out_dir {out} already holds a run ({found[0]}); add --resume to continue it, "
-                         f"or choose a new --out_dir")
-    if found and "ckpt.pt" not in found:
-        raise ValueError(f"--out_dir {out} has {found[0]} but no ckpt.pt to resume from; choose a new --out_dir")
-    ckpt = cherry.load_checkpoint(ckpt_path) if found else None
-    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if found and (not isinstance(saved, dict) or any(k not in ckpt for k in ("model", "config", "optimizer", "rng"))):
-        raise ValueError(f"{ckpt_path} cannot be resumed exactly; start a new --out_dir with --init_from {ckpt_path}")
-    for k in RUN_FLAGS if found else ():
-        if getattr(args, k) is None and k in (*SHAPE_FLAGS, "block_size"):
-            setattr(args, k, saved.get(k))
-        if k in saved and saved[k] != getattr(args, k):
-            raise ValueError(f"--resume: {ckpt_path} was started with --{k} {saved[k]}, not {getattr(args, k)}; "
-                             f"give the flags it was started with")
-    return ckpt
-
-
-@contextlib.contextmanager
-def locked(out_dir):
-    """Hold <out_dir>/.lock while training: a second training on the same folder is refused instead of racing."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel releases it when the process ends
-        except BlockingIOError:
-            raise ValueError(f"--out_dir {out_dir} is in use by another training; wait for it, or choose another") \
-                from None
-        yield
-
-
-def run_state(ckpt, optimizer, scaler, generators, device, **now):
-    """Everything --resume needs. Given a checkpoint: restore the optimizer, the scaler and every random generator in
-    use (data order, SGT's draws, torch's own for dropout) and return it. Given now=...: the state to save."""
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        for generator, state in zip(generators, ckpt["rng"]):
-            generator.set_state(state)
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        return ckpt
-    return {**now, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": [g.get_state() for g in generators], "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
-
-
-def save_json(obj, path, lines=False):
-    """summary.json, or metrics.jsonl (lines=True, rewritten whole: never a half-written line)."""
-    text = "".join(json.dumps(r) + "\n" for r in obj) if lines else json.dumps(obj, indent=2)
-    data_prep.atomic_write(path, lambda f: f.write(text.encode()))
-
-
-class NanWatch:
-    """The first step whose loss was NaN or inf, kept on the device (no sync per step); checked before each progress
-    line and each checkpoint, so a bad state is never saved."""
-
-    def __init__(self, device, world, ckpt_path):
-        self.first, self.world, self.ckpt_path = torch.full((), 2**62, device=device), world, ckpt_path
-
-    def record(self, loss, step):
-        self.first = torch.where((self.first == 2**62) & ~torch.isfinite(loss), step, self.first)
-
-    def check(self, rows):
-        first = self.first.clone()
-        if self.world > 1:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        if first.item() != 2**62:
-            kept = f"{self.ckpt_path} still holds step {rows[-1]['iter']}, the last good state" \
-                if os.path.exists(self.ckpt_path) else "no checkpoint was written"
-            raise ValueError(f"the loss became NaN or inf at step {int(first.item())}; stopped, {kept}. Lower --lr (or "
-                             f"raise --warmup_iters), then continue with --resume")
 
 
 # ----------------------------------------------------------------------------
@@ -456,44 +270,42 @@ class NanWatch:
 
 
 def train(args, model=None, summary_extra=None):
-    """
-    The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, train.py --init_from), or None for a fresh
+    """The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, train.py --init_from), or None for a fresh
     one from the flags. With --resume the model, optimizer, RNGs and data position come from <out_dir>/ckpt.pt and the
-    run goes on exactly as if it had never stopped. Returns the summary (also written to summary.json).
-    """
+    run goes on exactly as if it had never stopped. Returns the summary (also written to summary.json)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     master, ckpt_path = rank == 0, os.path.join(args.out_dir, "ckpt.pt")
     if args.grad_accum % world:
         raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
-    ckpt = check_run_folder(args)  # every check comes before anything is written
+    ckpt = guards.check_run_folder(args)  # every check comes before anything is written
     if ckpt is None and model is None:
         fill_shape(args)
-    device, kind, dtype, ctx = setup_device(args, distributed=world > 1)
+    device, kind, dtype, ctx = guards.setup_device(args, distributed=world > 1)
     data = Data(args.data, args.block_size, args.shuffle_tokens)
     torch.manual_seed(args.seed)
     if ckpt is not None:
         model = cherry.build_model(ckpt["config"], ckpt["model"], ckpt_path)
-    model = check_vocab(model or model_from_flags(args, data.meta), data.meta, getattr(args, "init_from", None) or "it")
+    model = guards.check_vocab(model or model_from_flags(args, data.meta), data.meta, getattr(args, "init_from", None) or "it")
     selector, data_gen, cfg = Selector(args, data.meta, device), torch.Generator().manual_seed(args.seed), model.config
     raw_model = model.to(device)
     raw_model.grad_checkpoint = args.grad_checkpoint
     optimizer = raw_model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), kind)
     scaler = torch.amp.GradScaler(kind, enabled=dtype == "float16")
-    state = run_state(ckpt, optimizer, scaler, (data_gen, selector.generator), device) or {}
+    state = guards.run_state(ckpt, optimizer, scaler, (data_gen, selector.generator), device) or {}
     start, best, rows = state.get("iter", 0), state.get("best"), state.get("metrics", [])
     if world > 1:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     model = torch.compile(raw_model) if args.compile else raw_model
     model = DDP(model, device_ids=[torch.device(device).index] if kind == "cuda" else None) if world > 1 else model
-    held_out, sgt, nan = HeldOut(args, data, selector, device), args.sgt < 1, NanWatch(device, world, ckpt_path)
+    held_out, sgt, nan = HeldOut(args, data, selector, device), args.sgt < 1, guards.NanWatch(device, world, ckpt_path)
     flops = cherry.flops_per_token(cfg, args.sgt, full_head_forward=args.sgt_select == "excess") + (
         cherry.flops_per_token(selector.reference.config, training=False) if selector.reference else 0)
-    tokens_per_step, peak = args.batch_size * args.grad_accum * args.block_size, peak_flops(device, dtype)
+    tokens_per_step, peak = args.batch_size * args.grad_accum * args.block_size, guards.peak_flops(device, dtype)
     if master:
         print(f"model: {cherry.count_params(raw_model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token for "
               f"training | {device}, {dtype}, {world} process(es) | {tokens_per_step:,} tokens per step | supervising "
               f"{describe(args)} | unigram held-out loss {held_out.unigram_loss:.4f}")
-    with locked(args.out_dir) if master else contextlib.nullcontext():
+    with guards.locked(args.out_dir) if master else contextlib.nullcontext():
         t0 = t_steps = time.time()
         tokens, dropped = 0, 0.0
         for it in range(start, args.max_iters + 1):
@@ -501,9 +313,8 @@ def train(args, model=None, summary_extra=None):
                 nan.check(rows)  # a sync: the clock below sees every training step done
                 train_s, t_eval = time.time() - t_steps, time.time()
                 row = {"iter": it, **held_out.evaluate(raw_model, ctx, rank, world)}
-                if not math.isfinite(row["loss"]):
-                    nan.record(torch.tensor(math.nan, device=device), it)
-                    nan.check(rows)
+                nan.record(torch.tensor(row["loss"], device=device), it)  # a held-out loss of NaN stops it too
+                nan.check(rows)
                 if sgt and master:
                     row.update(held_out.coupling(raw_model, ctx))
                 row.update(tokens_per_s=tokens / train_s if tokens else None, eval_s=time.time() - t_eval,
@@ -515,11 +326,11 @@ def train(args, model=None, summary_extra=None):
                 best = dict(row) if best is None or row["loss"] < best["loss"] else best
                 rows.append(row)
                 if master and (it > start or ckpt is not None):  # step 0: the flags' own start, nothing to resume
-                    save = run_state(None, optimizer, scaler, (data_gen, selector.generator), device, iter=it,
-                                     best=best, metrics=rows, model=raw_model.state_dict(), config=cfg.to_dict(),
-                                     args=vars(args))
+                    save = guards.run_state(None, optimizer, scaler, (data_gen, selector.generator), device, iter=it,
+                                            best=best, metrics=rows, model=raw_model.state_dict(),
+                                            config=cfg.to_dict(), args=vars(args))
                     data_prep.atomic_write(ckpt_path, lambda f: torch.save(save, f))  # first: it holds the rows
-                    save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
+                    guards.save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
                 if master:
                     print(f"eval {it}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | loss_unsup "
                           f"{row['loss_unsup']:.4f}" + (f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""))
@@ -548,7 +359,7 @@ def train(args, model=None, summary_extra=None):
         if cfg.n_expert:
             summary["expert_load"] = held_out.expert_load(raw_model, ctx)
         if master:
-            save_json(summary, os.path.join(args.out_dir, "summary.json"))
+            guards.save_json(summary, os.path.join(args.out_dir, "summary.json"))
             print(verdict(summary, rows))
     if world > 1:
         dist.barrier()  # every rank leaves together: none waits on a group the others tore down
@@ -557,12 +368,10 @@ def train(args, model=None, summary_extra=None):
 
 
 def describe(args):
-    if args.sgt == 1:
-        return "all targets"
-    if args.sgt_select == "excess":
-        return f"{args.sgt:.0%}: Rho-1's excess loss over {args.sgt_ref or 'the unigram model'}"
-    return f"{args.sgt:.0%}: drawn ~ surprisal^{args.sgt_beta:g}" + (f", {args.sgt_mix:.0%} of them uniformly"
-                                                                      if args.sgt_mix else "")
+    mix = f", {args.sgt_mix:.0%} of them uniformly" if args.sgt_mix else ""
+    return "all targets" if args.sgt == 1 else f"{args.sgt:.0%}: " + (
+        f"Rho-1's excess loss over {args.sgt_ref or 'the unigram model'}" if args.sgt_select == "excess"
+        else f"drawn ~ surprisal^{args.sgt_beta:g}{mix}")
 
 
 def verdict(summary, rows):
@@ -578,26 +387,14 @@ def main(argv=None):
     p = training_args("train")
     p.add_argument("--init_from", help="start from these weights: a ckpt.pt (ours or nanoGPT's; file or folder), "
                                        "a Hugging Face GPT-2 folder, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl")
-    args = parse_args(p, argv)
+    args = guards.parse_args(p, argv)
     model = None
     if args.init_from and not (args.resume and os.path.exists(os.path.join(args.out_dir, "ckpt.pt"))):
-        check_run_folder(args)  # before loading what may be a large model
+        guards.check_run_folder(args)  # before loading what may be a large model
         model = cherry.load_model(args.init_from, dropout=args.dropout)
-        take_shape(args, model.config, "--init_from")
+        guards.take_shape(args, model.config, "--init_from")
     return train(args, model)
 
 
-def cli(main, prog, argv=None):
-    """Where a script meets its user: a mistake ends it with one line '<prog>: <what>' on stderr and exit status 1."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as e:  # ours say what to do; OSError: a missing file, a full disk
-        raise SystemExit(f"{prog}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
-    except ImportError as e:
-        raise SystemExit(f"{prog}: this needs the {e.name} package: pip install {e.name}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(f"{prog}: interrupted; --resume continues from the last checkpoint") from None
-
-
 if __name__ == "__main__":
-    cli(main, "train")
+    guards.cli(main, "train")

@@ -294,8 +294,12 @@ def load(folder):
     """
     A prepared folder, checked rather than trusted: (meta, train, val), the token arrays as read-only memory maps.
     meta.json must parse and hold its keys; the files' sizes must match its dtype and token counts; every id must be
-    below its vocabulary size. A problem is a ValueError or FileNotFoundError naming it.
+    below its vocabulary size. A problem is a ValueError or FileNotFoundError naming it. The default folder is made on
+    first use.
     """
+    if os.path.abspath(folder) == DEFAULT_DIR and not os.path.exists(os.path.join(folder, "meta.json")):
+        print("preparing the default data set (Shakespeare, GPT-2 tokens) ...")
+        main([])
     hint = f"make it with: python data/prepare.py --input YOUR_TEXT --out_dir {folder}"
     missing = [f for f in ("meta.json", "train.bin", "val.bin") if not os.path.isfile(os.path.join(folder, f))]
     if missing:

@@ -26,6 +26,7 @@ import torch
 
 import cherry
 import train
+from tools import guards
 from studies import common
 
 DATA = os.path.join(os.path.dirname(common.HERE), "data")
@@ -55,7 +56,7 @@ def selector_flags(name):
 def plan(args, scale, seeds, folders):
     """{(domain, setting, seed, start): train.py argv}; setting 'full', a selector or 'half' (full supervision for half
     the steps, on the full run's schedule); start 'scratch' or 'continued' (the second half, from the half run)."""
-    flags = train.parse_args(train.training_args("train"), [str(a) for a in (*scale, *args.train)])
+    flags = guards.parse_args(train.training_args("train"), [str(a) for a in (*scale, *args.train)])
     runs, half = {}, flags.max_iters // 2  # after the -- flags, which win
     for domain, n in seeds.items():
         for seed in range(n):

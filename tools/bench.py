@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cherry  # noqa: E402
 import train  # noqa: E402
+from tools import guards  # noqa: E402
 
 TARGETS = [("MoEE / dense", "cpu", 0.9), ("MoEE / dense", "cuda", 0.8), ("SGT 0.15 / dense", "cuda", 1.25),
            ("dense MFU", "cuda", 0.45)]  # (figure, device, at least)
@@ -78,9 +79,9 @@ def main(argv=None):
     p.add_argument("--steps", type=train.COUNT, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=train.NATURAL, default=2, help="untimed steps first (compilation, allocator)")
     p.add_argument("--nanogpt", help="path to a nanoGPT checkout: also time its model.py at this config")
-    args = train.parse_args(p, argv)
+    args = guards.parse_args(p, argv)
     train.fill_shape(args)
-    device, kind, dtype, ctx = train.setup_device(args)
+    device, kind, dtype, ctx = guards.setup_device(args)
     cfg = cherry.GPTConfig(**{k: getattr(args, k) for k in ("block_size", "n_layer", "n_head", "n_embd", "bias")},
                            vocab_size=args.vocab_size or 50304)
     where = torch.cuda.get_device_name(device) if kind == "cuda" else f"{os.cpu_count()} CPU threads"
@@ -99,7 +100,7 @@ def main(argv=None):
         torch.manual_seed(0)
         flops = cherry.flops_per_token(vcfg, sgt)
         speed[name], memory = bench(cherry.GPT(vcfg), sgt, args, device, dtype, ctx)
-        peak = train.peak_flops(device, dtype)
+        peak = guards.peak_flops(device, dtype)
         mfu[name] = speed[name] * flops / peak if peak else None
         label = "MoEE: 2 experts, top-1, the dense shape" if name == "MoEE" else name
         print(f"| {label} | {speed[name]:,.0f} | {f'{mfu[name]:.1%}' if peak else '-'} | {memory:,.0f} | "
@@ -122,4 +123,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.cli(main, "bench")
+    guards.cli(main, "bench")

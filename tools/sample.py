@@ -10,6 +10,7 @@ The tokenizer: --data, else the data folder the checkpoint was trained on, else 
 A model is refused with data whose ids mean other tokens (a compact vocabulary, another tokenizer).
 """
 
+import argparse
 import os
 import sys
 
@@ -18,11 +19,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cherry  # noqa: E402
 import train  # noqa: E402
+from tools import guards  # noqa: E402
 from data import prepare as data_prep  # noqa: E402
 
 
 def main(argv=None):
-    p = train.Parser(prog="sample", description=__doc__, formatter_class=train.argparse.RawDescriptionHelpFormatter)
+    p = guards.Parser(prog="sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--init_from", default=os.path.join("out", "ckpt.pt"), help="anything train.py --init_from takes")
     a("--data", help="the data folder whose tokenizer to use (default: the checkpoint's)")
@@ -36,7 +38,7 @@ def main(argv=None):
     a("--no_cache", action="store_true", help="recompute the whole context for every token (slower; for checking)")
     args = p.parse_args(argv)
     args.dtype, args.compile = "float32", False
-    device = train.setup_device(args)[0]
+    device = guards.setup_device(args)[0]
     model = cherry.load_model(args.init_from, dropout=0.0).eval().to(device)
     data = args.data
     if data is None and model.config.vocab != "gpt2":  # our checkpoint records the folder it was trained on
@@ -46,7 +48,7 @@ def main(argv=None):
             raise ValueError(f"{args.init_from} needs the data folder it was trained on ({data or 'not recorded'}) for "
                              f"its tokenizer; give --data")
     meta = data_prep.load(data)[0] if data else {"tokenizer": "gpt2", "vocab_size": 50257}
-    train.check_vocab(model, meta, args.init_from)
+    guards.check_vocab(model, meta, args.init_from)
     codec = data_prep.Codec(meta, data)
     prompt = open(args.prompt[5:], encoding="utf-8").read() if args.prompt.startswith("FILE:") else args.prompt
     ids = codec.encode(prompt)
@@ -60,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.cli(main, "sample")
+    guards.cli(main, "sample")
