@@ -7,7 +7,7 @@ parameters trained from scratch on the mix with the FLOPs of MoEE's whole pipeli
 held-out windows of each domain (next-token loss only).
 
   python -m studies.fuse                  # one seed, ~30 min on 2 CPU cores
-  python -m studies.fuse --seeds 3
+  python -m studies.fuse --seeds 3        # ~65 min (the README's figures)
   python -m studies.fuse --gpu DATA       # width 384, on DATA/{mix,korean,code} prepared elsewhere with one tokenizer
 
 Gate first: each expert must be better than the other on its own domain by >= 0.05 nats and >= 10 paired standard
