@@ -30,6 +30,8 @@ from studies import common
 # dense 2 and 5 layers tied (2.100 vs 2.103) and the teacher was worse than both. At width 64, batch 32, 7M characters:
 # lr 3e-3 gave dense 2 minus dense 5 = +0.032, lr 6e-3 +0.072 (one seed; the deeper model gains more from it), but
 # at lr 6e-3 the teacher ends worse than dense 5 (+0.025): the gate fails at these sizes (compress_pilot.md).
+# Trained as long as dense 5 (1750 steps, one seed, train.py's own windows) the teacher leads it, 1.588 vs 1.616:
+# the gate fails on the teacher's 14% fewer tokens. Next: gate at equal tokens, dense at teacher + recovery.
 CPU = dict(teacher=8, layers=2, big=5, width=64, heads=4, unroll="4,4", lora=16, teacher_steps=1500, recovery_steps=250,
            batch=32, block=128, lr=6e-3, windows=400, device="cpu")
 GPU = dict(teacher=48, layers=6, big=24, width=384, heads=6, unroll="1,8,8,8,8,1", lora=32, teacher_steps=6000,
