@@ -5,8 +5,8 @@ parameters. A dense 8-layer teacher is averaged into 2 layers and recovered thro
 parameters) train from scratch on the same total tokens (the teacher's plus the recovery's). Every model is scored on
 the same held-out windows; differences are paired, their standard errors pooled over the windows of 3 seeds.
 
-  python -m studies.compress             # 3 seeds, with the recovery runs
-  python -m studies.compress --pilot     # one seed of the gate's runs only (13 min): is the gate within reach?
+  python -m studies.compress             # 3 seeds, with the recovery runs (~30 min on 2 CPU cores)
+  python -m studies.compress --pilot     # one seed of the gate's runs only (10 min): is the gate within reach?
   python -m studies.compress --gpu DATA  # the paper's 48 -> 6 (1,8,8,8,8,1) at width 384, dense 24 and 6 layers,
                                          # on a token folder prepared elsewhere (a GPU machine may have no network)
 
