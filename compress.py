@@ -43,9 +43,9 @@ def main(argv=None):
     p = train.training_args("compress", __doc__)
     a = p.add_argument
     a("--init_from", default=os.path.join("out", "ckpt.pt"), help="the dense model (as train.py --init_from)")
-    a("--layers", type=train.COUNT, default=6, help="layers after compression; must divide the original number")
+    a("--layers", type=guards.COUNT, default=6, help="layers after compression; must divide the original number")
     a("--unroll", help="the schedule of the compressed layers: n_1,...,n_k | P+CxL+D | none (see above)")
-    a("--lora_rank", type=train.NATURAL, default=0, help="each application's LoRA rank, from the residue's SVD")
+    a("--lora_rank", type=guards.NATURAL, default=0, help="each application's LoRA rank, from the residue's SVD")
     a("--no_step_embed", action="store_true", help="no step embedding per application")
     a("--coda_from", choices=["last", "first"], default="last",
       help="the last compressed layer's LoRA starts from its group's last layer (the original's final) or first")

@@ -25,13 +25,13 @@ def main(argv=None):
     a("--experts", nargs="+", help="models of one shape (anything train.py --init_from takes); a mixture of one "
                                     "expert is that expert, with a router of one output")
     a("--init_from", help="instead of fusing: a fused model (fuse.py's ckpt.pt) to train on, with its own settings")
-    a("--experts_per_token", type=train.COUNT, default=1, help="experts each token goes to (1: active ~ one expert)")
-    a("--capacity_factor", type=train.POSITIVE, default=1.25, help="in training an expert takes at most this x its "
+    a("--experts_per_token", type=guards.COUNT, default=1, help="experts each token goes to (1: active ~ one expert)")
+    a("--capacity_factor", type=guards.POSITIVE, default=1.25, help="in training an expert takes at most this x its "
                                                                    "fair share of the tokens; the rest pass through")
-    a("--mtp", type=train.number(int, "[0, 16]"), default=0, help="multi-token prediction depth D: tokens t+2 .. t+1+D")
-    a("--mtp_weight", type=train.NON_NEGATIVE, default=0.3, help="lambda in loss = L + lambda * mean(L_k)")
-    a("--aux_weight", type=train.NON_NEGATIVE, default=0.01, help="Switch load-balancing loss, per mixture-layer call")
-    a("--z_weight", type=train.NON_NEGATIVE, default=0.0, help="router z-loss (1e-3 is usual; 0: off)")
+    a("--mtp", type=guards.number(int, "[0, 16]"), default=0, help="multi-token prediction depth D: t+2 .. t+1+D")
+    a("--mtp_weight", type=guards.NON_NEGATIVE, default=0.3, help="lambda in loss = L + lambda * mean(L_k)")
+    a("--aux_weight", type=guards.NON_NEGATIVE, default=0.01, help="Switch load-balancing loss, per mixture-layer call")
+    a("--z_weight", type=guards.NON_NEGATIVE, default=0.0, help="router z-loss (1e-3 is usual; 0: off)")
     p.set_defaults(out_dir="out-fuse")
     args = guards.parse_args(p, argv)
     if not (args.init_from or args.experts):

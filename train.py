@@ -285,7 +285,7 @@ def train(args, model=None, summary_extra=None):
     torch.manual_seed(args.seed)
     if ckpt is not None:
         model = cherry.build_model(ckpt["config"], ckpt["model"], ckpt_path)
-    model = guards.check_vocab(model or model_from_flags(args, data.meta), data.meta, getattr(args, "init_from", None) or "it")
+    model = guards.check_vocab(model or model_from_flags(args, data.meta), data.meta, args.init_from or "it")
     selector, data_gen, cfg = Selector(args, data.meta, device), torch.Generator().manual_seed(args.seed), model.config
     raw_model = model.to(device)
     raw_model.grad_checkpoint = args.grad_checkpoint

@@ -73,7 +73,8 @@ def main(argv=None):
         train.data_prep.main(["--corpus", "shakespeare_char"])
     seeds = range(1 if args.pilot else args.seeds)
     runs = [jobs(s, seed, args.out_dir, data, args.pilot) for seed in seeds]
-    for stage in (("teacher", "small", "big", "big_at_teacher"), ("recovered", "recovered_no_lora")):  # teacher first
+    # recovery needs its teacher: the from-scratch runs first
+    for stage in (("teacher", "small", "big", "big_at_teacher"), ("recovered", "recovered_no_lora")):
         common.run_all([job[name] for job in runs for name in stage if name in job], parallel=1 if args.gpu else 2)
     x, y = train.Data(data, s["block"]).eval_batch(s["windows"])
     losses, rows = {}, {}

@@ -76,8 +76,8 @@ def bench(model, sgt, args, device, dtype, ctx):
 def main(argv=None):
     p = train.training_args("bench", __doc__)
     p.set_defaults(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8)
-    p.add_argument("--steps", type=train.COUNT, default=5, help="timed steps per variant")
-    p.add_argument("--warmup", type=train.NATURAL, default=2, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--steps", type=guards.COUNT, default=5, help="timed steps per variant")
+    p.add_argument("--warmup", type=guards.NATURAL, default=2, help="untimed steps first (compilation, allocator)")
     p.add_argument("--nanogpt", help="path to a nanoGPT checkout: also time its model.py at this config")
     args = guards.parse_args(p, argv)
     train.fill_shape(args)

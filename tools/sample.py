@@ -18,7 +18,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cherry  # noqa: E402
-import train  # noqa: E402
 from tools import guards  # noqa: E402
 from data import prepare as data_prep  # noqa: E402
 
@@ -29,11 +28,11 @@ def main(argv=None):
     a("--init_from", default=os.path.join("out", "ckpt.pt"), help="anything train.py --init_from takes")
     a("--data", help="the data folder whose tokenizer to use (default: the checkpoint's)")
     a("--prompt", default="", help="text to continue (empty: a new document); FILE:path reads it from a file")
-    a("--num_samples", type=train.number(int, "[1, 1000]"), default=2, help="how many samples")
-    a("--max_new_tokens", type=train.number(int, "[0, 100000]"), default=200, help="tokens generated per sample")
-    a("--temperature", type=train.number(float, "[0, 100]"), default=0.8, help="< 1 sharper; 0 always the most likely")
-    a("--top_k", type=train.NATURAL, default=200, help="sample among the k most likely tokens only (0: all)")
-    a("--seed", type=train.number(int, f"[0, {2**63 - 1}]"), default=1337, help="random seed")
+    a("--num_samples", type=guards.number(int, "[1, 1000]"), default=2, help="how many samples")
+    a("--max_new_tokens", type=guards.number(int, "[0, 100000]"), default=200, help="tokens generated per sample")
+    a("--temperature", type=guards.number(float, "[0, 100]"), default=0.8, help="< 1 sharper; 0 always the most likely")
+    a("--top_k", type=guards.NATURAL, default=200, help="sample among the k most likely tokens only (0: all)")
+    a("--seed", type=guards.number(int, f"[0, {2**63 - 1}]"), default=1337, help="random seed")
     a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
     a("--no_cache", action="store_true", help="recompute the whole context for every token (slower; for checking)")
     args = p.parse_args(argv)
