@@ -210,14 +210,10 @@ class GPT(nn.Module):
         return torch.func.functional_call(block, self.adapters[a].weights(block), (x, cache, a))
 
     def forward(self, idx, targets=None, selected=None):
-        """
-        targets None:    logits of the last position only (inference), loss None.
-        selected None:   full supervision, loss = mean cross-entropy over all B*T positions.
-        selected (B, k): SGT, loss = mean cross-entropy over the k selected positions of each sequence; the head runs
-                         on their gathered hidden states only. Or a function of the per-position losses (B, T) that
-                         returns them, for a selector that needs the model's own losses (Rho-1's excess loss).
-        The routers' and the multi-token prediction losses are added when the model has them (section 5).
-        """
+        """targets None: the last position's logits (inference). selected None: full supervision, the mean cross-entropy
+        of all B*T positions. selected (B, k): SGT, the mean over the k selected positions of each sequence, the head
+        run on their hidden states only; or a function from the per-position losses (B, T) to them (Rho-1's excess
+        loss). The routers' and multi-token prediction losses are added when the model has them (section 5)."""
         x = self.hidden(idx, residual=True)  # (B, T, C)
         h = self.ln_f(x)
         if targets is None:
@@ -260,10 +256,8 @@ class GPT(nn.Module):
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
-            if temperature == 0:
-                next_id = logits.argmax(-1, keepdim=True)
-            else:
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            greedy = temperature == 0
+            next_id = logits.argmax(-1, keepdim=True) if greedy else torch.multinomial(F.softmax(logits, dim=-1), 1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
 
@@ -292,13 +286,11 @@ def surprisal_table(unigram_counts, vocab_size):
 
 
 def select_positions(targets, fraction, generator, surprisal=None, beta=0.0, mix=0.0):
-    """
-    The k = ceil(fraction * T) positions to supervise in each sequence, (B, k) sorted: drawn without replacement with
-    probability ~ s(y)^beta, s the target's unigram surprisal (Gumbel top-k on beta log s); beta 0 is a uniformly random
-    subset, beta inf the k most surprising targets. mix: the share of the k drawn uniformly from the rest. For finite
-    beta every target can be picked, which bounds what the tilt costs: the SGT optimum is q(y|c) ~ p(y|c) pi(y, c), at
-    an extra loss of log E_p[pi] - E_p[log pi], unbounded where pi is 0 (top-k never supervises frequent tokens).
-    """
+    """The k = ceil(fraction * T) positions to supervise in each sequence, (B, k) sorted, drawn without replacement with
+    probability ~ s(y)^beta, s the target's unigram surprisal (Gumbel top-k on beta log s): beta 0 is a uniform subset,
+    beta inf the k most surprising targets; mix: the share of the k drawn uniformly from the rest. A finite beta can
+    pick every target, which bounds the tilt's cost: SGT's optimum is q(y|c) ~ p(y|c) pi(y, c), at an extra loss of
+    log E_p[pi] - E_p[log pi], unbounded where pi is 0 (top-k never supervises frequent tokens)."""
     B, T = targets.shape
     k = math.ceil(fraction * T)
     k_uniform = round(mix * k)
@@ -331,14 +323,11 @@ def split_gradients(model, x, y, mask):
 
 
 def gradient_coupling(model, batches):
-    """
-    gamma, the coupling of g_S with g_U without batch noise, from independent batches [(x, y, mask)]:
-    mean_{i != j} g_S^i . g_U^j / sqrt(mean_{i != j} g_S^i . g_S^j x mean_{i != j} g_U^i . g_U^j). A product of two
-    independent batches' gradients estimates the product of the expected gradients without bias; one batch's cosine is
-    pulled towards 0 by its noise. gamma > 0: a step on the selected targets lowers the others' loss to first order.
-    Returns gamma of the whole model, of the trunk (the blocks) and of embedding + head (the rest), nan where noise
-    leaves it undefined, and the naive cosine of the first batch.
-    """
+    """gamma, the coupling of g_S with g_U without batch noise, from independent batches [(x, y, mask)]:
+    mean_{i != j} g_S^i . g_U^j / sqrt(mean_{i != j} g_S^i . g_S^j x mean_{i != j} g_U^i . g_U^j), since two independent
+    batches' product estimates the expected gradients' product without bias (one batch's cosine is pulled to 0 by its
+    noise). gamma > 0: a step on the selected targets lowers the others' loss to first order. For the whole model, the
+    trunk (the blocks) and embedding + head (the rest), nan where noise leaves it undefined; naive: batch 0's cosine."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     trunk = [n.startswith(("blocks.", "adapters.", "step_embed")) for n in names]
     parts = {"trunk": trunk, "embedding+head": [not t for t in trunk]}
@@ -429,14 +418,12 @@ def default_repeats(k, group_size):
 
 @torch.no_grad()
 def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_end=True):
-    """
-    A dense GPT's n_layer layers -> k, layer j the exact mean of the j-th group of g adjacent layers (every tensor,
+    """A dense GPT's n_layer layers -> k, layer j the exact mean of the j-th group of g adjacent layers (every tensor,
     norms included; not LaCo's sum of differences), run in `schedule` (default: default_repeats). Step embeddings start
-    at zero: at first the unroll is plain repeated application. With LoRA, application t of layer j's n_j starts from
-    the residue of its group's layer at the same relative depth, group[t * g // n_j], or for the last layer (next to the
-    head) group[(t + 1) * g // n_j - 1]: a once-run coda starts from the original's final layer (coda_from_end=False:
-    from its group's first). With n_j = g and full rank the original comes back. Returns a new GPT.
-    """
+    at zero: at first the unroll is plain repetition. With LoRA, application t of layer j's n starts from the residue of
+    its group's layer at the same relative depth, group[t * g // n], or for the last layer (next to the head)
+    group[(t + 1) * g // n - 1], so a once-run coda starts from the original's final layer (coda_from_end=False: its
+    group's first). With n = g and full rank the original comes back. Returns a new GPT."""
     cfg = model.config
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed:
         raise ValueError("compress takes a dense model (no schedule, step embeddings or LoRA)")
@@ -452,13 +439,10 @@ def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_en
     for j, group in enumerate(groups):
         for name, p in small.blocks[j].named_parameters():
             p.copy_(torch.stack([model.blocks[i].get_parameter(name) for i in group]).mean(dim=0))
-    if lora_rank:
-        runs, done = [schedule.count(j) for j in range(k)], [0] * k
-        for a, j in enumerate(schedule):
-            t, n = done[j], runs[j]
-            index = (t + 1) * g // n - 1 if j == k - 1 and coda_from_end else t * g // n
-            small.adapters[a].init_from_residue(model.blocks[groups[j][index]], small.blocks[j])
-            done[j] += 1
+    for a, j in enumerate(schedule if lora_rank else ()):
+        t, n = schedule[:a].count(j), schedule.count(j)  # application t of layer j's n
+        index = (t + 1) * g // n - 1 if j == k - 1 and coda_from_end else t * g // n
+        small.adapters[a].init_from_residue(model.blocks[groups[j][index]], small.blocks[j])
     return small
 
 
@@ -467,13 +451,11 @@ def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_en
 
 
 class MoE(nn.Module):
-    """
-    The MLPs of several experts behind a token-level router (Switch, Branch-Train-MiX): each token goes to its
-    experts_per_token best experts. Static shapes, so no host sync and one compiled graph: the (token, expert)
-    assignments queue by expert into buffers of a fixed capacity, each expert runs on its buffer, the outputs are added
-    back, gated. In training an expert takes at most capacity_factor x its fair share; the rest are dropped (counted;
-    the token passes on the residual). Evaluation never drops. self.calls: (router loss, load, dropped) per call.
-    """
+    """The MLPs of several experts behind a token-level router (Switch, Branch-Train-MiX): each token goes to its
+    experts_per_token best experts. Static shapes (no host sync, one compiled graph): the (token, expert) assignments
+    queue by expert into fixed-capacity buffers, each expert runs on its buffer, the outputs are added back, gated. In
+    training an expert takes at most capacity_factor x its fair share and drops the rest (counted; the token passes on
+    the residual); evaluation never drops. self.calls: (router loss, load, dropped) per call."""
 
     def __init__(self, config):
         super().__init__()
@@ -555,12 +537,10 @@ class MTPModule(nn.Module):
 
 
 def mtp_loss(model, x, targets, selected=None):
-    """
-    Multi-token prediction (DeepSeek-V3): module k combines the previous depth's hidden state at position i with the
+    """Multi-token prediction (DeepSeek-V3): module k combines the previous depth's hidden state at position i with the
     embedding of t(i+k) and predicts t(i+k+1) through the shared ln_f and head; the mean of the D losses. targets[:, i]
-    is t(i+1): module k reads targets shifted by k-1 and predicts them shifted by k. With SGT only the selected targets
-    supervise: target j is predicted at position j - k, and module k's head runs there only.
-    """
+    is t(i+1), so module k reads targets shifted by k-1 and predicts them shifted by k. With SGT only the selected
+    targets supervise: target j is predicted at position j - k, and module k's head runs there only."""
     losses = []
     for k, module in enumerate(model.mtp_modules, start=1):
         x = module(x, model.wte(shift_left(targets, k - 1, fill=0)))
@@ -571,7 +551,6 @@ def mtp_loss(model, x, targets, selected=None):
         loss = cross_entropy(model.lm_head(h), target)
         losses.append(loss.sum() / (target >= 0).sum().clamp(min=1))
     return torch.stack(losses).mean()
-
 
 
 @torch.no_grad()
@@ -617,13 +596,11 @@ def count_params(model, non_embedding=True, active=False):
 
 
 def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=False):
-    """
-    Matmul FLOPs per token from the shapes (2 per multiply-add; attention over the full block, as in PaLM); training is
-    3x the forward. SGT's head runs on a fraction of the positions; full_head_forward adds the no-gradient head on every
-    position that an excess-loss selector needs. Every application of an unrolled layer pays: unrolling saves
-    parameters, not compute (LoRA merges once per batch, not per token). A mixture layer pays for its router and
-    experts_per_token experts; in training each MTP module pays for its projection, block and head.
-    """
+    """Matmul FLOPs per token from the shapes (2 per multiply-add; attention over the full block, as in PaLM); training
+    is 3x the forward. SGT's head runs on a fraction of the positions; full_head_forward adds the no-gradient head on
+    every position that an excess-loss selector needs. Every application of an unrolled layer pays (unrolling saves
+    parameters, not compute; LoRA merges once per batch). A mixture layer pays for its router and experts_per_token
+    experts; in training each MTP module pays for its projection, block and head."""
     C, T, V = config.n_embd, config.block_size, config.vocab_size
     attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV
     mlp = 2 * 8 * C * C
@@ -643,35 +620,33 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails: the error says it all
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):  # a damaged file makes torch warn before it fails
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class the file would have had run
         raise ValueError(f"{path} holds a pickled Python object ({unsafe.group(1)}) that loading would have to run; "
-                         f"refused, nothing was executed" if unsafe else f"{path} is corrupt, truncated or not a torch "
-                         f"checkpoint; it was not loaded") from None
+                         "refused, nothing was executed" if unsafe else
+                         f"{path} is corrupt, truncated or not a torch checkpoint; it was not loaded") from None
 
 
 def build_model(config, state, source, dropout=None):
-    """A GPT of config (a dict) holding the tensors of state. Sizes are checked before memory is spent: the model is
-    built on the meta device and the stored tensors are assigned to it, not copied."""
+    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: modules are counted, the
+    model is built on the meta device, and the stored tensors are assigned to it, not copied."""
     try:
         config = GPTConfig(**{**config, **({} if dropout is None else {"dropout": dropout})})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source} has a config this model cannot build ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source} holds no weights of this model")
-    state = {k.removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v for k, v in state.items()}
-    modules = {"n_layer": r"blocks\.(\d+)\.", "n_expert": r"experts\.(\d+)", "mtp": r"mtp_modules\.(\d+)"}
+    modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)", mtp=r"mtp_modules\.(\d+)")
     for field, pattern in modules.items():
         stored = len({m.group(1) for m in map(re.compile(pattern).search, state) if m})
-        if stored != getattr(config, field):  # modules are counted before any is built
+        if stored != getattr(config, field):
             raise ValueError(f"{source} declares {field} {getattr(config, field)} but stores {stored}")
     with torch.device("meta"):
         model = GPT(config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)  # names and shapes, strictly
+    try:  # names and shapes, strictly
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
     except RuntimeError as e:
         first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first problem torch lists
         raise ValueError(f"{source} does not fit its config: {first[:300]}") from None
@@ -681,6 +656,7 @@ def build_model(config, state, source, dropout=None):
 
 def gpt2_config(c, source):
     """Hugging Face's GPT2Config (a dict) -> ours; GPT-2's "gelu_new" is the tanh GELU."""
+    c = c if isinstance(c, dict) else {}
     gelu = dict(gelu_new="tanh", gelu_pytorch_tanh="tanh", gelu="none").get(c.get("activation_function", "gelu_new"))
     if c.get("model_type", "gpt2") != "gpt2" or gelu is None or c.get("n_inner") not in (None, 4 * c.get("n_embd", 0)):
         raise ValueError(f"{source} is not a GPT-2 this model can run (model_type {c.get('model_type')!r})")
@@ -697,15 +673,13 @@ def gpt2_state(state, conv1d):
 
 
 def load_model(source, dropout=None):
-    """
-    A GPT from this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2 folder (config.json
+    """A GPT from this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2 folder (config.json
     and model.safetensors or pytorch_model.bin), or gpt2 .. gpt2-xl by name (transformers, online or cached). GPT-2's
-    weights come with its tanh GELU, so the logits are Hugging Face's. dropout None keeps the checkpoint's.
-    """
+    weights come with its tanh GELU, so the logits are Hugging Face's. dropout None keeps the checkpoint's."""
     if os.path.isfile(os.path.join(source, "config.json")):  # a Hugging Face folder
         try:
             config = gpt2_config(json.load(open(os.path.join(source, "config.json"))), source)
-        except (ValueError, AttributeError):
+        except ValueError:
             raise ValueError(f"{source}/config.json is not a GPT-2 config") from None
         if os.path.isfile(os.path.join(source, "model.safetensors")):
             from safetensors.torch import load_file  # comes with transformers
