@@ -611,6 +611,16 @@ def test_a_named_corpus_whose_package_is_missing_is_one_line(monkeypatch, capsys
     assert not (tmp_path / "k").exists()
 
 
+
+def test_a_corpus_folder_is_prepared_on_first_use_and_no_other(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(data_prep, "HERE", str(tmp_path))
+    monkeypatch.setattr(data_prep, "main", calls.append)  # a stub: records the request, makes nothing
+    for folder in ("korean", "mine", "korean+code"):
+        with pytest.raises(FileNotFoundError, match=f"--data .*{re.escape(folder)}: no such folder"):
+            data_prep.load(str(tmp_path / folder))
+    assert calls == [["--corpus", "korean"]]
+
 def test_prepare_reads_each_file_once_never_its_output_and_honours_max_tokens(tmp_path, capsys):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)

@@ -294,12 +294,13 @@ def load(folder):
     """
     A prepared folder, checked rather than trusted: (meta, train, val), the token arrays as read-only memory maps.
     meta.json must parse and hold its keys; the files' sizes must match its dtype and token counts; every id must be
-    below its vocabulary size. A problem is a ValueError or FileNotFoundError naming it. The default folder is made on
-    first use.
+    below its vocabulary size. A problem is a ValueError or FileNotFoundError naming it. A corpus's own folder
+    (data/shakespeare, data/korean, ...) is made on first use.
     """
-    if os.path.abspath(folder) == DEFAULT_DIR and not os.path.exists(os.path.join(folder, "meta.json")):
-        print("preparing the default data set (Shakespeare, GPT-2 tokens) ...")
-        main([])
+    corpus = os.path.relpath(os.path.abspath(folder), HERE)
+    if corpus in CORPORA and not os.path.exists(os.path.join(folder, "meta.json")):
+        print(f"preparing data/{corpus} on first use ...")
+        main(["--corpus", corpus])
     hint = f"make it with: python data/prepare.py --input YOUR_TEXT --out_dir {folder}"
     missing = [f for f in ("meta.json", "train.bin", "val.bin") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
@@ -335,8 +336,9 @@ def main(argv=None):
     p.add_argument("--input", help="instead: a text file, or a folder of them")
     p.add_argument("--glob", default="*", help="with a folder --input: which files, e.g. '*.py' (default: all)")
     p.add_argument("--out_dir", help="where train.bin, val.bin and meta.json go (default: data/<corpus>)")
-    p.add_argument("--tokenizer", help="gpt2 (the default), bpe:N (trained here), char (the default of "
-                                        "shakespeare_char), a data folder (its tokenizer), or a tiktoken name (online)")
+    p.add_argument("--tokenizer", help="gpt2 (the default), bpe:N (trained here; korean's default: bpe:8192), char "
+                                        "(shakespeare_char's default), a data folder (its tokenizer), or a tiktoken "
+                                        "name (online)")
     p.add_argument("--max_tokens", type=int, help="keep only the first this many tokens")
     p.add_argument("--val_fraction", type=float, default=0.1, help="the tail of each document held out (default 0.1)")
     p.add_argument("--compact_vocab", action="store_true", help="keep only the token types that occur, renumbered")
@@ -353,7 +355,7 @@ def main(argv=None):
     out_dir = args.out_dir or (os.path.join(HERE, "+".join(names)) if not args.input else None)
     if not out_dir:
         p.error("give --out_dir for an --input")
-    name = args.tokenizer or ("char" if names == ["shakespeare_char"] else "gpt2")
+    name = args.tokenizer or dict(shakespeare_char="char", korean="bpe:8192").get("+".join(names), "gpt2")
     if args.input:
         docs = file_documents(args.input, args.glob, args.max_tokens and 8 * args.max_tokens, skip=[out_dir])
     else:
