@@ -11,7 +11,6 @@ import time
 
 import torch
 
-import cherry
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,10 +80,6 @@ def gate(name, checks):
     lines.append(f"- gate: {'passed' if ok else f'failed: {name} is not testable at this scale'}")
     print("\n".join(lines))
     return ok, lines
-
-
-def load(out):
-    return cherry.load_model(out)
 
 
 def report(path, title, command, wall_s, body):

@@ -27,12 +27,8 @@ import cherry
 import train
 from studies import common
 
-# Pilots (--pilot; studies/compress_pilot.md) decided the CPU sizes. At 8 x 128 on 1M characters (batch 16, lr 2e-3)
-# dense 2 and 5 layers tied (2.100 vs 2.103) and the teacher was worse than both. At width 64, batch 32, 7M characters:
-# lr 3e-3 gave dense 2 minus dense 5 = +0.032, lr 6e-3 +0.072 (one seed; the deeper model gains more from it), but
-# at lr 6e-3 the teacher ends worse than dense 5 (+0.025): the gate fails at these sizes (compress_pilot.md).
-# Trained as long as dense 5 (1750 steps, one seed, train.py's own windows) the teacher leads it, 1.588 vs 1.616:
-# that gate compared the teacher at 14% fewer tokens. The gate now compares it with dense 5 on the same tokens.
+# The CPU sizes come from pilots (--pilot; studies/compress_pilot.md): at width 128 dense 2 and 5 layers tied; at
+# width 64 a higher lr (6e-3) let the deeper model pull ahead (+0.072 nats, one seed).
 CPU = dict(teacher=8, layers=2, big=5, width=64, heads=4, unroll="4,4", lora=16, teacher_steps=1500, recovery_steps=250,
            batch=32, block=128, lr=6e-3, windows=400, device="cpu")
 GPU = dict(teacher=48, layers=6, big=24, width=384, heads=6, unroll="1,8,8,8,8,1", lora=32, teacher_steps=6000,
@@ -69,8 +65,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     s, t0 = GPU if args.gpu else CPU, time.time()
     data = args.gpu or os.path.join(os.path.dirname(common.HERE), "data", "shakespeare_char")
-    if not args.gpu and not os.path.exists(os.path.join(data, "meta.json")):
-        train.data_prep.main(["--corpus", "shakespeare_char"])
+    train.data_prep.load(data)  # made here on first use, not by two runs at once
     seeds = range(1 if args.pilot else args.seeds)
     runs = [jobs(s, seed, args.out_dir, data, args.pilot) for seed in seeds]
     # recovery needs its teacher: the from-scratch runs first
@@ -80,7 +75,7 @@ def main(argv=None):
     losses, rows = {}, {}
     for seed, job in zip(seeds, runs):
         out = lambda name: job[name][1][job[name][1].index("--out_dir") + 1]
-        models = {name: common.load(out(name)) for name in job}
+        models = {name: cherry.load_model(out(name)) for name in job}
         if not args.pilot:
             teacher = models["teacher"]
             schedule = models["recovered"].schedule

@@ -77,7 +77,7 @@ def main(argv=None):
                               "--mtp", mtp, *run(seed, s["steps"]), "--out_dir", out(arm, seed)])
                     for seed in seeds for arm, (e, mtp) in arms.items()], par)
     # a dense model with MoEE's total (non-embedding) parameters, from scratch, with the FLOPs of MoEE's whole pipeline
-    moee, teacher, expert = (common.load(out(name, 0)) for name in ("korean+code", "teacher", "expert-code"))
+    moee, teacher, expert = (cherry.load_model(out(name, 0)) for name in ("korean+code", "teacher", "expert-code"))
     dense_layers = max(1, round((cherry.count_params(moee) - moee.wte.weight.numel()) / (12 * s["width"] ** 2)))
     dense = cherry.GPTConfig(**{**teacher.config.to_dict(), "n_layer": dense_layers})
     f = cherry.flops_per_token
@@ -87,7 +87,7 @@ def main(argv=None):
                                *run(seed, dense_steps, 2e-3), "--out_dir", out("dense", seed)]) for seed in seeds], par)
     windows = {d: train.Data(folder(d), s["block"]).eval_batch(s["windows"]) for d in DOMAINS}
     names = ["expert-korean", "expert-code", *arms, "dense"]
-    losses = {name: {d: torch.cat([common.window_losses(common.load(out(name, seed)), *windows[d], s["device"])
+    losses = {name: {d: torch.cat([common.window_losses(cherry.load_model(out(name, seed)), *windows[d], s["device"])
                                    for seed in seeds]) for d in DOMAINS} for name in names}
     both = lambda name: torch.cat([losses[name][d] for d in DOMAINS])  # the mix: both domains' windows, equally
     gate_checks = []
@@ -100,7 +100,7 @@ def main(argv=None):
     table = ["| model | params (total) | active | training MFLOPs/token | korean | code | both | minus best single |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
-        m = common.load(out(name, 0))
+        m = cherry.load_model(out(name, 0))
         d = common.paired(both(name), both(best))
         table.append(f"| {name} | {cherry.count_params(m):,} | {cherry.count_params(m, active=True):,} | "
                      f"{f(m.config) / 1e6:.1f} | {losses[name]['korean'].mean():.4f} | "
