@@ -116,12 +116,9 @@ def mean_sd(values, fmt="{:.2f}"):
 
 
 def theorem1_check(model, train_batches, held_out_batches, update):
-    """
-    Theorem 1 to first order, out of sample: a step delta computed from g_S on training batches changes L_U, the loss
-    of the unselected targets of held-out batches, by about g_U . delta. update(model, grads) takes the step in place:
-    plain SGD (sgd_update) or the run's own AdamW (theorem1). Batches [(x, y, mask)]; on a copy. Returns (predicted,
-    measured).
-    """
+    """Theorem 1 to first order, out of sample: a step delta computed from g_S on training batches changes L_U, the
+    loss of the unselected targets of held-out batches, by about g_U . delta. update(model, grads) takes the step in
+    place. Batches [(x, y, mask)]; on a copy. Returns (predicted, measured)."""
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     mean = lambda batches, sel: sum(model.token_losses(x, y)[m if sel else ~m].mean() for x, y, m in batches) \
@@ -151,7 +148,8 @@ def theorem1(out_dir):
     data = train.Data(args.data, args.block_size, args.shuffle_tokens)
     selector = train.Selector(args, data.meta, "cpu")
     with torch.no_grad():
-        held_out = [(x, y, mask) for x, y, mask, _ in train.HeldOut(args, data, selector, "cpu").masks(model, ctx)][:2]
+        held_out = train.HeldOut(args, data, selector, "cpu").masks(model, contextlib.nullcontext())
+        held_out = [(x, y, mask) for x, y, mask, _ in held_out][:2]
         train_batches = []
         for i in range(2):
             x, y = data.train_batch(args.batch_size, torch.Generator().manual_seed(i))
@@ -172,9 +170,6 @@ def theorem1(out_dir):
     return {name: theorem1_check(model, train_batches, held_out, update) for name, update in updates.items()}
 
 
-ctx = contextlib.nullcontext()
-
-
 def stays_below(rows, unigram):
     """The rule's test: once below the unigram model's held-out loss, never above it again, and below it at the end."""
     below = [r["loss"] < unigram for r in rows]
@@ -186,8 +181,7 @@ def defaults(args):
     all pass is the default; a candidate is dropped at its first failing run."""
     from data import prepare as data_prep
     code = os.path.join(DATA, "code")
-    if not os.path.exists(os.path.join(code, "meta.json")):
-        data_prep.main(["--corpus", "code"])
+    data_prep.load(code)  # made here on first use, not by two runs at once
     chosen, t0 = None, time.time()
     lines = ["| beta | mix | data | seed | held-out loss: best / final | unigram | unsupervised: start -> end | gamma "
              "(end) | passes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -260,8 +254,8 @@ def report(args, scale, seeds, rows, unigram, c, out, wall_s):
     ok, lines = common.gate("the collapse on shuffled text", [
         (f"text: full supervision beats the unigram model by {gap['text']:.2f} nats (>= 0.5 needed)",
          gap["text"] >= 0.5),
-        (f"shuffled text: full supervision beats it by {gap['shuffled']:.2f} nats: context is what shuffling removes, "
-         f"so R_ctx is defined on text only", True)])
+        (f"shuffled text: full supervision beats it by {gap['shuffled']:.2f} nats (< 0.1 needed: shuffling removes "
+         f"the context; R_ctx is then defined on text only)", gap["shuffled"] < 0.1)])
     body += lines + ["", f"## Text (Shakespeare), {seeds['text']} seeds, mean ± sd", "",
                      "R(t) = (L(init) - L_SGT(t)) / (L(init) - L_full(t)) at the same step t; R: best vs best; "
                      "R_opt: at "
@@ -291,6 +285,13 @@ def report(args, scale, seeds, rows, unigram, c, out, wall_s):
                  [x["R"] for x in sel("code", name)], [x["R_ctx"] for x in sel("code", name)],
                  [x.get("gamma") for x in sel("code", name)], [x["R"] for x in sel("text", name, "continued")]]
         body.append(f"| {name} | " + " | ".join(mean_sd(cell) for cell in cells) + " |")
+    fall = {n: [s["R"] - t["R"] for s, t in zip(sel("shuffled", n), sel("text", n))] for n in SELECTORS}
+    falls = [n for n, d in fall.items() if len(d) > 1 and statistics.mean(d) < -2 * statistics.stdev(d)]
+    verdict = (f"R falls beyond 2 sd for {', '.join(falls)}." if falls else
+               "R falls for no selector: the claim does not hold at this scale.")
+    body += ["", "**Verdict on the collapse** (R on shuffled minus R on text, paired by seed): "
+             + "; ".join(f"{n} {mean_sd(d)}" for n, d in fall.items()) + ". " + verdict if ok else
+             "**Verdict on the collapse**: not testable at this scale (the gate failed)."]
     body += ["", "## Theorem 1 out of sample (text, first seed, end of training)", "",
              "g_S from two training batches; the change of L_U on two held-out batches: predicted g_U . delta / "
              "measured.",
@@ -299,22 +300,14 @@ def report(args, scale, seeds, rows, unigram, c, out, wall_s):
         t1 = theorem1(out(("text", name, 0, "scratch")))
         body.append(f"| {name} | " + " | ".join(f"{p:+.2e} / {m:+.2e}" for p, m in t1.values()) + " |")
 
-    def draw(plt):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for i, name in enumerate(SELECTORS):
-            r = sel("text", name)
-            axes[0].plot(steps, [statistics.mean(x["R_t"][t] for x in r) for t in steps], label=name, color=f"C{i}")
-            rs = [rows["text", name, s, "scratch"] for s in range(seeds["text"])]
-            axes[1].plot([x["iter"] for x in rs[0]], [statistics.mean(r[j]["loss"] for r in rs)
-                                                       for j in range(len(rs[0]))], color=f"C{i}")
-        axes[1].plot([x["iter"] for x in full("text")[0]], [statistics.mean(x[j]["loss"] for x in full("text"))
-                                                           for j in range(len(full("text")[0]))], "k", label="full")
-        axes[1].axhline(unigram["text"], color="gray", ls="--", label="unigram")
-        axes[0].axhline(PAPER_R, color="gray", ls=":", label="paper 0.67")
-        axes[0].set(xlabel="step", ylabel="R(t)", title="text: recovery at the same step", ylim=(-0.5, 1.1))
-        axes[1].set(xlabel="step", ylabel="held-out loss", title="text: held-out loss (mean of seeds)")
-        axes[0].legend(fontsize=7)
-        axes[1].legend(fontsize=7)
+    def draw(plt):  # held-out loss on text, the mean of the seeds
+        for name in ("full", *SELECTORS):
+            runs = [rows["text", name, s, "scratch"] for s in range(seeds["text"])]
+            mean = [statistics.mean(r[j]["loss"] for r in runs) for j in range(len(runs[0]))]
+            plt.plot([r["iter"] for r in runs[0]], mean, "k" if name == "full" else "-", label=name)
+        plt.axhline(unigram["text"], color="k", ls=":", label="unigram")
+        plt.gca().set(xlabel="step", ylabel="held-out loss", title="SGT at f = 0.15 on Shakespeare (mean of seeds)")
+        plt.legend(fontsize=7)
     common.figure(os.path.join(common.HERE, "img", "sgt.png"), draw)
     body += ["", "![SGT](img/sgt.png)"]
     common.report(os.path.join(common.HERE, "sgt_results.md"), "SGT study: results",
