@@ -620,7 +620,8 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        with warnings.catch_warnings(action="ignore"):  # a damaged file makes torch warn before it fails
+        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails: the error says it all
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class the file would have had run
@@ -638,6 +639,7 @@ def build_model(config, state, source, dropout=None):
         raise ValueError(f"{source} has a config this model cannot build ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source} holds no weights of this model")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)", mtp=r"mtp_modules\.(\d+)")
     for field, pattern in modules.items():
         stored = len({m.group(1) for m in map(re.compile(pattern).search, state) if m})
@@ -645,8 +647,8 @@ def build_model(config, state, source, dropout=None):
             raise ValueError(f"{source} declares {field} {getattr(config, field)} but stores {stored}")
     with torch.device("meta"):
         model = GPT(config)
-    try:  # names and shapes, strictly
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)  # names and shapes, strictly
     except RuntimeError as e:
         first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first problem torch lists
         raise ValueError(f"{source} does not fit its config: {first[:300]}") from None
