@@ -620,6 +620,10 @@ def test_a_corpus_folder_is_prepared_on_first_use_and_no_other(monkeypatch, tmp_
         with pytest.raises(FileNotFoundError, match=f"--data .*{re.escape(folder)}: no such folder"):
             data_prep.load(str(tmp_path / folder))
     assert calls == [["--corpus", "korean"]]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every process would write it at once; the user is told how
+    with pytest.raises(FileNotFoundError, match="no such folder; make it with: python data/prepare.py --corpus code"):
+        data_prep.load(str(tmp_path / "code"))
+    assert len(calls) == 1
 
 def test_prepare_reads_each_file_once_never_its_output_and_honours_max_tokens(tmp_path, capsys):
     src = tmp_path / "src"

@@ -295,13 +295,14 @@ def load(folder):
     A prepared folder, checked rather than trusted: (meta, train, val), the token arrays as read-only memory maps.
     meta.json must parse and hold its keys; the files' sizes must match its dtype and token counts; every id must be
     below its vocabulary size. A problem is a ValueError or FileNotFoundError naming it. A corpus's own folder
-    (data/shakespeare, data/korean, ...) is made on first use.
+    (data/shakespeare, data/korean, ...) is made on first use, except under torchrun: its processes would all write it.
     """
     corpus = os.path.relpath(os.path.abspath(folder), HERE)
-    if corpus in CORPORA and not os.path.exists(os.path.join(folder, "meta.json")):
+    if corpus in CORPORA and not os.path.exists(os.path.join(folder, "meta.json")) and "WORLD_SIZE" not in os.environ:
         print(f"preparing data/{corpus} on first use ...")
         main(["--corpus", corpus])
-    hint = f"make it with: python data/prepare.py --input YOUR_TEXT --out_dir {folder}"
+    hint = "make it with: python data/prepare.py " + (f"--corpus {corpus}" if corpus in CORPORA else
+                                                      f"--input YOUR_TEXT --out_dir {folder}")
     missing = [f for f in ("meta.json", "train.bin", "val.bin") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         what = "no such folder" if not os.path.isdir(folder) else f"no {missing[0]} in it"
