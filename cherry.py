@@ -439,10 +439,11 @@ def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_en
     for j, group in enumerate(groups):
         for name, p in small.blocks[j].named_parameters():
             p.copy_(torch.stack([model.blocks[i].get_parameter(name) for i in group]).mean(dim=0))
-    for a, j in enumerate(schedule if lora_rank else ()):
-        t, n = schedule[:a].count(j), schedule.count(j)  # application t of layer j's n
-        index = (t + 1) * g // n - 1 if j == k - 1 and coda_from_end else t * g // n
-        small.adapters[a].init_from_residue(model.blocks[groups[j][index]], small.blocks[j])
+    if lora_rank:
+        for a, j in enumerate(schedule):
+            t, n = schedule[:a].count(j), schedule.count(j)  # application t of layer j's n
+            index = (t + 1) * g // n - 1 if j == k - 1 and coda_from_end else t * g // n
+            small.adapters[a].init_from_residue(model.blocks[groups[j][index]], small.blocks[j])
     return small
 
 

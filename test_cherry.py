@@ -611,7 +611,6 @@ def test_a_named_corpus_whose_package_is_missing_is_one_line(monkeypatch, capsys
     assert not (tmp_path / "k").exists()
 
 
-
 def test_a_corpus_folder_is_prepared_on_first_use_and_no_other(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(data_prep, "HERE", str(tmp_path))
@@ -624,6 +623,7 @@ def test_a_corpus_folder_is_prepared_on_first_use_and_no_other(monkeypatch, tmp_
     with pytest.raises(FileNotFoundError, match="no such folder; make it with: python data/prepare.py --corpus code"):
         data_prep.load(str(tmp_path / "code"))
     assert len(calls) == 1
+
 
 def test_prepare_reads_each_file_once_never_its_output_and_honours_max_tokens(tmp_path, capsys):
     src = tmp_path / "src"
