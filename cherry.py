@@ -10,7 +10,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -64,9 +64,6 @@ class GPTConfig:
         if bad:
             raise ValueError(f"{bad} {getattr(self, bad)!r} is out of range")
 
-    def to_dict(self):
-        return asdict(self)
-
     def applications(self):
         """The layer index of every application in order: the schedule, or each layer once."""
         return self.schedule if self.schedule is not None else tuple(range(self.n_layer))
@@ -111,12 +108,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        past = cache[cache_slot][0].size(2) if cache and cache_slot in cache else 0
         if cache is not None:
-            k, v = (torch.cat([old, new], dim=2) for old, new in zip(cache[cache_slot], (k, v))) if past else (k, v)
+            if cache_slot in cache:  # the earlier positions' keys and values come first
+                k, v = torch.cat([cache[cache_slot][0], k], dim=2), torch.cat([cache[cache_slot][1], v], dim=2)
             cache[cache_slot] = k, v
-        # plain causal attention (flash attention where available); with a cache, new queries see every cached
-        # position plus the causal part of their own
+        past = k.size(2) - T
+        # causal attention (flash where available); with a cache, new queries also see every cached position
         mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past) if past else None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -165,9 +162,8 @@ class GPT(nn.Module):
         # the recurrent unroll (section 4): the blocks run in this order, a block may run several times
         self.schedule = config.applications()
         self.step_embed = nn.Parameter(torch.zeros(len(self.schedule), config.n_embd)) if config.step_embed else None
-        self.adapters = None
-        if config.lora_rank:
-            self.adapters = nn.ModuleList(Adapter(self.blocks[i], config.lora_rank) for i in self.schedule)
+        self.adapters = (nn.ModuleList(Adapter(self.blocks[i], config.lora_rank) for i in self.schedule)
+                         if config.lora_rank else None)
         # MoEE (section 5): the mixture layers (their routers' losses are collected per call), the MTP modules
         self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
         self.mtp_modules = nn.ModuleList(MTPModule(config) for _ in range(config.mtp))
@@ -432,8 +428,7 @@ def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_en
     schedule = tuple(schedule) if schedule is not None else repeat_schedule(default_repeats(k, g))
     if sorted(set(schedule)) != list(range(k)):
         raise ValueError(f"the schedule {schedule} must run each of the {k} layers at least once")
-    small = GPT(GPTConfig(**{**cfg.to_dict(), "n_layer": k, "schedule": schedule, "step_embed": step_embed,
-                             "lora_rank": lora_rank}))
+    small = GPT(replace(cfg, n_layer=k, schedule=schedule, step_embed=step_embed, lora_rank=lora_rank))
     for name in ("wte", "wpe", "ln_f"):  # everything outside the blocks is kept as it is (lm_head is tied to wte)
         getattr(small, name).load_state_dict(getattr(model, name).state_dict())
     for j, group in enumerate(groups):
@@ -531,7 +526,7 @@ class MTPModule(nn.Module):
         self.norm_h = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.norm_e = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
-        self.block = Block(GPTConfig(**{**config.to_dict(), "n_expert": 0}))
+        self.block = Block(replace(config, n_expert=0))
 
     def forward(self, h, emb):
         return self.block(self.proj(torch.cat([self.norm_h(h), self.norm_e(emb)], dim=-1)))
@@ -562,12 +557,11 @@ def fuse(experts, experts_per_token=1, mtp=0, **moe_config):
     cfg = experts[0].config
     for i, m in enumerate(experts[1:], start=1):
         if m.config != cfg:
-            diff = [k for k, v in cfg.to_dict().items() if m.config.to_dict()[k] != v]
+            diff = [k for k, v in asdict(cfg).items() if getattr(m.config, k) != v]
             raise ValueError(f"expert {i} differs from expert 0 in {', '.join(diff)}: experts must have one shape")
     if cfg.n_expert or cfg.mtp:
         raise ValueError("fuse takes models without experts or MTP modules")
-    fused = GPT(GPTConfig(**{**cfg.to_dict(), "n_expert": len(experts), "experts_per_token": experts_per_token,
-                             "mtp": mtp, **moe_config}))
+    fused = GPT(replace(cfg, n_expert=len(experts), experts_per_token=experts_per_token, mtp=mtp, **moe_config))
     states = [m.state_dict() for m in experts]
     for name, p in fused.state_dict().items():
         # blocks.0.mlp.experts.1.c_fc.weight <- blocks.0.mlp.c_fc.weight of expert 1 (adapters: mlp_experts_1_c_fc)

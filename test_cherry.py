@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -850,7 +851,7 @@ def test_fuse_end_to_end_from_compress_checkpoints(tiny_data, tmp_path, capsys):
     assert rebuilt.config.n_expert == 2 and rebuilt.schedule == (0, 0, 1, 1)
     again = fuse.main([*common, "--init_from", str(tmp_path / "moe"), "--out_dir", str(tmp_path / "moe2")])  # train on
     assert again["fuse"]["loss_start"] == pytest.approx(rows[-1]["loss"], abs=1e-5) and again["config"]["mtp"] == 1
-    torch.save({"model": cherry.GPT(tiny_config(n_layer=3)).state_dict(), "config": tiny_config(n_layer=3).to_dict()},
+    torch.save({"model": cherry.GPT(tiny_config(n_layer=3)).state_dict(), "config": asdict(tiny_config(n_layer=3))},
                tmp_path / "other.pt")
     out = ["--out_dir", str(tmp_path / "x")]
     for extra, pattern in ((["--init_from", experts[0]], "not a fused model"), ([], "give --experts to fuse"),
@@ -868,7 +869,7 @@ def test_sample_decodes_dense_unrolled_and_moee_checkpoints_with_a_compact_vocab
     unrolled = cherry.compress(dense, 1, (0, 0, 0), lora_rank=2)
     moee = cherry.fuse([unrolled, cherry.compress(dense, 1, (0, 0, 0), lora_rank=2)], mtp=1)
     for name, model in (("unrolled", unrolled), ("moee", moee)):
-        torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "args": {"data": data}},
+        torch.save({"config": asdict(model.config), "model": model.state_dict(), "args": {"data": data}},
                    tmp_path / f"{name}.pt")
     flags = ["--prompt", "The king", "--num_samples", "2", "--max_new_tokens", "20", "--top_k", "50", "--seed", "1",
              "--device", "cpu"]

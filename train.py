@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import time
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -94,9 +95,8 @@ def fill_shape(args):
 def model_from_flags(args, meta):
     """A fresh GPT of the flags' shape, plus what a preset has no flag for (the unroll, the experts)."""
     args.vocab_size = args.vocab_size or (meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64: faster matmuls
-    shape = {k: getattr(args, k) for k in (*SHAPE, "vocab_size")}
-    preset = cherry.PRESETS.get(args.preset, {})
-    return cherry.GPT(cherry.GPTConfig(**{**preset, **shape, "vocab": data_prep.vocab_id(meta)}))
+    fields = {k: getattr(args, k) for k in (*SHAPE, "vocab_size")} | {"vocab": data_prep.vocab_id(meta)}
+    return cherry.GPT(cherry.GPTConfig(**{**cherry.PRESETS.get(args.preset, {}), **fields}))
 
 
 # ----------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def train(args, model=None, summary_extra=None):
                 if master and (it > start or ckpt is not None):  # step 0: the flags' own start, nothing to resume
                     save = guards.run_state(None, optimizer, scaler, (data_gen, selector.generator), device, iter=it,
                                             best=best, metrics=rows, model=raw_model.state_dict(),
-                                            config=cfg.to_dict(), args=vars(args))
+                                            config=asdict(cfg), args=vars(args))
                     data_prep.atomic_write(ckpt_path, lambda f: torch.save(save, f))  # first: it holds the rows
                     guards.save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
                 if master:
@@ -354,7 +354,7 @@ def train(args, model=None, summary_extra=None):
                           f" | {elapsed:.0f}s, ~{elapsed / (it + 1 - start) * (args.max_iters - it - 1):.0f}s left")
         summary = {"final": rows[-1], "best": best, "params": cherry.count_params(raw_model), "flops_per_token": flops,
                    "tokens_per_step": tokens_per_step, "unigram_loss": held_out.unigram_loss, "device": device,
-                   "dtype": dtype, "processes": world, "wall_s": time.time() - t0, "config": cfg.to_dict(),
+                   "dtype": dtype, "processes": world, "wall_s": time.time() - t0, "config": asdict(cfg),
                    "args": vars(args), **(summary_extra or {})}
         if cfg.n_expert:
             summary["expert_load"] = held_out.expert_load(raw_model, ctx)

@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -90,10 +91,9 @@ def main(argv=None):
           f"{matmul_gflops(torch.float32, device):,.0f} GFLOP/s, bf16 {matmul_gflops(torch.bfloat16, device):,.0f} "
           f"GFLOP/s")
     k = max(1, args.n_layer // 3)
-    unrolled = cherry.GPTConfig(**{**cfg.to_dict(), "n_layer": k, "schedule": cherry.repeat_schedule([3] * k),
-                                   "step_embed": True, "lora_rank": 8})
+    unrolled = replace(cfg, n_layer=k, schedule=cherry.repeat_schedule([3] * k), step_embed=True, lora_rank=8)
     variants = {"dense": (cfg, 1.0), "SGT 0.15": (cfg, 0.15), f"compressed {k} layers x 3, LoRA 8": (unrolled, 1.0),
-                "MoEE": (cherry.GPTConfig(**{**cfg.to_dict(), "n_expert": 2}), 1.0)}
+                "MoEE": (replace(cfg, n_expert=2), 1.0)}
     print("| step | tokens/s | MFU | peak memory (MB) | MFLOPs/token |\n| --- | --- | --- | --- | --- |")
     speed, mfu = {}, {}
     for name, (vcfg, sgt) in variants.items():
