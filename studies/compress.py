@@ -35,8 +35,7 @@ GPU = dict(teacher=48, layers=6, big=24, width=384, heads=6, unroll="1,8,8,8,8,1
 
 
 def jobs(s, seed, out, data, pilot=False):
-    """The runs of one seed: teacher, recovery (with and without LoRA), dense small and big on the total tokens, and
-    dense big on the teacher's tokens (the gate compares teacher and big at equal tokens): {name: (module, argv)}."""
+    """One seed's runs, {name: (module, argv)}; big_at_teacher: big on the teacher's tokens, for the gate."""
     shape = ["--n_head", s["heads"], "--n_embd", s["width"], "--lr", s["lr"], "--warmup_iters", 100]
     steps = s["teacher_steps"] + s["recovery_steps"]
     run = {"teacher": ("train", s["teacher_steps"], [*shape, "--n_layer", s["teacher"]]),

@@ -141,8 +141,7 @@ def sgd_update(lr):
 
 
 def theorem1(out_dir):
-    """Theorem 1 out of sample at the end of a run: g_S from two training batches, L_U on two held-out batches; a plain
-    SGD step, and one step of the run's own AdamW (its state from the checkpoint, at its last learning rate)."""
+    """theorem1_check at the end of a run: two SGD steps, and one of the run's own AdamW (its checkpoint's state)."""
     ckpt = cherry.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     args = argparse.Namespace(**ckpt["args"])
     model = cherry.build_model(ckpt["config"], ckpt["model"], out_dir)
