@@ -1,6 +1,7 @@
 """What the three studies share: running the scripts, reading their outputs, scoring models on the same held-out
-windows with paired standard errors, the testability gate, the machine line, plots and the report."""
+windows with paired standard errors, the testability gate, Markdown tables, the machine line, plots and the report."""
 
+import argparse
 import contextlib
 import json
 import multiprocessing
@@ -14,29 +15,48 @@ import torch
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(os.path.dirname(HERE), "data")
+NOT_TESTABLE = "not testable at this scale (the gate failed)."
+
+
+def parser(doc, study):
+    """A study's command line: its docstring as the help, and --out_dir (out/study-<study>) for the runs' folders."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default=os.path.join("out", f"study-{study}"), help="one folder per run")
+    return p
+
+
+def run_flags(s, seed, steps):
+    """train.py's flags for a run of `steps` at scale s: its batch shape and device, 5 evaluations, no step logs."""
+    return ["--block_size", s["block"], "--batch_size", s["batch"], "--device", s["device"], "--seed", seed,
+            "--max_iters", steps, "--eval_interval", max(1, steps // 5), "--eval_iters", 8, "--log_interval", 10**6]
+
+
+def out_dir(argv):
+    return argv[argv.index("--out_dir") + 1]
 
 
 def run_one(job):
     """One script run (train, compress or fuse: its main(argv)) in this process, its printout in <out_dir>/log.txt.
     A finished run (summary.json) is kept; an unfinished one is cleared and run again: the study does it on purpose."""
-    module, argv, threads = job
-    out = argv[argv.index("--out_dir") + 1]
+    module, argv = job
+    out = out_dir(argv)
     if os.path.exists(os.path.join(out, "summary.json")):
         return out
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     with open(os.path.join(out, "log.txt"), "w", buffering=1) as log, contextlib.redirect_stdout(log):
         __import__(module).main([str(a) for a in argv])
     return out
 
 
-def run_all(jobs, parallel=2, threads=1):
-    """[(module, argv)] runs, `parallel` at a time with `threads` torch threads each: on the CPU one thread per run and
-    one run per core is fastest (OpenMP threads stall whenever another process takes their core)."""
+def run_all(jobs, gpu=False):
+    """[(module, argv)] runs, one at a time on a GPU; on the CPU two at a time with one torch thread each: one thread
+    per run and one run per core is fastest (OpenMP threads stall whenever another process takes their core)."""
     t0 = time.time()
-    with multiprocessing.get_context("spawn").Pool(parallel) if parallel > 1 else contextlib.nullcontext() as pool:
-        done = (pool.imap_unordered if pool else map)(run_one, [(m, a, threads) for m, a in jobs])
+    with contextlib.nullcontext() if gpu else multiprocessing.get_context("spawn").Pool(2) as pool:
+        done = (pool.imap_unordered if pool else map)(run_one, jobs)
         for i, out in enumerate(done):
             print(f"[{time.time() - t0:5.0f}s] {i + 1}/{len(jobs)} {out}", flush=True)
 
@@ -73,6 +93,20 @@ def paired(a, b):
     return d.mean().item(), (d.std() / len(d) ** 0.5).item()
 
 
+def pm(diff, digits=4):
+    """A paired difference (mean, se) as "+0.1234 ± 0.0056"."""
+    return f"{diff[0]:+.{digits}f} ± {diff[1]:.{digits}f}"
+
+
+def row(*cells):
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def table(*columns):
+    """A Markdown table's header: its row of column names and the rule under it."""
+    return [row(*columns), "|" + " --- |" * len(columns)]
+
+
 def gate(name, checks):
     """The testability gate: [(what, passed)]. Printed, and returned as (passed, lines for the report)."""
     lines = [f"- {'pass' if ok else 'FAIL'}: {what}" for what, ok in checks]
@@ -82,9 +116,10 @@ def gate(name, checks):
     return ok, lines
 
 
-def report(path, title, command, wall_s, body):
-    """Write a study's Markdown results: the command, the machine and the wall time first."""
-    text = (f"# {title}\n\n`{command}`: {wall_s / 60:.1f} min on {machine()}.\n\n" + "\n".join(body) + "\n")
+def report(name, title, command, t0, body):
+    """Write studies/<name>, a study's Markdown results: the command, the wall time since t0 and the machine first."""
+    path = os.path.join(HERE, name)
+    text = f"# {title}\n\n`{command}`: {(time.time() - t0) / 60:.1f} min on {machine()}.\n\n" + "\n".join(body) + "\n"
     train.data_prep.atomic_write(path, lambda f: f.write(text.encode()))
     print(f"wrote {path}")
 

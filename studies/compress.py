@@ -16,7 +16,6 @@ errors worse than the large one, and the teacher better than the large one train
 testable at this scale.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -36,49 +35,43 @@ GPU = dict(teacher=48, layers=6, big=24, width=384, heads=6, unroll="1,8,8,8,8,1
 
 
 def jobs(s, seed, out, data, pilot=False):
-    """The runs of one seed: teacher, recovery (with and without LoRA), dense small and big on the total tokens, and
-    dense big on the teacher's tokens (the gate compares teacher and big at equal tokens): {name: (module, argv)}."""
-    common_flags = ["--data", data, "--block_size", s["block"], "--batch_size", s["batch"], "--eval_iters", 8,
-                    "--log_interval", 10**6, "--device", s["device"], "--seed", seed]
+    """One seed's runs, {name: (module, argv)}; big_at_teacher: big on the teacher's tokens, for the gate."""
     shape = ["--n_head", s["heads"], "--n_embd", s["width"], "--lr", s["lr"], "--warmup_iters", 100]
     steps = s["teacher_steps"] + s["recovery_steps"]
-    run = {"teacher": ("train", [*shape, "--n_layer", s["teacher"], "--max_iters", s["teacher_steps"]]),
-           "small": ("train", [*shape, "--n_layer", s["layers"], "--max_iters", steps]),
-           "big": ("train", [*shape, "--n_layer", s["big"], "--max_iters", steps]),
-           "big_at_teacher": ("train", [*shape, "--n_layer", s["big"], "--max_iters", s["teacher_steps"]])}
+    run = {"teacher": ("train", s["teacher_steps"], [*shape, "--n_layer", s["teacher"]]),
+           "small": ("train", steps, [*shape, "--n_layer", s["layers"]]),
+           "big": ("train", steps, [*shape, "--n_layer", s["big"]]),
+           "big_at_teacher": ("train", s["teacher_steps"], [*shape, "--n_layer", s["big"]])}
     recover = ["--init_from", os.path.join(out, f"teacher-s{seed}"), "--layers", s["layers"], "--unroll", s["unroll"],
-               "--max_iters", s["recovery_steps"], "--lr", s["lr"] / 3, "--warmup_iters", 20]
+               "--lr", s["lr"] / 3, "--warmup_iters", 20]
     if not pilot:
-        run["recovered"] = ("compress", [*recover, "--lora_rank", s["lora"]])
-        run["recovered_no_lora"] = ("compress", recover)
-    every = lambda flags: ["--eval_interval", flags[flags.index("--max_iters") + 1] // 5]
-    return {name: (module, [*common_flags, *flags, *every(flags), "--out_dir", os.path.join(out, f"{name}-s{seed}")])
-            for name, (module, flags) in run.items()}
+        run["recovered"] = ("compress", s["recovery_steps"], [*recover, "--lora_rank", s["lora"]])
+        run["recovered_no_lora"] = ("compress", s["recovery_steps"], recover)
+    return {name: (module, ["--data", data, *common.run_flags(s, seed, steps), *flags, "--out_dir",
+                            os.path.join(out, f"{name}-s{seed}")]) for name, (module, steps, flags) in run.items()}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=os.path.join("out", "study-compress"))
+    p = common.parser(__doc__, "compress")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--pilot", action="store_true", help="one seed of the gate's runs only")
     p.add_argument("--gpu", metavar="DATA", help="the paper's shape on this token folder, on a GPU")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     s, t0 = GPU if args.gpu else CPU, time.time()
-    data = args.gpu or os.path.join(os.path.dirname(common.HERE), "data", "shakespeare_char")
+    data = args.gpu or os.path.join(common.DATA, "shakespeare_char")
     train.data_prep.load(data)  # made here on first use, not by two runs at once
     seeds = range(1 if args.pilot else args.seeds)
     runs = [jobs(s, seed, args.out_dir, data, args.pilot) for seed in seeds]
     # recovery needs its teacher: the from-scratch runs first
     for stage in (("teacher", "small", "big", "big_at_teacher"), ("recovered", "recovered_no_lora")):
-        common.run_all([job[name] for job in runs for name in stage if name in job], parallel=1 if args.gpu else 2)
+        common.run_all([job[name] for job in runs for name in stage if name in job], args.gpu)
     x, y = train.Data(data, s["block"]).eval_batch(s["windows"])
     losses, rows = {}, {}
-    for seed, job in zip(seeds, runs):
-        out = lambda name: job[name][1][job[name][1].index("--out_dir") + 1]
-        models = {name: cherry.load_model(out(name)) for name in job}
+    for job in runs:
+        models = {name: cherry.load_model(common.out_dir(run)) for name, (_, run) in job.items()}
         if not args.pilot:
-            teacher = models["teacher"]
-            schedule = models["recovered"].schedule
+            teacher, schedule = models["teacher"], models["recovered"].schedule
             models["averaged"] = cherry.compress(teacher, s["layers"], tuple(range(s["layers"])), step_embed=False)
             models["unrolled"] = cherry.compress(teacher, s["layers"], schedule, step_embed=False)
             models["unrolled+LoRA"] = cherry.compress(teacher, s["layers"], schedule, lora_rank=s["lora"])
@@ -93,10 +86,10 @@ def main(argv=None):
     ps = {name: cherry.count_params(m) - m.wte.weight.numel() for name, m in rows.items()}  # non-embedding
     small_big, teacher_big = common.paired(L["small"], L["big"]), common.paired(L["teacher"], L["big_at_teacher"])
     ok, gate_lines = common.gate("depth compression", [
-        (f"dense {s['layers']} layers minus dense {s['big']} layers: {small_big[0]:+.3f} ± {small_big[1]:.3f} "
+        (f"dense {s['layers']} layers minus dense {s['big']} layers: {common.pm(small_big, 3)} "
          f"(>= 0.05 and >= 10 standard errors needed)", small_big[0] >= 0.05 and small_big[0] >= 10 * small_big[1]),
         (f"teacher ({s['teacher']} layers) minus dense {s['big']} layers, both on the teacher's tokens: "
-         f"{teacher_big[0]:+.3f} ± {teacher_big[1]:.3f} (< 0 needed)", teacher_big[0] < 0)])
+         f"{common.pm(teacher_big, 3)} (< 0 needed)", teacher_big[0] < 0)])
     tokens = s["batch"] * s["block"]
     what = {"teacher": f"teacher, dense {s['teacher']} layers ({s['teacher_steps'] * tokens / 1e6:.2f}M tokens)",
             "averaged": "averaged, each layer once, not trained",
@@ -110,28 +103,23 @@ def main(argv=None):
             "big_at_teacher": f"dense {s['big']} layers from scratch, the teacher's tokens (for the gate)",
             "coda from last": "4 layers, 1,2,2,1 + LoRA, coda residue from its group's last layer, not trained",
             "coda from first": "... from its group's first layer (the original's final layer dropped), not trained"}
-    table = ["| model | non-embedding params | x recovered | training MFLOPs/token | held-out loss | minus dense big |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    table = common.table("model", "non-embedding params", "x recovered", "training MFLOPs/token", "held-out loss",
+                         "minus dense big")
     for name in [n for n in what if n in L]:
-        d = common.paired(L[name], L["big"])
-        table.append(f"| {what[name]} | {ps[name]:,} | {ps[name] / ps.get('recovered', ps['small']):.2f} | "
-                     f"{cherry.flops_per_token(rows[name].config) / 1e6:.1f} | {L[name].mean():.4f} | "
-                     f"{'' if name == 'big' else f'{d[0]:+.4f} ± {d[1]:.4f}'} |")
+        table.append(common.row(what[name], f"{ps[name]:,}", f"{ps[name] / ps.get('recovered', ps['small']):.2f}",
+                                f"{cherry.flops_per_token(rows[name].config) / 1e6:.1f}", f"{L[name].mean():.4f}",
+                                "" if name == "big" else common.pm(common.paired(L[name], L["big"]))))
     body = [f"Scale: {s}; {len(seeds)} seed(s); {s['windows']} held-out windows per seed.", "", "## Gate", "",
             *gate_lines, "", "## Results (mean over seeds; ± the paired standard error)", "", *table, ""]
     if ok and not args.pilot:
         d = common.paired(L["recovered"], L["big"])
-        holds = d[0] <= 2 * d[1]
-        body.append(f"**Verdict**: the recovered model minus the dense {s['big']}-layer model: {d[0]:+.4f} ± "
-                    f"{d[1]:.4f}: "
-                    + ("within noise or better: the claim holds here." if holds else
-                       f"{d[0] / d[1]:.0f} standard errors worse: the claim does not hold at this scale."))
+        body.append(f"**Verdict**: the recovered model minus the dense {s['big']}-layer model: {common.pm(d)}: " + (
+            "within noise or better: the claim holds here." if d[0] <= 2 * d[1] else
+            f"{d[0] / d[1]:.0f} standard errors worse: the claim does not hold at this scale."))
     elif not ok:
-        body.append("**Verdict**: not testable at this scale (the gate failed).")
-    name = "compress_pilot.md" if args.pilot else "compress_results.md"
-    command = "python -m studies.compress " + " ".join(sys.argv[1:] if argv is None else argv)
-    common.report(os.path.join(common.HERE, name), "Depth compression with recurrent recovery", command,
-                  time.time() - t0, body)
+        body.append(f"**Verdict**: {common.NOT_TESTABLE}")
+    common.report("compress_pilot.md" if args.pilot else "compress_results.md", "Depth compression with recurrent "
+                  "recovery", " ".join(["python -m studies.compress", *argv]), t0, body)
 
 
 if __name__ == "__main__":

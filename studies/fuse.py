@@ -14,7 +14,6 @@ Gate first: each expert must be better than the other on its own domain by >= 0.
 errors; otherwise the experts have not become different enough for a mixture to pay: not testable at this scale.
 """
 
-import argparse
 import itertools
 import os
 import sys
@@ -36,7 +35,7 @@ GPU = dict(teacher=12, layers=4, width=384, heads=6, teacher_steps=4000, expert_
 
 def prepare(s):
     """Korean and code, the first ~s["chars"] characters of each (whole documents), one BPE trained on both."""
-    folder = os.path.join(os.path.dirname(common.HERE), "data", "fuse")
+    folder = os.path.join(common.DATA, "fuse")
     if not os.path.exists(os.path.join(folder, "code", "meta.json")):
         docs = {}
         for name in DOMAINS:  # whole documents, in order, until s["chars"] characters
@@ -50,33 +49,30 @@ def prepare(s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=os.path.join("out", "study-fuse"))
+    p = common.parser(__doc__, "fuse")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--gpu", metavar="DATA", help="DATA/mix, DATA/korean, DATA/code: token folders of one tokenizer")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     s, t0, seeds = GPU if args.gpu else CPU, time.time(), range(args.seeds)
     data = args.gpu or prepare(s)
-    folder = lambda name: os.path.join(data, name)
     out = lambda name, seed: os.path.join(args.out_dir, f"{name}-s{seed}")
-    run = lambda seed, steps, lr=1e-3: ["--block_size", s["block"], "--batch_size", s["batch"], "--eval_iters", 8,
-                                        "--log_interval", 10**6, "--device", s["device"], "--seed", seed, "--max_iters",
-                                        steps, "--eval_interval", max(1, steps // 5), "--lr", lr, "--warmup_iters", 20]
+
+    def run(module, name, seed, domain, steps, lr, *flags):  # a job for common.run_all
+        return (module, ["--data", os.path.join(data, domain), *flags, *common.run_flags(s, seed, steps), "--lr", lr,
+                         "--warmup_iters", 20, "--out_dir", out(name, seed)])
     shape = ["--n_head", s["heads"], "--n_embd", s["width"]]
-    par = 1 if args.gpu else 2
-    common.run_all([("train", ["--data", folder("mix"), "--n_layer", s["teacher"], *shape,
-                               *run(seed, s["teacher_steps"], 2e-3), "--out_dir", out("teacher", seed)])
-                    for seed in seeds], par)
-    group = s["teacher"] // s["layers"]
-    common.run_all([("compress", ["--data", folder(d), "--init_from", out("teacher", seed), "--layers", s["layers"],
-                                  "--unroll", ",".join([str(group)] * s["layers"]), *run(seed, s["expert_steps"]),
-                                  "--out_dir", out(f"expert-{d}", seed)]) for seed in seeds for d in DOMAINS], par)
+    common.run_all([run("train", "teacher", seed, "mix", s["teacher_steps"], 2e-3, "--n_layer", s["teacher"], *shape)
+                    for seed in seeds], args.gpu)
+    unroll = ",".join([str(s["teacher"] // s["layers"])] * s["layers"])
+    common.run_all([run("compress", f"expert-{d}", seed, d, s["expert_steps"], 1e-3, "--init_from",
+                        out("teacher", seed), "--layers", s["layers"], "--unroll", unroll)
+                    for seed in seeds for d in DOMAINS], args.gpu)
     # the 2 x 2: one expert (a mixture of one is that expert) or both, without or with MTP; the same steps on the mix
     arms = {f"{'+'.join(e)}{'-mtp' if mtp else ''}": (e, mtp) for e in (["korean"], ["code"], list(DOMAINS))
             for mtp in (0, 1)}
-    common.run_all([("fuse", ["--data", folder("mix"), "--experts", *[out(f"expert-{d}", seed) for d in e],
-                              "--mtp", mtp, *run(seed, s["steps"]), "--out_dir", out(arm, seed)])
-                    for seed in seeds for arm, (e, mtp) in arms.items()], par)
+    common.run_all([run("fuse", arm, seed, "mix", s["steps"], 1e-3, "--experts", *[out(f"expert-{d}", seed) for d in e],
+                        "--mtp", mtp) for seed in seeds for arm, (e, mtp) in arms.items()], args.gpu)
     # a dense model with MoEE's total (non-embedding) parameters, from scratch, with the FLOPs of MoEE's whole pipeline
     moee, teacher, expert = (cherry.load_model(out(name, 0)) for name in ("korean+code", "teacher", "expert-code"))
     dense_layers = max(1, round((cherry.count_params(moee) - moee.wte.weight.numel()) / (12 * s["width"] ** 2)))
@@ -84,9 +80,9 @@ def main(argv=None):
     f = cherry.flops_per_token
     dense_steps = round((s["teacher_steps"] * f(teacher.config) + 2 * s["expert_steps"] * f(expert.config)
                          + s["steps"] * f(moee.config)) / f(dense))
-    common.run_all([("train", ["--data", folder("mix"), "--n_layer", dense_layers, *shape,
-                               *run(seed, dense_steps, 2e-3), "--out_dir", out("dense", seed)]) for seed in seeds], par)
-    windows = {d: train.Data(folder(d), s["block"]).eval_batch(s["windows"]) for d in DOMAINS}
+    common.run_all([run("train", "dense", seed, "mix", dense_steps, 2e-3, "--n_layer", dense_layers, *shape)
+                    for seed in seeds], args.gpu)
+    windows = {d: train.Data(os.path.join(data, d), s["block"]).eval_batch(s["windows"]) for d in DOMAINS}
     names = ["expert-korean", "expert-code", *arms, "dense"]
     losses = {name: {d: torch.cat([common.window_losses(cherry.load_model(out(name, seed)), *windows[d], s["device"])
                                    for seed in seeds]) for d in DOMAINS} for name in names}
@@ -94,34 +90,32 @@ def main(argv=None):
     gate_checks = []
     for d, other in (("korean", "code"), ("code", "korean")):
         diff = common.paired(losses[f"expert-{d}"][d], losses[f"expert-{other}"][d])
-        gate_checks.append((f"on {d}: expert {d} minus expert {other}: {diff[0]:+.3f} ± {diff[1]:.3f} (<= -0.05 and "
-                            f"beyond 10 standard errors needed)", diff[0] <= -0.05 and -diff[0] >= 10 * diff[1]))
+        gate_checks.append((f"on {d}: expert {d} minus expert {other}: {common.pm(diff, 3)} (<= -0.05 and beyond 10 "
+                            f"standard errors needed)", diff[0] <= -0.05 and -diff[0] >= 10 * diff[1]))
     ok, gate_lines = common.gate("MoEE", gate_checks)
     best = min(("korean", "code"), key=lambda a: both(a).mean().item())
-    table = ["| model | params (total) | active | training MFLOPs/token | korean | code | both | minus best single |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table = common.table("model", "params (total)", "active", "training MFLOPs/token", "korean", "code", "both",
+                         "minus best single")
     for name in names:
         m = cherry.load_model(out(name, 0))
-        d = common.paired(both(name), both(best))
-        table.append(f"| {name} | {cherry.count_params(m):,} | {cherry.count_params(m, active=True):,} | "
-                     f"{f(m.config) / 1e6:.1f} | {losses[name]['korean'].mean():.4f} | "
-                     f"{losses[name]['code'].mean():.4f} | "
-                     f"{both(name).mean():.4f} | {'' if name == best else f'{d[0]:+.4f} ± {d[1]:.4f}'} |")
+        table.append(common.row(name, f"{cherry.count_params(m):,}", f"{cherry.count_params(m, active=True):,}",
+                                f"{f(m.config) / 1e6:.1f}", *[f"{losses[name][d].mean():.4f}" for d in DOMAINS],
+                                f"{both(name).mean():.4f}",
+                                "" if name == best else common.pm(common.paired(both(name), both(best)))))
     body = [f"Scale: {s}; {len(seeds)} seed(s); {s['windows']} held-out windows per domain and seed. The dense model: "
             f"{dense_layers} layers, {dense_steps} steps.", "", "## Gate", "", *gate_lines, "",
             "## Results (mean over windows and seeds; ± the paired standard error)", "", *table, ""]
     if ok:
-        fusion, mtp = common.paired(both("korean+code"), both(best)), common.paired(both("korean+code-mtp"),
-                                                                                   both("korean+code"))
-        body += [f"**Verdict**: MoEE minus the best single expert ({best}) at equal steps: {fusion[0]:+.4f} ± "
-                 f"{fusion[1]:.4f}: " + ("better, beyond 2 standard errors: the claim holds here." if fusion[0] < -2 *
-                                         fusion[1] else "not better beyond 2 standard errors: the claim does not hold "
-                                                        "here."),
-                 f"MTP (D = 1) on the MoEE: {mtp[0]:+.4f} ± {mtp[1]:.4f} (reported to help only at large sizes)."]
+        fusion = common.paired(both("korean+code"), both(best))
+        mtp = common.paired(both("korean+code-mtp"), both("korean+code"))
+        body += [f"**Verdict**: MoEE minus the best single expert ({best}) at equal steps: {common.pm(fusion)}: " + (
+                 "better, beyond 2 standard errors: the claim holds here." if fusion[0] < -2 * fusion[1] else
+                 "not better beyond 2 standard errors: the claim does not hold here."),
+                 f"MTP (D = 1) on the MoEE: {common.pm(mtp)} (reported to help only at large sizes)."]
     else:
-        body.append("**Verdict**: not testable at this scale (the gate failed).")
-    common.report(os.path.join(common.HERE, "fuse_results.md"), "MoEE: a mixture of efficient experts",
-                  "python -m studies.fuse " + " ".join(sys.argv[1:] if argv is None else argv), time.time() - t0, body)
+        body.append(f"**Verdict**: {common.NOT_TESTABLE}")
+    common.report("fuse_results.md", "MoEE: a mixture of efficient experts",
+                  " ".join(["python -m studies.fuse", *argv]), t0, body)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,15 @@ import train
 from tools import guards
 from studies import common
 
-DATA = os.path.join(os.path.dirname(common.HERE), "data")
 SCALE = ["--n_layer", 4, "--n_head", 4, "--n_embd", 64, "--block_size", 128, "--batch_size", 8, "--max_iters", 400,
          "--lr", 6e-3, "--warmup_iters", 20, "--eval_interval", 50, "--eval_iters", 8, "--log_interval", 10**6,
          "--device", "cpu"]
 GPU = ["--n_layer", 6, "--n_head", 6, "--n_embd", 384, "--block_size", 256, "--batch_size", 32, "--max_iters", 2000,
        "--lr", 1e-3, "--warmup_iters", 100, "--eval_interval", 100, "--eval_iters", 16, "--device", "cuda", "--compile"]
-SELECTORS = {"beta 0": [0, 0], "beta 1": [1, 0], "beta 2": [2, 0], "beta 3": [3, 0], "beta inf": ["inf", 0],
-             "beta inf, mix 1/3": ["inf", 1 / 3], "beta inf, mix 2/3": ["inf", 2 / 3], "excess": None}
+SELECTORS = {**{f"beta {beta}": ["--sgt_beta", beta, "--sgt_mix", 0] for beta in (0, 1, 2, 3, "inf")},  # train.py flags
+             "beta inf, mix 1/3": ["--sgt_beta", "inf", "--sgt_mix", 1 / 3],
+             "beta inf, mix 2/3": ["--sgt_beta", "inf", "--sgt_mix", 2 / 3], "excess": ["--sgt_select", "excess"]}
+GAMMAS = ("gamma", "gamma_trunk", "gamma_embedding_head", "gamma_naive")
 PAPER_R = 0.67
 RULE = ("The default selector is the first of these candidates (beta, mix), ordered from the most to the least tilted, "
         "whose held-out loss, once below the unigram model's, never rises above it again and ends below it, in "
@@ -46,11 +47,6 @@ RULE = ("The default selector is the first of these candidates (beta, mix), orde
         "Fixed before its runs.")
 CANDIDATES = [("inf", 0), ("inf", 1 / 3), (3, 0), (2, 0), (3, 1 / 3), (2, 1 / 3), (1, 0), (1, 1 / 3), (0.5, 0), (0, 0)]
 DEFAULT_SEEDS = (1337, 1338, 1339)
-
-
-def selector_flags(name):
-    beta_mix = SELECTORS[name]
-    return ["--sgt_select", "excess"] if beta_mix is None else ["--sgt_beta", beta_mix[0], "--sgt_mix", beta_mix[1]]
 
 
 def plan(args, scale, seeds, folders):
@@ -65,7 +61,7 @@ def plan(args, scale, seeds, folders):
             out = lambda name: ["--out_dir", os.path.join(args.out_dir, f"{domain}-{name}-s{seed}")]
             continued = seed == 0 and (domain == "text" or args.full)
             for setting in ("full", *SELECTORS):
-                sgt = [] if setting == "full" else ["--sgt", 0.15, *selector_flags(setting)]
+                sgt = [] if setting == "full" else ["--sgt", 0.15, *SELECTORS[setting]]
                 name = setting.replace(" ", "").replace(",", "-").replace("/", "")
                 runs[domain, setting, seed, "scratch"] = [*base, *sgt, *args.train, *out(name)]
                 if continued:
@@ -79,13 +75,13 @@ def plan(args, scale, seeds, folders):
 
 def data_folders(args):
     """Shakespeare and the standard library's sources (1.5M tokens each), compact vocabularies (GPT-2's with --gpu)."""
-    from data import prepare as data_prep
     folders = {}
     for domain, corpus in (("text", "shakespeare"), ("shuffled", "shakespeare"), ("code", "code")):
-        folders[domain] = os.path.join(DATA, f"sgt-{corpus}" + ("-gpt2" if args.gpu else ""))  # text, shuffled: one
+        # text and shuffled text: one folder
+        folders[domain] = os.path.join(common.DATA, f"sgt-{corpus}" + ("-gpt2" if args.gpu else ""))
         if not os.path.exists(os.path.join(folders[domain], "meta.json")):
-            docs = data_prep.CORPORA[corpus]()
-            data_prep.prepare(docs, folders[domain], compact_vocab=not args.gpu, max_tokens=1_500_000)
+            docs = train.data_prep.CORPORA[corpus]()
+            train.data_prep.prepare(docs, folders[domain], compact_vocab=not args.gpu, max_tokens=1_500_000)
     return folders
 
 
@@ -104,7 +100,7 @@ def compare(rows, full_rows, unigram):
             "R": recovery(init, best["loss"], full_best), "R_opt": recovery(init, best["loss"], by_step[best["iter"]]),
             "R_ctx": recovery(unigram, best["loss"], full_best), "best_iter": best["iter"], "final": rows[-1]["loss"],
             "unsup": (rows[0]["loss_unsup"], rows[-1]["loss_unsup"]),
-            **{k: gamma(k) for k in ("gamma", "gamma_trunk", "gamma_embedding_head", "gamma_naive") if k in rows[-1]}}
+            **{k: gamma(k) for k in GAMMAS if k in rows[-1]}}
 
 
 def mean_sd(values, fmt="{:.2f}"):
@@ -113,6 +109,11 @@ def mean_sd(values, fmt="{:.2f}"):
         return "-"
     spread = f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else ""
     return fmt.format(statistics.mean(values)) + spread
+
+
+def stat(runs, key, fmt="{:.2f}"):
+    """mean_sd over compared runs (compare's dicts) of one number: key is its name or a function of the dict."""
+    return mean_sd([key(r) if callable(key) else r.get(key) for r in runs], fmt)
 
 
 def theorem1_check(model, train_batches, held_out_batches, update):
@@ -140,8 +141,7 @@ def sgd_update(lr):
 
 
 def theorem1(out_dir):
-    """Theorem 1 out of sample at the end of a run: g_S from two training batches, L_U on two held-out batches; a plain
-    SGD step, and one step of the run's own AdamW (its state from the checkpoint, at its last learning rate)."""
+    """theorem1_check at the end of a run: two SGD steps, and one of the run's own AdamW (its checkpoint's state)."""
     ckpt = cherry.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     args = argparse.Namespace(**ckpt["args"])
     model = cherry.build_model(ckpt["config"], ckpt["model"], out_dir)
@@ -177,76 +177,63 @@ def stays_below(rows, unigram):
 
 
 def defaults(args):
-    """Run the default rule (CANDIDATES, above) and write studies/sgt_defaults.md: the first candidate whose 6 runs
-    all pass is the default; a candidate is dropped at its first failing run."""
-    from data import prepare as data_prep
-    code = os.path.join(DATA, "code")
-    data_prep.load(code)  # made here on first use, not by two runs at once
-    chosen, t0 = None, time.time()
-    lines = ["| beta | mix | data | seed | held-out loss: best / final | unigram | unsupervised: start -> end | gamma "
-             "(end) | passes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Run the default rule (CANDIDATES, above) and write studies/sgt_defaults.md."""
+    folders = {"text": train.data_prep.DEFAULT_DIR, "code": os.path.join(common.DATA, "code")}
+    train.data_prep.load(folders["code"])  # made here on first use, not by two runs at once
+    t0, chosen = time.time(), "No candidate passed."
+    lines = common.table("beta", "mix", "data", "seed", "held-out loss: best / final", "unigram",
+                         "unsupervised: start -> end", "gamma (end)", "passes")
+
+    def passes(beta, mix, seed):  # a candidate's runs of one seed, on both domains, each a row of the table
+        outs = {d: os.path.join(args.out_dir, "defaults", f"b{beta}-m{mix:.2f}-{d}-s{seed}") for d in folders}
+        common.run_all([("train", ["--data", folders[d], "--sgt", 0.15, "--sgt_beta", beta, "--sgt_mix", mix,
+                                   "--seed", seed, *args.train, "--out_dir", out]) for d, out in outs.items()])
+        ok = []
+        for domain, out in outs.items():
+            rows, uni = common.metrics(out), common.summary(out)["unigram_loss"]
+            ok.append(stays_below(rows, uni))
+            lines.append(common.row(beta, f"{mix:.2f}", domain, seed,
+                                    f"{min(r['loss'] for r in rows):.3f} / {rows[-1]['loss']:.3f}", f"{uni:.3f}",
+                                    f"{rows[0]['loss_unsup']:.3f} -> {rows[-1]['loss_unsup']:.3f}",
+                                    f"{rows[-1]['gamma']:.2f}", "yes" if ok[-1] else "no"))
+        return all(ok)
     for beta, mix in CANDIDATES:
-        passed = True
-        for seed in DEFAULT_SEEDS:
-            jobs = {domain: os.path.join(args.out_dir, "defaults", f"b{beta}-m{mix:.2f}-{domain}-s{seed}")
-                    for domain in ("text", "code")}
-            common.run_all([("train", ["--data", {"text": data_prep.DEFAULT_DIR, "code": code}[domain], "--sgt", 0.15,
-                                       "--sgt_beta", beta, "--sgt_mix", mix, "--seed", seed, *args.train,
-                                       "--out_dir", out]) for domain, out in jobs.items()])
-            for domain, out in jobs.items():
-                rows, uni = common.metrics(out), common.summary(out)["unigram_loss"]
-                ok = stays_below(rows, uni)
-                passed &= ok
-                lines.append(f"| {beta} | {mix:.2f} | {domain} | {seed} | {min(r['loss'] for r in rows):.3f} / "
-                             f"{rows[-1]['loss']:.3f} | {uni:.3f} | {rows[0]['loss_unsup']:.3f} -> "
-                             f"{rows[-1]['loss_unsup']:.3f} | {rows[-1]['gamma']:.2f} | {'yes' if ok else 'no'} |")
-            if not passed:
-                break
-        if passed:
-            chosen = (beta, mix)
+        if all(passes(beta, mix, seed) for seed in DEFAULT_SEEDS):  # all() drops a candidate at its first failing seed
+            chosen = f"Default: --sgt_beta {beta} --sgt_mix {mix:.2f}."
             break
-    common.report(os.path.join(common.HERE, "sgt_defaults.md"), "SGT: the default selector, by a rule",
-                  "python -m studies.sgt --defaults", time.time() - t0,
-                  [RULE, f"Candidates: {CANDIDATES}.", "", *lines, "",
-                   f"Default: --sgt_beta {chosen[0]} --sgt_mix {chosen[1]:.2f}." if chosen else "No candidate passed."])
+    common.report("sgt_defaults.md", "SGT: the default selector, by a rule", args.command, t0,
+                  [RULE, f"Candidates: {CANDIDATES}.", "", *lines, "", chosen])
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=os.path.join("out", "study-sgt"), help="one folder per run")
+    p = common.parser(__doc__, "sgt")
     p.add_argument("--full", action="store_true", help="also code with 3 seeds and continued runs everywhere")
     p.add_argument("--defaults", action="store_true", help="run the default rule instead of the study")
     p.add_argument("--gpu", action="store_true", help="the GPU scale: one run at a time")
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
-    args.train = argv[split + 1:]
-    if args.defaults:
-        return defaults(args)
-    study(args)
+    args.train, args.command = argv[split + 1:], " ".join(["python -m studies.sgt", *argv])
+    return defaults(args) if args.defaults else study(args)
 
 
 def study(args):
+    """Run the study (the runs a finished one left are kept) and write studies/sgt_results.md."""
     t0, scale = time.time(), GPU if args.gpu else SCALE
     seeds = {"text": 3, "shuffled": 3, "code": 3 if args.full else 1}
     runs = plan(args, scale, seeds, data_folders(args))
     order = sorted(runs, key=lambda k: (k[1] != "half", k[3] == "continued", k[1] != "full"))  # halves first
-    parallel = 1 if args.gpu else 2
-    common.run_all([("train", runs[k]) for k in order if k[1] == "half"], parallel)
-    common.run_all([("train", runs[k]) for k in order if k[1] != "half"], parallel)
-    out = lambda key: runs[key][runs[key].index("--out_dir") + 1]
+    common.run_all([("train", runs[k]) for k in order if k[1] == "half"], args.gpu)
+    common.run_all([("train", runs[k]) for k in order if k[1] != "half"], args.gpu)
+    out = lambda key: common.out_dir(runs[key])
     rows = {key: common.metrics(out(key)) for key in runs}
     unigram = {d: common.summary(out((d, "full", 0, "scratch")))["unigram_loss"] for d in seeds}
     c = {k: compare(rows[k], rows[(k[0], "full", k[2], k[3])], unigram[k[0]])
          for k in runs if k[1] not in ("full", "half")}
-    report(args, scale, seeds, rows, unigram, c, out, time.time() - t0)
-
-
-def report(args, scale, seeds, rows, unigram, c, out, wall_s):
     sel = lambda domain, setting, start="scratch": [c[domain, setting, s, start] for s in range(seeds[domain])
                                                     if (domain, setting, s, start) in c]
-    full = lambda domain: [rows[domain, "full", s, "scratch"] for s in range(seeds[domain])]
-    gap = {d: statistics.mean(unigram[d] - min(x["loss"] for x in rs) for rs in full(d)) for d in seeds}
+    gap = {d: statistics.mean(unigram[d] - min(x["loss"] for x in rows[d, "full", s, "scratch"]) for s in range(n))
+           for d, n in seeds.items()}
     steps = sorted(next(iter(c.values()))["R_t"])
     marks = [t for t in steps if t in (50, 100, 200) or t == steps[-1]]
     body = [f"Scale: train.py {' '.join(str(a) for a in scale)} {' '.join(args.train)}; f = 0.15; seeds: "
@@ -256,52 +243,42 @@ def report(args, scale, seeds, rows, unigram, c, out, wall_s):
          gap["text"] >= 0.5),
         (f"shuffled text: full supervision beats it by {gap['shuffled']:.2f} nats (< 0.1 needed: shuffling removes "
          f"the context; R_ctx is then defined on text only)", gap["shuffled"] < 0.1)])
-    body += lines + ["", f"## Text (Shakespeare), {seeds['text']} seeds, mean ± sd", "",
-                     "R(t) = (L(init) - L_SGT(t)) / (L(init) - L_full(t)) at the same step t; R: best vs best; "
-                     "R_opt: at "
-                     "the SGT run's own best step (the paper's 'eval optimum'); R_ctx: best vs best beyond the unigram "
-                     "model. gamma: the noise-free coupling (held-out batches), mean over the evaluations; naive: one "
-                     "batch's cosine.", "",
-                     "| selector | " + " | ".join(f"R@{t}" for t in marks) + " | R | R_opt (step) | R_ctx | gamma | "
-                     "trunk | emb+head | naive | final - unigram | L_unsup start -> end |",
-                     "|" + " --- |" * (len(marks) + 10)]
+    body += [*lines, "", f"## Text (Shakespeare), {seeds['text']} seeds, mean ± sd", "",
+             "R(t) = (L(init) - L_SGT(t)) / (L(init) - L_full(t)) at the same step t; R: best vs best; R_opt: at the "
+             "SGT run's own best step (the paper's 'eval optimum'); R_ctx: best vs best beyond the unigram model. "
+             "gamma: the noise-free coupling (held-out batches), mean over the evaluations; naive: one batch's cosine.",
+             "", *common.table("selector", *[f"R@{t}" for t in marks], "R", "R_opt (step)", "R_ctx", "gamma", "trunk",
+                               "emb+head", "naive", "final - unigram", "L_unsup start -> end")]
     for name in SELECTORS:
         r = sel("text", name)
-        body.append(f"| {name} | " + " | ".join(mean_sd([x["R_t"][t] for x in r]) for t in marks) +
-                    f" | {mean_sd([x['R'] for x in r])} | {mean_sd([x['R_opt'] for x in r])} "
-                    f"({mean_sd([x['best_iter'] for x in r], '{:.0f}')}) | {mean_sd([x['R_ctx'] for x in r])} | " +
-                    " | ".join(mean_sd([x.get(k) for x in r]) for k in ("gamma", "gamma_trunk", "gamma_embedding_head",
-                                                                          "gamma_naive")) +
-                    f" | {mean_sd([x['final'] - unigram['text'] for x in r])} | "
-                    f"{mean_sd([x['unsup'][0] for x in r])} -> {mean_sd([x['unsup'][1] for x in r])} |")
+        body.append(common.row(name, *[stat(r, lambda x: x["R_t"][t]) for t in marks], stat(r, "R"),
+                               f"{stat(r, 'R_opt')} ({stat(r, 'best_iter', '{:.0f}')})", stat(r, "R_ctx"),
+                               *[stat(r, k) for k in GAMMAS], stat(r, lambda x: x["final"] - unigram["text"]),
+                               f"{stat(r, lambda x: x['unsup'][0])} -> {stat(r, lambda x: x['unsup'][1])}"))
     paper = min(SELECTORS, key=lambda n: abs(statistics.mean(x["R_opt"] for x in sel("text", n)) - PAPER_R))
     body += ["", f"Paper setting (early-optimum R closest to the paper's {PAPER_R}): **{paper}**, R_opt "
-             f"{mean_sd([x['R_opt'] for x in sel('text', paper)])}.", "",
+             f"{stat(sel('text', paper), 'R_opt')}.", "",
              "## Controls: shuffled text and Python source; continued from full supervision at half time", "",
-             "| selector | shuffled: R | shuffled: gamma | code: R | code: R_ctx | code: gamma | continued (text): R |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name in SELECTORS:
-        cells = [[x["R"] for x in sel("shuffled", name)], [x.get("gamma") for x in sel("shuffled", name)],
-                 [x["R"] for x in sel("code", name)], [x["R_ctx"] for x in sel("code", name)],
-                 [x.get("gamma") for x in sel("code", name)], [x["R"] for x in sel("text", name, "continued")]]
-        body.append(f"| {name} | " + " | ".join(mean_sd(cell) for cell in cells) + " |")
+             *common.table("selector", "shuffled: R", "shuffled: gamma", "code: R", "code: R_ctx", "code: gamma",
+                           "continued (text): R")]
+    controls = (("shuffled", "R"), ("shuffled", "gamma"), ("code", "R"), ("code", "R_ctx"), ("code", "gamma"))
+    body += [common.row(name, *[stat(sel(d, name), k) for d, k in controls], stat(sel("text", name, "continued"), "R"))
+             for name in SELECTORS]
     if ok:  # a collapse: R on shuffled text below R on text by more than 2 sd of the per-seed differences
         fall = {n: [s["R"] - t["R"] for s, t in zip(sel("shuffled", n), sel("text", n))] for n in SELECTORS}
         falls = [n for n, d in fall.items() if len(d) > 1 and statistics.mean(d) < -2 * statistics.stdev(d)]
-        verdict = (f"R falls beyond 2 sd for {', '.join(falls)}: the claim holds for them." if falls else
-                   "R falls for no selector: the claim does not hold at this scale.")
         differences = "; ".join(f"{n} {mean_sd(d)}" for n, d in fall.items())
-        body += ["", f"**Verdict on the collapse** (R on shuffled minus R on text, paired by seed): {differences}. "
-                 + verdict]
+        body += ["", f"**Verdict on the collapse** (R on shuffled minus R on text, paired by seed): {differences}. " + (
+                 f"R falls beyond 2 sd for {', '.join(falls)}: the claim holds for them." if falls else
+                 "R falls for no selector: the claim does not hold at this scale.")]
     else:
-        body += ["", "**Verdict on the collapse**: not testable at this scale (the gate failed)."]
+        body += ["", f"**Verdict on the collapse**: {common.NOT_TESTABLE}"]
     body += ["", "## Theorem 1 out of sample (text, first seed, end of training)", "",
              "g_S from two training batches; the change of L_U on two held-out batches: predicted g_U . delta / "
-             "measured.",
-             "", "| selector | SGD lr 1e-3 | SGD lr 1e-2 | the run's AdamW, one step |", "| --- | --- | --- | --- |"]
+             "measured.", "", *common.table("selector", "SGD lr 1e-3", "SGD lr 1e-2", "the run's AdamW, one step")]
     for name in SELECTORS:
-        t1 = theorem1(out(("text", name, 0, "scratch")))
-        body.append(f"| {name} | " + " | ".join(f"{p:+.2e} / {m:+.2e}" for p, m in t1.values()) + " |")
+        t1 = theorem1(out(("text", name, 0, "scratch")))  # {update: (predicted, measured)}
+        body.append(common.row(name, *[f"{p:+.2e} / {m:+.2e}" for p, m in t1.values()]))
 
     def draw(plt):  # held-out loss on text, the mean of the seeds
         for name in ("full", *SELECTORS):
@@ -312,9 +289,7 @@ def report(args, scale, seeds, rows, unigram, c, out, wall_s):
         plt.gca().set(xlabel="step", ylabel="held-out loss", title="SGT at f = 0.15 on Shakespeare (mean of seeds)")
         plt.legend(fontsize=7)
     common.figure(os.path.join(common.HERE, "img", "sgt.png"), draw)
-    body += ["", "![SGT](img/sgt.png)"]
-    common.report(os.path.join(common.HERE, "sgt_results.md"), "SGT study: results",
-                  "python -m studies.sgt " + " ".join(sys.argv[1:]), wall_s, body)
+    common.report("sgt_results.md", "SGT study: results", args.command, t0, [*body, "", "![SGT](img/sgt.png)"])
 
 
 if __name__ == "__main__":
