@@ -67,7 +67,7 @@ def main(argv=None):
     for stage in (("teacher", "small", "big", "big_at_teacher"), ("recovered", "recovered_no_lora")):
         common.run_all([job[name] for job in runs for name in stage if name in job], args.gpu)
     x, y = train.Data(data, s["block"]).eval_batch(s["windows"])
-    losses, rows = {}, {}
+    losses, model_of = {}, {}  # model_of: the last seed's, for the counts
     for job in runs:
         models = {name: cherry.load_model(common.out_dir(run)) for name, (_, run) in job.items()}
         if not args.pilot:
@@ -81,9 +81,9 @@ def main(argv=None):
                     coda_from_end=coda == "last")
         for name, model in models.items():
             losses.setdefault(name, []).append(common.window_losses(model, x, y, s["device"]))
-            rows[name] = model
+            model_of[name] = model
     L = {name: torch.stack(v) for name, v in losses.items()}
-    ps = {name: cherry.count_params(m) - m.wte.weight.numel() for name, m in rows.items()}  # non-embedding
+    ps = {name: cherry.count_params(m) - m.wte.weight.numel() for name, m in model_of.items()}  # non-embedding
     small_big, teacher_big = common.paired(L["small"], L["big"]), common.paired(L["teacher"], L["big_at_teacher"])
     ok, gate_lines = common.gate("depth compression", [
         (f"dense {s['layers']} layers minus dense {s['big']} layers: {common.pm(small_big, 3)} "
@@ -107,7 +107,7 @@ def main(argv=None):
                          "minus dense big")
     for name in [n for n in what if n in L]:
         table.append(common.row(what[name], f"{ps[name]:,}", f"{ps[name] / ps.get('recovered', ps['small']):.2f}",
-                                f"{cherry.flops_per_token(rows[name].config) / 1e6:.1f}", f"{L[name].mean():.4f}",
+                                f"{cherry.flops_per_token(model_of[name].config) / 1e6:.1f}", f"{L[name].mean():.4f}",
                                 "" if name == "big" else common.pm(common.paired(L[name], L["big"]))))
     body = [f"Scale: {s}; {len(seeds)} seed(s); {s['windows']} held-out windows per seed.", "", "## Gate", "",
             *gate_lines, "", "## Results (mean over seeds; ± the paired standard error)", "", *table, ""]
