@@ -205,25 +205,31 @@ class GPT(nn.Module):
             return block(x, cache, cache_slot=a)  # each application keeps its own keys and values
         return torch.func.functional_call(block, self.adapters[a].weights(block), (x, cache, a))
 
-    def forward(self, idx, targets=None, selected=None):
-        """targets None: the last position's logits (inference). selected None: full supervision, the mean cross-entropy
-        of all B*T positions. selected (B, k): SGT, the mean over the k selected positions of each sequence, the head
-        run on their hidden states only; or a function from the per-position losses (B, T) to them (Rho-1's excess
-        loss). The routers' and multi-token prediction losses are added when the model has them (section 5)."""
+    def forward(self, idx, targets=None, positions=None, weights=None, choose=None):
+        """targets None: the last position's logits (inference). Full supervision: the mean cross-entropy of all
+        B*T targets. SGT: positions (B, k), the targets supervised in each sequence, the head run on their hidden
+        states only; weights (B, k) each pick's share of its sequence's loss (None: the plain mean over the picks);
+        or choose, a function from the per-position losses (B, T) of a head pass without gradient to
+        (positions, weights) (Rho-1's excess loss, --sgt_select gradient). The routers' and multi-token prediction
+        losses are added when the model has them (section 5)."""
         x = self.hidden(idx, residual=True)  # (B, T, C)
         h = self.ln_f(x)
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None
-        if callable(selected):  # an extra head forward on every position, without gradient
+        if choose is not None:  # an extra head forward on every position, without gradient
             with torch.no_grad():
-                selected = selected(cross_entropy(self.lm_head(h), targets))
-        picked = targets if selected is None else targets.gather(1, selected)
-        logits = self.lm_head(h if selected is None else gather(h, selected))
-        loss = cross_entropy(logits, picked).mean()
+                positions, weights = choose(cross_entropy(self.lm_head(h), targets))
+        if positions is None:
+            logits = self.lm_head(h)
+            loss = cross_entropy(logits, targets).mean()
+        else:
+            logits = self.lm_head(gather(h, positions))  # (B, k, V)
+            losses = cross_entropy(logits, targets.gather(1, positions))  # (B, k)
+            loss = losses.mean() if weights is None else (weights * losses).sum(dim=1).mean()
         if self.moe_layers:
             loss = loss + router_loss(self.moe_layers)
         if self.mtp_modules:
-            loss = loss + self.config.mtp_weight * mtp_loss(self, x, targets, selected)
+            loss = loss + self.config.mtp_weight * mtp_loss(self, x, targets, positions, weights)
         return logits, loss
 
     def token_losses(self, idx, targets):
@@ -281,27 +287,63 @@ def surprisal_table(unigram_counts, vocab_size):
     return (-(counts / counts.sum()).log()).float()
 
 
-def select_positions(targets, fraction, generator, surprisal=None, beta=0.0, mix=0.0):
-    """The k = ceil(fraction * T) positions to supervise in each sequence, (B, k) sorted, drawn without replacement with
-    probability ~ s(y)^beta, s the target's unigram surprisal (Gumbel top-k on beta log s): beta 0 is a uniform subset,
-    beta inf the k most surprising targets; mix: the share of the k drawn uniformly from the rest. A finite beta can
-    pick every target, which bounds the tilt's cost: SGT's optimum is q(y|c) ~ p(y|c) pi(y, c), at an extra loss of
+def select_positions(targets, fraction, generator, surprisal=None, beta=0.0, mix=0.0, floor=0.0):
+    """SGT's draw on unigram surprisal: the k = ceil(fraction * T) targets of each sequence to supervise, scored by
+    their surprisal s(y) (None: every target alike, a uniform draw). Returns draw_positions(...)."""
+    scores = torch.ones(targets.shape) if surprisal is None else surprisal[targets]
+    return draw_positions(scores, math.ceil(fraction * targets.size(1)), generator, beta, mix, floor)
+
+
+def draw_positions(scores, k, generator, beta=0.0, mix=0.0, floor=0.0):
+    """k positions per sequence, drawn without replacement with probability ~ w = score^beta (Gumbel top-k on log w):
+    beta 0 is a uniform draw, beta inf the k top scores; mix: that share of the k drawn uniformly from the rest.
+    floor F mixes uniform weight into each sequence's w, (1 - F) w / mean(w) + F: the inverse weights' tail shrinks.
+    Returns (positions (B, k), inclusion (B, k)), sorted by position: inclusion is each pick's probability of being
+    picked given the (k+1)-th largest key tau, pi = 1 - exp(-w exp(-tau)) (rank conditioning, Cohen and Kaplan's
+    bottom-k estimator), so E[1{picked} / pi] = 1 at every position; None where it has no such form (beta inf, mix).
+    The tilt's cost without weights: SGT's optimum is q(y|c) ~ p(y|c) pi(y, c), an extra loss of
     log E_p[pi] - E_p[log pi], unbounded where pi is 0 (top-k never supervises frequent tokens)."""
-    B, T = targets.shape
-    k = math.ceil(fraction * T)
+    B, T = scores.shape
     k_uniform = round(mix * k)
-    gumbel = lambda: -torch.empty(B, T).exponential_(generator=generator).log()
-    keys = surprisal[targets] if beta == math.inf else gumbel() + (beta * surprisal[targets].log() if beta else 0)
-    picked = keys.topk(k - k_uniform, dim=1).indices
+    gumbel = lambda: -torch.empty(B, T).exponential_(generator=generator).log().to(scores.device)
+    if beta == math.inf:
+        keys = scores
+        log_w = None
+    else:
+        log_w = beta * scores.log() if beta else torch.zeros_like(scores)
+        if floor:
+            w = log_w.exp()
+            log_w = ((1 - floor) * w / w.mean(dim=1, keepdim=True) + floor).log()
+        keys = gumbel() + log_w
+    weighted = log_w is not None and not k_uniform
+    top = keys.topk(min(k + 1, T) if weighted else k - k_uniform, dim=1)  # the (k+1)-th key is tau
+    picked = top.indices[:, :k - k_uniform]
+    inclusion = None
+    if weighted:
+        tau = top.values[:, k:] if k < T else torch.full((B, 1), -math.inf, device=scores.device)
+        inclusion = -torch.expm1(-(log_w.gather(1, picked) - tau).exp())  # 1 - exp(-w e^-tau), exact near 0
     if k_uniform:
         picked = torch.cat([picked, gumbel().scatter(1, picked, -math.inf).topk(k_uniform, dim=1).indices], dim=1)
-    return picked.sort(dim=1).values
+    picked, order = picked.sort(dim=1)
+    return picked, None if inclusion is None else inclusion.gather(1, order)
+
+
+def inverse_weights(inclusion, T):
+    """Each pick's weight 1 / (T pi): the weighted sum of the picks' losses estimates the mean loss of all T targets
+    without bias (Horvitz-Thompson), and its gradient the full gradient, for any tilt."""
+    return 1 / (T * inclusion)
+
+
+def gradient_scores(losses):
+    """--sgt_select gradient: 1 - p_y, the size of a target's gradient at the logits (where the model can still learn),
+    from the per-position losses -log p_y of a head pass without gradient; kept above 0 so every target can be drawn."""
+    return (-torch.expm1(-losses)).clamp(min=1e-6)
 
 
 def excess_selector(k, reference_losses):
     """Rho-1: a function of the model's per-position losses (B, T) that picks, in each sequence, the k positions where
-    they most exceed the reference's (the unigram model's by default)."""
-    return lambda losses: (losses - reference_losses).topk(k, dim=1).indices.sort(dim=1).values
+    they most exceed the reference's (the unigram model's by default), all weighted alike."""
+    return lambda losses: ((losses - reference_losses).topk(k, dim=1).indices.sort(dim=1).values, None)
 
 
 def selection_mask(selected, T):
@@ -532,20 +574,25 @@ class MTPModule(nn.Module):
         return self.block(self.proj(torch.cat([self.norm_h(h), self.norm_e(emb)], dim=-1)))
 
 
-def mtp_loss(model, x, targets, selected=None):
+def mtp_loss(model, x, targets, positions=None, weights=None):
     """Multi-token prediction (DeepSeek-V3): module k combines the previous depth's hidden state at position i with the
     embedding of t(i+k) and predicts t(i+k+1) through the shared ln_f and head; the mean of the D losses. targets[:, i]
-    is t(i+1), so module k reads targets shifted by k-1 and predicts them shifted by k. With SGT only the selected
-    targets supervise: target j is predicted at position j - k, and module k's head runs there only."""
+    is t(i+1), so module k reads targets shifted by k-1 and predicts them shifted by k. With SGT only the picked
+    targets supervise, each with its weight: target j is predicted at position j - k, module k's head runs there
+    only, and its loss is the weighted mean over the picks that have such a position."""
     losses = []
     for k, module in enumerate(model.mtp_modules, start=1):
         x = module(x, model.wte(shift_left(targets, k - 1, fill=0)))
-        h, target = model.ln_f(x), shift_left(targets, k, fill=-1)
-        if selected is not None:
-            h = gather(h, (selected - k).clamp(min=0))
-            target = torch.where(selected >= k, targets.gather(1, selected), -1)
+        h = model.ln_f(x)
+        target = shift_left(targets, k, fill=-1)
+        share = None
+        if positions is not None:
+            h = gather(h, (positions - k).clamp(min=0))
+            target = torch.where(positions >= k, targets.gather(1, positions), -1)
+            share = weights
         loss = cross_entropy(model.lm_head(h), target)
-        losses.append(loss.sum() / (target >= 0).sum().clamp(min=1))
+        share = (target >= 0).float() if share is None else share * (target >= 0)
+        losses.append((share * loss).sum() / share.sum().clamp(min=1e-12))
     return torch.stack(losses).mean()
 
 
@@ -593,8 +640,8 @@ def count_params(model, non_embedding=True, active=False):
 def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=False):
     """Matmul FLOPs per token from the shapes (2 per multiply-add; attention over the full block, as in PaLM); training
     is 3x the forward. SGT's head runs on a fraction of the positions; full_head_forward adds the no-gradient head on
-    every position that an excess-loss selector needs. Every application of an unrolled layer pays (unrolling saves
-    parameters, not compute; LoRA merges once per batch). A mixture layer pays for its router and experts_per_token
+    every position that the excess and gradient selectors need. Every application of an unrolled layer pays
+    (unrolling saves parameters, not compute; LoRA merges once per batch). A mixture layer pays for its router and experts_per_token
     experts; in training each MTP module pays for its projection, block and head."""
     C, T, V = config.n_embd, config.block_size, config.vocab_size
     attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV

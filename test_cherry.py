@@ -131,7 +131,7 @@ def test_weight_decay_only_on_matrices():
 
 def test_gathered_head_loss_and_gradients_equal_the_masked_full_loss():
     x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
-    selected = cherry.select_positions(y, 0.25, torch.Generator().manual_seed(0))
+    selected, _ = cherry.select_positions(y, 0.25, torch.Generator().manual_seed(0))
     mask = cherry.selection_mask(selected, 16)
     m1, m2 = tiny_model(), tiny_model()
     _, gathered = m1(x, y, selected)
@@ -147,7 +147,7 @@ def draws(beta, mix=0.0, n=4000, T=10, f=0.2, surprisal=None):
     """n selections of one row of T targets 0..T-1 whose surprisal is 1..T: how often each position was picked."""
     surprisal = surprisal if surprisal is not None else torch.arange(1.0, T + 1)
     y = torch.arange(T).expand(n, T)
-    selected = cherry.select_positions(y, f, torch.Generator().manual_seed(0), surprisal, beta, mix)
+    selected, _ = cherry.select_positions(y, f, torch.Generator().manual_seed(0), surprisal, beta, mix)
     return selected, cherry.selection_mask(selected, T).float().mean(0)
 
 
@@ -156,7 +156,7 @@ def test_every_selector_picks_k_distinct_positions_per_row_determined_by_the_see
     y = torch.randint(0, 96, (6, 50))
     surprisal = torch.rand(96) + 0.1
     for f in (0.05, 0.15, 0.5, 1.0):
-        picks = [cherry.select_positions(y, f, torch.Generator().manual_seed(seed), surprisal, beta, mix)
+        picks = [cherry.select_positions(y, f, torch.Generator().manual_seed(seed), surprisal, beta, mix)[0]
                  for seed in (3, 3, 4)]
         assert picks[0].shape == (6, math.ceil(f * 50))
         assert all(len(set(row.tolist())) == picks[0].size(1) for row in picks[0])  # no repeats
@@ -173,7 +173,7 @@ def test_beta_zero_is_uniform_beta_inf_is_top_k_and_beta_one_tilts_by_surprisal(
     assert torch.equal(selected, torch.tensor([[8, 9]]).expand(4000, 2))  # the two most surprising, always
     y = torch.randint(0, 10, (5, 20))
     s = torch.rand(10) + 0.5
-    top = cherry.select_positions(y, 0.3, torch.Generator(), s, math.inf)
+    top, _ = cherry.select_positions(y, 0.3, torch.Generator(), s, math.inf)
     assert torch.equal(top, s[y].topk(6, dim=1).indices.sort(dim=1).values)  # exactly top-k
     _, freq = draws(1.0, f=0.1, n=20000)  # one pick per row: P(position i) = s_i / sum(s)
     assert torch.allclose(freq, torch.arange(1.0, 11) / 55, atol=0.01)
@@ -181,22 +181,98 @@ def test_beta_zero_is_uniform_beta_inf_is_top_k_and_beta_one_tilts_by_surprisal(
     assert torch.equal(freq[18:], torch.ones(2)) and torch.allclose(freq[:18], torch.full((18,), 2 / 18), atol=0.03)
 
 
+def old_select_positions(targets, fraction, generator, surprisal, beta):
+    """The draw before inverse weights existed (kept here to check the picks did not change)."""
+    B, T = targets.shape
+    gumbel = -torch.empty(B, T).exponential_(generator=generator).log()
+    keys = gumbel + (beta * surprisal[targets].log() if beta else 0)
+    return keys.topk(math.ceil(fraction * T), dim=1).indices.sort(dim=1).values
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, 3.0])
+def test_floor_zero_picks_are_the_picks_of_the_unweighted_draw(beta):
+    y = torch.randint(0, 96, (64, 40))
+    surprisal = torch.rand(96) * 8 + 0.1
+    old = old_select_positions(y, 0.15, torch.Generator().manual_seed(5), surprisal, beta)
+    new, inclusion = cherry.select_positions(y, 0.15, torch.Generator().manual_seed(5), surprisal, beta)
+    assert torch.equal(old, new)
+    assert inclusion.shape == new.shape and ((inclusion > 0) & (inclusion <= 1)).all()
+
+
+@pytest.mark.parametrize("beta, floor", [(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (3.0, 0.1), (2.0, 0.5)])
+def test_inverse_weights_make_every_position_count_once_in_expectation(beta, floor):
+    # Monte Carlo: E[1{picked} / pi] = 1 at every position, and the weighted sum of the picks' values, over T,
+    # estimates the mean of all T values without bias, however tilted the draw
+    n, T = 20000, 12
+    scores = torch.linspace(0.2, 6.0, T).expand(n, T)
+    values = torch.linspace(-1.0, 3.0, T) ** 2
+    positions, inclusion = cherry.draw_positions(scores, 3, torch.Generator().manual_seed(0), beta, floor=floor)
+    weights = cherry.inverse_weights(inclusion, T)
+    counted = torch.zeros(n, T).scatter_(1, positions, weights * T)  # 1{picked} / pi
+    mean, se = counted.mean(0), counted.std(0) / n ** 0.5
+    assert ((mean - 1).abs() < 4 * se + 1e-3).all(), (mean, se)
+    estimates = (weights * values[positions]).sum(dim=1)
+    error = (estimates.mean() - values.mean()).abs()
+    assert error < 3 * estimates.std() / n ** 0.5, (estimates.mean(), values.mean())
+
+
+def test_a_floor_tames_the_weights_that_a_tilt_alone_makes_heavy():
+    T, k = 128, 20
+    scores = torch.rand(2000, T, generator=torch.Generator().manual_seed(0)) * 10 + 0.1
+    largest, second_moment = [], []
+    for floor in (0.0, 0.1):
+        _, inclusion = cherry.draw_positions(scores, k, torch.Generator().manual_seed(1), 2.0, floor=floor)
+        relative = cherry.inverse_weights(inclusion, T) * k  # 1: the plain mean's weight
+        largest.append(relative.max().item())
+        second_moment.append(relative.square().mean().item())
+    assert largest[0] > 100 > 30 > largest[1] and second_moment[0] > 10 > 4 > second_moment[1]
+
+
+def test_the_weighted_sgt_gradient_is_the_full_gradient_in_expectation():
+    torch.manual_seed(0)
+    model = tiny_model()
+    x, y = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+    full = flat(model(x, y)[1])
+    surprisal = torch.rand(96) * 6 + 0.5
+    gen = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(300):
+        positions, inclusion = cherry.select_positions(y, 0.25, gen, surprisal, beta=2.0, floor=0.1)
+        draws.append(flat(model(x, y, positions, cherry.inverse_weights(inclusion, 16))[1]))
+    draws = torch.stack(draws)
+    se = draws.std(0) / len(draws) ** 0.5
+    z = (draws.mean(0) - full) / (se + 1e-9)
+    assert z.abs().mean() < 1.2 and (z.abs() < 5).float().mean() > 0.99  # |z| of a unit normal averages 0.8
+    plain = cherry.select_positions(y, 0.25, torch.Generator().manual_seed(0), surprisal, beta=2.0)[0]
+    biased = flat(model(x, y, plain)[1])  # the unweighted mean: a different direction, not noise
+    assert not torch.allclose(biased, full, atol=1e-3)
+
+
+def test_gradient_scores_follow_the_models_mistakes():
+    losses = torch.tensor([[0.0, 0.1, 2.0, 30.0]])
+    scores = cherry.gradient_scores(losses)
+    assert scores[0, 0] > 0 and torch.allclose(scores[0, 1:], 1 - torch.exp(-losses[0, 1:]))
+    assert (scores.diff(dim=1) > 0).all()
+
+
 def test_excess_selector_picks_where_the_model_beats_the_reference_least_and_runs_in_the_forward():
     losses = torch.tensor([[1.0, 5.0, 2.0, 9.0], [3.0, 3.0, 3.0, 3.0]])
     reference = torch.tensor([[0.0, 1.0, 2.0, 8.5], [0.0, 2.0, 1.0, 3.0]])
-    assert cherry.excess_selector(2, reference)(losses).tolist() == [[0, 1], [0, 2]]
+    assert cherry.excess_selector(2, reference)(losses)[0].tolist() == [[0, 1], [0, 2]]
     model, x, y = tiny_model(), torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
     reference = torch.rand(2, 16) * 5
     pick = cherry.excess_selector(4, reference)
-    expected = pick(model.token_losses(x, y).detach())
-    assert close(model(x, y, pick)[1], model(x, y, expected)[1])
+    expected, _ = pick(model.token_losses(x, y).detach())
+    assert close(model(x, y, choose=pick)[1], model(x, y, expected)[1])
 
 
 def test_mtp_with_sgt_supervises_the_selected_targets_only():
     torch.manual_seed(0)
     model = cherry.GPT(tiny_config(mtp=2, mtp_weight=0.5)).eval()
     x, y = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
-    selected = cherry.select_positions(y, 0.25, torch.Generator().manual_seed(1))
+    selected, _ = cherry.select_positions(y, 0.25, torch.Generator().manual_seed(1))
     _, loss = model(x, y, selected)
     h = model.hidden(x, residual=True)
     mask = cherry.selection_mask(selected, 16)
@@ -227,7 +303,7 @@ def test_gamma_is_the_noise_free_coupling_of_independent_batches():
     for _ in range(5):
         x = torch.randint(0, 96, (4, 32), generator=gen)
         y = torch.multinomial(zipf, 128, True, generator=gen).view(4, 32)
-        batches.append((x, y, cherry.selection_mask(cherry.select_positions(y, 0.3, gen), 32)))
+        batches.append((x, y, cherry.selection_mask(cherry.select_positions(y, 0.3, gen)[0], 32)))
     gamma = cherry.gradient_coupling(model, batches)
     by_hand, naive = coupling_by_hand(model, batches)
     assert gamma["all"] == pytest.approx(by_hand, abs=1e-6) and gamma["naive"] == pytest.approx(naive, abs=1e-6)
@@ -256,7 +332,7 @@ def test_theorem1_out_of_sample_with_sgd_and_adamw():
         out = []
         for _ in range(2):
             x = torch.randint(0, 96, (4, 32), generator=gen)
-            mask = cherry.selection_mask(cherry.select_positions(x, 0.25, gen), 32)
+            mask = cherry.selection_mask(cherry.select_positions(x, 0.25, gen)[0], 32)
             y = torch.zeros(4, 32, dtype=torch.long) if shared else torch.where(mask, torch.randint(0, 2, (4, 32)),
                                                                                   torch.randint(2, 4, (4, 32)))
             out.append((x, y, mask))
@@ -444,7 +520,7 @@ def test_the_whole_moee_model_traces_as_one_graph():
     torch.manual_seed(0)
     model = cherry.GPT(tiny_config(n_expert=2, schedule=(0, 0, 1), step_embed=True, lora_rank=2, mtp=1))
     x, y = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
-    for args in ((x, y), (x, y, cherry.select_positions(y, 0.25, torch.Generator()))):
+    for args in ((x, y), (x, y, cherry.select_positions(y, 0.25, torch.Generator())[0])):
         explained = torch._dynamo.explain(model)(*args)  # no host sync, no data-dependent shape
         assert explained.graph_count == 1 and explained.graph_break_count == 0
 
@@ -695,6 +771,24 @@ def test_excess_selection_trains_and_counts_its_extra_head_forward(tiny_data, tm
     cfg = cherry.GPTConfig(**summary["config"])
     assert summary["flops_per_token"] == cherry.flops_per_token(cfg, 0.15, full_head_forward=True)
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["loss_unsup"] < rows[0]["loss_unsup"]
+
+
+def test_gradient_selection_weighted_trains_counts_its_head_pass_and_logs_weights(tiny_data, tmp_path):
+    rows, summary = run_train(tiny_data, tmp_path, "--sgt", "0.15", "--sgt_select", "gradient", "--sgt_beta", "1",
+                              "--sgt_weights", "inverse", "--sgt_floor", "0.1", "--max_iters", "20",
+                              "--eval_interval", "10")
+    cfg = cherry.GPTConfig(**summary["config"])
+    assert summary["flops_per_token"] == cherry.flops_per_token(cfg, 0.15, full_head_forward=True)
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["loss_unsup"] < rows[0]["loss_unsup"]
+    assert all(1 <= r["max_weight"] < 1 / 0.1 + 1e-6 and 0 <= r["clipped"] <= 1 for r in rows[1:])
+
+
+def test_inverse_weights_of_a_uniform_draw_are_close_to_the_plain_mean(tiny_data, tmp_path):
+    flags = ["--sgt", "0.3", "--sgt_beta", "0", "--max_iters", "10", "--eval_interval", "10"]
+    plain, _ = run_train(tiny_data, tmp_path / "plain", *flags)
+    weighted, _ = run_train(tiny_data, tmp_path / "weighted", *flags, "--sgt_weights", "inverse")
+    assert weighted[-1]["loss"] == pytest.approx(plain[-1]["loss"], abs=0.05)  # the same picks, weights near 1/k
+    assert weighted[-1]["max_weight"] < 2 and plain[-1]["max_weight"] is None
 
 
 def test_shuffled_windows_keep_each_windows_tokens_but_not_their_order(tiny_data):
@@ -957,6 +1051,12 @@ BAD_FLAGS = [  # (script, flags, what its one line says)
     ("train", ["--lr", "inf"], "--lr"), ("train", ["--max_iters", "1e3"], "invalid int value"),
     ("train", ["--sgt", "1.5"], r"--sgt: 1.5 is not in \(0, 1\]"), ("train", ["--sgt_beta", "-1"], "--sgt_beta"),
     ("train", ["--sgt_mix", "2"], "--sgt_mix"), ("train", ["--dropout", "1"], "--dropout"),
+    ("train", ["--sgt_weights", "inverse", "--sgt_mix", "0.3"], "--sgt_weights: inverse needs a draw"),
+    ("train", ["--sgt_weights", "inverse", "--sgt_beta", "inf"], "--sgt_weights: inverse needs a draw"),
+    ("train", ["--sgt_weights", "inverse", "--sgt_select", "excess"], "--sgt_weights: inverse needs a draw"),
+    ("train", ["--sgt_floor", "1.5"], r"--sgt_floor: 1.5 is not in \[0, 1\]"),
+    ("train", ["--sgt_floor", "0.1", "--sgt_select", "excess"], "--sgt_floor: a floor needs"),
+    ("train", ["--sgt_weights", "half"], "--sgt_weights: invalid choice"),
     ("train", ["--beta2", "1"], "--beta2"), ("train", ["--min_lr", "0.1", "--lr", "0.01"], "above --lr"),
     ("train", ["--n_layer", "100000"], "--n_layer"), ("train", ["--seed", "-1"], "--seed"),
     ("train", ["--n_embd", "30", "--n_head", "4"], "n_head 4 must be at least 1 and divide n_embd 30"),

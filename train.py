@@ -34,6 +34,7 @@ from tools.guards import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, number
 
 SHAPE = dict(n_layer=12, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias=False)  # the default model
 DEFAULT_BETA, DEFAULT_MIX = 2.0, 0.0  # chosen by the rule in studies/sgt.py (studies/sgt_defaults.md)
+DEFAULT_WEIGHTS, DEFAULT_FLOOR = "none", 0.0
 
 
 def training_args(prog, doc=__doc__):
@@ -64,12 +65,20 @@ def training_args(prog, doc=__doc__):
     a("--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm to this (0: off)")
     # SGT
     a("--sgt", type=number(float, "(0, 1]"), default=1.0, help="fraction of the targets supervised (1: all)")
-    a("--sgt_select", default="surprisal", choices=["surprisal", "excess"],
-      help="surprisal: a draw tilted towards rare targets (--sgt_beta, --sgt_mix); excess: Rho-1's excess loss")
+    a("--sgt_select", default="surprisal", choices=["surprisal", "gradient", "excess"],
+      help="surprisal: a draw tilted towards rare targets (score: unigram surprisal); gradient: towards the "
+           "targets the model still gets wrong (score: 1 - p_y, from a head pass on every position); excess: "
+           "Rho-1's excess loss")
     a("--sgt_beta", type=number(float, "[0, inf]"), default=DEFAULT_BETA,
-      help=f"the tilt: P(pick) ~ surprisal^beta; 0 uniform, inf the most surprising (default {DEFAULT_BETA})")
+      help=f"the tilt: P(pick) ~ score^beta; 0 uniform, inf the top scores (default {DEFAULT_BETA})")
     a("--sgt_mix", type=number(float, "[0, 1]"), default=DEFAULT_MIX,
-      help=f"the share of the picks drawn uniformly instead (default {DEFAULT_MIX:.2f})")
+      help=f"unweighted only: the share of the picks drawn uniformly instead (default {DEFAULT_MIX:.2f})")
+    a("--sgt_weights", choices=["none", "inverse"], default=DEFAULT_WEIGHTS,
+      help="inverse: each pick's loss weighted by 1/pi, its inclusion probability: an unbiased estimate of the "
+           f"full loss for any tilt; none: the plain mean of the picks (default {DEFAULT_WEIGHTS})")
+    a("--sgt_floor", type=number(float, "[0, 1]"), default=DEFAULT_FLOOR,
+      help="mix this share of uniform weight into each sequence's draw weights: tames the inverse weights "
+           f"(default {DEFAULT_FLOOR:g})")
     a("--sgt_ref", help="excess: a reference model (any --init_from) instead of the unigram model")
     a("--shuffle_tokens", action="store_true", help="control: permute the tokens within every window (no order)")
     # evaluation, logging, system
@@ -135,27 +144,61 @@ class Data:
 
 
 class Selector:
-    """Which targets SGT supervises; evaluation splits the held-out loss by the same rule (full supervision at 15%)."""
+    """Which targets SGT supervises and with what weight; evaluation splits the held-out loss by the same rule (full
+    supervision at 15%). surprisal draws on the CPU before the step; gradient and excess pick inside the model's
+    forward, from its own per-position losses."""
 
     def __init__(self, args, meta, device):
-        self.args, self.fraction = args, args.sgt if args.sgt < 1 else 0.15
+        self.args = args
+        self.fraction = args.sgt if args.sgt < 1 else 0.15
         self.surprisal = cherry.surprisal_table(meta["unigram_counts"], meta["vocab_size"])
         self.generator = torch.Generator().manual_seed(args.seed + 1)
         self.reference = None  # Rho-1's reference model (frozen), else the unigram model
         if args.sgt_ref:
             self.reference = guards.check_vocab(cherry.load_model(args.sgt_ref), meta, "--sgt_ref").to(device).eval()
+        self.largest = None  # the largest weight since the last evaluation, as a multiple of the plain mean's
+
+    def weights(self, inclusion, T, track=True):
+        """Each pick's weight, 1 / (T pi) with --sgt_weights inverse; None: the plain mean of the picks."""
+        if self.args.sgt_weights == "none":
+            return None
+        weights = cherry.inverse_weights(inclusion, T)
+        if track:  # training's picks, for metrics.jsonl
+            largest = weights.max() * weights.size(1)
+            self.largest = largest if self.largest is None else torch.maximum(self.largest, largest)
+        return weights
 
     def draw(self, targets, generator=None):
-        """(B, k) positions for a batch on the CPU; None for excess, which picks inside the model's forward."""
+        """GPT.forward's SGT arguments for a batch drawn on the CPU: {positions, weights}; None for the selectors
+        that pick inside the forward (see chooser)."""
         a = self.args
-        return None if a.sgt_select == "excess" else cherry.select_positions(
-            targets, self.fraction, generator or self.generator, self.surprisal, a.sgt_beta, a.sgt_mix)
+        if a.sgt_select != "surprisal":
+            return None
+        positions, inclusion = cherry.select_positions(targets, self.fraction, generator or self.generator,
+                                                       self.surprisal, a.sgt_beta, a.sgt_mix, a.sgt_floor)
+        return {"positions": positions, "weights": self.weights(inclusion, targets.size(1))}
 
-    @torch.no_grad()
-    def excess(self, x, y):
-        """Rho-1 for a batch on the device: the positions where the model's loss most exceeds the reference's."""
-        ref = self.reference.token_losses(x, y) if self.reference else self.surprisal.to(y.device)[y]
-        return cherry.excess_selector(math.ceil(self.fraction * y.size(1)), ref)
+    def chooser(self, x, y, generator=None):
+        """gradient and excess, for a batch on the device: a function from the model's per-position losses (B, T)
+        to (positions, weights). generator: the held-out picks' own (their weights are not tracked)."""
+        a = self.args
+        k = math.ceil(self.fraction * y.size(1))
+        if a.sgt_select == "excess":  # where the model's loss most exceeds the reference's
+            with torch.no_grad():
+                reference = self.reference.token_losses(x, y) if self.reference else self.surprisal.to(y.device)[y]
+            return cherry.excess_selector(k, reference)
+        draws = generator or self.generator
+
+        def choose(losses):  # drawn ~ (1 - p_y)^beta
+            scores = cherry.gradient_scores(losses)
+            positions, inclusion = cherry.draw_positions(scores, k, draws, a.sgt_beta, a.sgt_mix, a.sgt_floor)
+            return positions, self.weights(inclusion, y.size(1), track=generator is None)
+        return choose
+
+    def pop_largest(self):
+        """The largest weight since the last call (None without weights), then forget it."""
+        largest, self.largest = self.largest, None
+        return None if largest is None else largest.item()
 
 
 # ----------------------------------------------------------------------------
@@ -171,33 +214,42 @@ def lr_at(it, args):
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (args.lr - min_lr)
 
 
-def micro_batches(x, y, selected, selector, args, rank, world, device):
-    """This process's micro-batches of a global batch: [(x, y, selected positions, or excess's picking function)]."""
+def micro_batches(x, y, picks, selector, args, rank, world, device):
+    """This process's micro-batches of a global batch: [(x, y, sgt)], sgt GPT.forward's SGT arguments: {} for full
+    supervision, {positions, weights} from picks (the global batch's draw), or {choose} for gradient and excess."""
     out = []
     for m in range(rank * (args.grad_accum // world), (rank + 1) * (args.grad_accum // world)):
         part = slice(m * args.batch_size, (m + 1) * args.batch_size)
         xb, yb = (t[part].to(device, non_blocking=True) for t in (x, y))
-        pick = None if args.sgt == 1 else selector.excess(xb, yb) if selected is None else selected[part].to(device)
-        out.append((xb, yb, pick))
+        if args.sgt == 1:
+            sgt = {}
+        elif picks is None:
+            sgt = {"choose": selector.chooser(xb, yb)}
+        else:
+            sgt = {k: v if v is None else v[part].to(device) for k, v in picks.items()}
+        out.append((xb, yb, sgt))
     return out
 
 
 def optimizer_step(model, optimizer, scaler, micro, ctx, grad_clip):
-    """One optimizer step over micro-batches [(x, y, selected)]; returns their mean loss (on the device: no sync)."""
+    """One optimizer step over micro-batches [(x, y, sgt)]. Returns their mean loss and whether the gradient was
+    clipped (tensors on the device: no sync)."""
     total = 0.0
-    for i, (x, y, selected) in enumerate(micro):
+    for i, (x, y, sgt) in enumerate(micro):
         # under DDP, all-reduce the gradients only once, on the last micro-batch
         with (model.no_sync() if isinstance(model, DDP) and i < len(micro) - 1 else contextlib.nullcontext()), ctx:
-            _, loss = model(x, y, selected)
+            _, loss = model(x, y, **sgt)
         scaler.scale(loss / len(micro)).backward()
         total = total + loss.detach() / len(micro)
+    clipped = torch.zeros((), device=total.device)
     if grad_clip:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        clipped = (norm > grad_clip).float()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return total, clipped
 
 
 class HeldOut:
@@ -207,22 +259,28 @@ class HeldOut:
 
     def __init__(self, args, data, selector, device):
         x, y = data.eval_batch(args.eval_iters * args.batch_size)
-        selected = selector.draw(y, torch.Generator().manual_seed(args.seed + 2))
-        self.batches = [(x[i:i + args.batch_size].to(device), y[i:i + args.batch_size].to(device),
-                         None if selected is None else selected[i:i + args.batch_size].to(device))
-                        for i in range(0, len(x), args.batch_size)]
-        self.selector, self.unigram_loss = selector, selector.surprisal[y].mean().item()
+        picks = selector.draw(y, torch.Generator().manual_seed(args.seed + 2))
+        self.batches = []
+        for i in range(0, len(x), args.batch_size):
+            part = slice(i, i + args.batch_size)
+            positions = None if picks is None else picks["positions"][part].to(device)
+            self.batches.append((x[part].to(device), y[part].to(device), positions))
+        self.selector = selector
+        self.unigram_loss = selector.surprisal[y].mean().item()
+        self.seed = args.seed + 2
 
     @torch.no_grad()
     def masks(self, model, ctx, rank=0, world=1):
-        """[(x, y, mask (B, T) on the selected targets, per-position losses)] of this process's batches."""
+        """[(x, y, mask (B, T) on the picked targets, per-position losses)] of this process's batches."""
         model.eval()
         out = []
-        for x, y, selected in self.batches[rank::world]:
+        generator = torch.Generator().manual_seed(self.seed)  # gradient's picks: the same draws every time
+        for x, y, positions in self.batches[rank::world]:
             with ctx:
                 losses = model.token_losses(x, y).double()
-            selected = self.selector.excess(x, y)(losses) if selected is None else selected
-            out.append((x, y, cherry.selection_mask(selected, y.size(1)), losses))
+            if positions is None:  # gradient and excess pick by the model's losses of the moment
+                positions, _ = self.selector.chooser(x, y, generator)(losses.float())
+            out.append((x, y, cherry.selection_mask(positions, y.size(1)), losses))
         model.train()
         return out
 
@@ -298,7 +356,8 @@ def train(args, model=None, summary_extra=None):
     model = torch.compile(raw_model) if args.compile else raw_model
     model = DDP(model, device_ids=[torch.device(device).index] if kind == "cuda" else None) if world > 1 else model
     held_out, sgt, nan = HeldOut(args, data, selector, device), args.sgt < 1, guards.NanWatch(device, world, ckpt_path)
-    flops = cherry.flops_per_token(cfg, args.sgt, full_head_forward=args.sgt_select == "excess") + (
+    full_head = args.sgt < 1 and args.sgt_select in ("excess", "gradient")
+    flops = cherry.flops_per_token(cfg, args.sgt, full_head_forward=full_head) + (
         cherry.flops_per_token(selector.reference.config, training=False) if selector.reference else 0)
     tokens_per_step, peak = args.batch_size * args.grad_accum * args.block_size, guards.peak_flops(device, dtype)
     if master:
@@ -307,7 +366,7 @@ def train(args, model=None, summary_extra=None):
               f"{describe(args)} | unigram held-out loss {held_out.unigram_loss:.4f}")
     with guards.locked(args.out_dir) if master else contextlib.nullcontext():
         t0 = t_steps = time.time()
-        tokens, dropped = 0, 0.0
+        tokens, dropped, clipped = 0, 0.0, 0.0
         for it in range(start, args.max_iters + 1):
             if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt is not None and it == start):
                 nan.check(rows)  # a sync: the clock below sees every training step done
@@ -323,6 +382,9 @@ def train(args, model=None, summary_extra=None):
                     row["mfu"] = row["tokens_per_s"] * flops / peak / world
                 if cfg.n_expert and tokens:  # the share of expert assignments the capacity dropped
                     row["dropped"] = dropped.item() * tokens_per_step / tokens
+                if tokens:  # the share of steps whose gradient norm was clipped, and SGT's largest weight
+                    row["clipped"] = float(clipped) * tokens_per_step / tokens
+                    row["max_weight"] = selector.pop_largest()
                 best = dict(row) if best is None or row["loss"] < best["loss"] else best
                 rows.append(row)
                 if master and (it > start or ckpt is not None):  # step 0: the flags' own start, nothing to resume
@@ -334,14 +396,15 @@ def train(args, model=None, summary_extra=None):
                 if master:
                     print(f"eval {it}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | loss_unsup "
                           f"{row['loss_unsup']:.4f}" + (f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""))
-                tokens, dropped, t_steps = 0, 0.0, time.time()
+                tokens, dropped, clipped, t_steps = 0, 0.0, 0.0, time.time()
             if it == args.max_iters:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it, args)
             x, y = data.train_batch(args.batch_size * args.grad_accum, data_gen)  # the global batch, on every process
             micro = micro_batches(x, y, selector.draw(y) if sgt else None, selector, args, rank, world, device)
-            loss = optimizer_step(model, optimizer, scaler, micro, ctx, args.grad_clip)
+            loss, was_clipped = optimizer_step(model, optimizer, scaler, micro, ctx, args.grad_clip)
+            clipped = clipped + was_clipped
             nan.record(loss, it + 1)
             tokens += tokens_per_step
             dropped = dropped + cherry.dropped_share(raw_model).detach() if cfg.n_expert else dropped
@@ -368,10 +431,19 @@ def train(args, model=None, summary_extra=None):
 
 
 def describe(args):
-    mix = f", {args.sgt_mix:.0%} of them uniformly" if args.sgt_mix else ""
-    return "all targets" if args.sgt == 1 else f"{args.sgt:.0%}: " + (
-        f"Rho-1's excess loss over {args.sgt_ref or 'the unigram model'}" if args.sgt_select == "excess"
-        else f"drawn ~ surprisal^{args.sgt_beta:g}{mix}")
+    """What the run supervises, in words (the first line it prints)."""
+    if args.sgt == 1:
+        return "all targets"
+    if args.sgt_select == "excess":
+        return f"{args.sgt:.0%}: Rho-1's excess loss over {args.sgt_ref or 'the unigram model'}"
+    score = "surprisal" if args.sgt_select == "surprisal" else "(1 - p_y)"
+    text = f"{args.sgt:.0%}: drawn ~ {score}^{args.sgt_beta:g}"
+    if args.sgt_floor:
+        text += f", floor {args.sgt_floor:g}"
+    if args.sgt_mix:
+        text += f", {args.sgt_mix:.0%} of them uniformly"
+    weighting = "weighted by 1/pi (unbiased)" if args.sgt_weights == "inverse" else "plain mean"
+    return f"{text}, {weighting}"
 
 
 def verdict(summary, rows):

@@ -153,9 +153,12 @@ def theorem1(out_dir):
         train_batches = []
         for i in range(2):
             x, y = data.train_batch(args.batch_size, torch.Generator().manual_seed(i))
-            picked = selector.excess(x, y)(model.token_losses(x, y)) if args.sgt_select == "excess" else \
-                selector.draw(y, torch.Generator().manual_seed(i))
-            train_batches.append((x, y, cherry.selection_mask(picked, y.size(1))))
+            picks = selector.draw(y, torch.Generator().manual_seed(i))
+            if picks is None:  # gradient and excess pick by the model's own losses
+                positions, _ = selector.chooser(x, y, torch.Generator().manual_seed(i))(model.token_losses(x, y))
+            else:
+                positions = picks["positions"]
+            train_batches.append((x, y, cherry.selection_mask(positions, y.size(1))))
 
     def adamw(model, grads):
         optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), "cpu")

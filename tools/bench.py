@@ -56,8 +56,8 @@ def bench(model, sgt, args, device, dtype, ctx):
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     gen = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 50257, (args.batch_size, args.block_size), generator=gen) for _ in range(2))
-    selected = cherry.select_positions(y, sgt, gen) if sgt < 1 else None
-    batch = [tuple(t.to(device) if t is not None else None for t in (x, y, selected))]
+    sgt_args = {"positions": cherry.select_positions(y, sgt, gen)[0].to(device)} if sgt < 1 else {}
+    batch = [(x.to(device), y.to(device), sgt_args)]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):

@@ -48,6 +48,13 @@ def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
     if args.min_lr is not None and args.min_lr > args.lr:
         parser.error(f"argument --min_lr: {args.min_lr} is above --lr {args.lr}")
+    sgt_weights, sgt_mix, sgt_floor = (getattr(args, k, None) for k in ("sgt_weights", "sgt_mix", "sgt_floor"))
+    drawn = getattr(args, "sgt_select", None) != "excess"
+    if sgt_weights == "inverse" and not (drawn and args.sgt_beta < float("inf") and not sgt_mix):
+        parser.error("argument --sgt_weights: inverse needs a draw whose inclusion probabilities are known: "
+                     "--sgt_select surprisal or gradient, a finite --sgt_beta and no --sgt_mix (use --sgt_floor)")
+    if sgt_floor and not (drawn and args.sgt_beta < float("inf")):
+        parser.error("argument --sgt_floor: a floor needs a draw with a finite --sgt_beta (not excess, not inf)")
     return args
 
 
@@ -96,7 +103,7 @@ def setup_device(args, distributed=False):
 
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")  # fixed by the weights a script starts from
 RUN_FLAGS = ("data", *SHAPE_FLAGS, "block_size", "batch_size", "grad_accum", "sgt", "sgt_select", "sgt_beta", "sgt_mix",
-             "sgt_ref", "shuffle_tokens", "eval_iters", "seed")  # what --resume must be given unchanged
+             "sgt_weights", "sgt_floor", "sgt_ref", "shuffle_tokens", "eval_iters", "seed")  # what --resume must be given unchanged
 
 
 def check_run_folder(args):
