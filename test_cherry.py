@@ -822,6 +822,26 @@ def test_a_study_without_matplotlib_writes_its_tables_and_says_so(monkeypatch, c
     assert "no matplotlib" in capsys.readouterr().out and not (tmp_path / "x.png").exists()
 
 
+def test_seed_level_statistics_t_intervals_and_the_equivalence_test():
+    from studies import common
+    assert common.t_quantile(0.975, 2) == 4.303 and common.t_quantile(0.95, 30) == 1.697
+    assert common.t_quantile(0.975, 60) == pytest.approx(2.000, abs=1e-3)  # past the table: the expansion
+    assert common.t_quantile(0.95, 120) == pytest.approx(1.658, abs=1e-3) and common.t_quantile(0.95, 0) == math.inf
+    # three seeds, 4 windows each: per-seed mean differences 0.1, 0.2, 0.3 whatever the windows' spread
+    a = torch.tensor([[1.0, 1.2, 1.0, 1.2], [2.0, 2.4, 2.0, 2.4], [0.5, 0.5, 0.5, 0.5]])
+    b = a - torch.tensor([[0.0, 0.2, 0.0, 0.2], [0.0, 0.4, 0.0, 0.4], [0.3, 0.3, 0.3, 0.3]])
+    d = common.seed_diff(a, b)
+    assert d.n == 3 and d.mean == pytest.approx(0.2) and d.se == pytest.approx(0.1 / math.sqrt(3))
+    assert d.interval() == pytest.approx((0.2 - 4.303 * 0.1 / math.sqrt(3), 0.2 + 4.303 * 0.1 / math.sqrt(3)))
+    assert d.window_se == pytest.approx(math.sqrt((0.01 + 0.04 + 0) / 3 * 4 / 3 / 4))  # within seeds: a diagnostic
+    upper = 0.2 + 2.920 * 0.1 / math.sqrt(3)  # the one-sided 95% bound, 2 degrees of freedom
+    assert common.equivalence(d, upper + 1e-6) == "holds" and common.equivalence(d, upper - 1e-6) == "inconclusive"
+    assert common.equivalence(d, 0.2 - 2.920 * 0.1 / math.sqrt(3) - 1e-6) == "fails"
+    one = common.seed_diff(a[0], b[0])  # one seed: no seed-level error, never a verdict
+    assert one.n == 1 and math.isnan(one.se) and common.equivalence(one, 10.0) == "inconclusive"
+    assert "1 seed" in common.pm(one) and "95% CI" in common.pm(d)
+
+
 def test_tokens_per_s_times_the_training_steps_only(tiny_data, tmp_path, monkeypatch):
     real = train.HeldOut.evaluate
 

@@ -1,9 +1,11 @@
 """What the three studies share: running the scripts, reading their outputs, scoring models on the same held-out
-windows with paired standard errors, the testability gate, Markdown tables, the machine line, plots and the report."""
+windows, seed-level statistics (the seed is the unit of replication), the testability gate, the equivalence test,
+Markdown tables, the machine line, plots and the report."""
 
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -87,15 +89,72 @@ def window_losses(model, x, y, device="cpu", batch=32):
                       for i in range(0, len(x), batch)])
 
 
-def paired(a, b):
-    """Mean of a - b over the windows (and seeds, stacked), with its standard error: (mean, se)."""
-    d = (a - b).flatten()
-    return d.mean().item(), (d.std() / len(d) ** 0.5).item()
+# Student's t quantiles for one-sided levels 0.95 and 0.975 (two-sided 90% and 95%) on 1 .. 30 degrees of freedom
+T_TABLE = {0.95: (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761,
+                  1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701,
+                  1.699, 1.697),
+           0.975: (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+                   2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+                   2.045, 2.042)}
+NORMAL = {0.95: 1.6449, 0.975: 1.9600}
 
 
-def pm(diff, digits=4):
-    """A paired difference (mean, se) as "+0.1234 ± 0.0056"."""
-    return f"{diff[0]:+.{digits}f} ± {diff[1]:.{digits}f}"
+def t_quantile(p, df):
+    """Student's t quantile at p (0.95 or 0.975) on df degrees of freedom: the table, past 30 the Cornish-Fisher
+    expansion around the normal quantile (within 0.001 there); no degrees of freedom (one seed): inf."""
+    if df < 1:
+        return math.inf
+    if df <= 30:
+        return T_TABLE[p][df - 1]
+    z = NORMAL[p]
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+class Diff:
+    """A difference over n seeds: the mean of the per-seed values, its standard error sd / sqrt(n) (nan for one seed)
+    and t intervals on n - 1 degrees of freedom. window_se: the window-level standard error within a seed (the root
+    mean square over seeds), a diagnostic of the evaluation's own noise, never the error of the difference."""
+
+    def __init__(self, per_seed, window_se=math.nan):
+        self.per_seed = [float(v) for v in per_seed]
+        self.n, self.window_se = len(self.per_seed), window_se
+        self.mean = sum(self.per_seed) / self.n
+        var = sum((v - self.mean) ** 2 for v in self.per_seed) / (self.n - 1) if self.n > 1 else math.nan
+        self.se = math.sqrt(var / self.n)
+
+    def bound(self, p, side):
+        """The one-sided p bound: side +1 upper, -1 lower (a two-sided interval of 2p - 1 is both)."""
+        return self.mean + side * t_quantile(p, self.n - 1) * (0 if self.se == 0 else self.se)
+
+    def interval(self):
+        """The two-sided 95% t interval."""
+        return self.bound(0.975, -1), self.bound(0.975, +1)
+
+
+def seed_diff(a, b):
+    """a - b for two models scored on the same held-out windows, a and b (seeds, windows) (or (windows,): one seed):
+    the per-seed mean differences over seeds, with the within-seed window-level SE as a diagnostic."""
+    d = (a - b).double().reshape(-1, a.size(-1))
+    window_se = (d.var(dim=1) / d.size(1)).mean().sqrt().item() if d.size(1) > 1 else math.nan
+    return Diff(d.mean(dim=1).tolist(), window_se)
+
+
+def equivalence(d, delta):
+    """Is a - b within the margin delta (fixed in advance)? holds: the one-sided 95% upper bound is below delta;
+    fails: the one-sided 95% lower bound is above it; else inconclusive (also with one seed: no interval)."""
+    if d.bound(0.95, +1) < delta:
+        return "holds"
+    if d.bound(0.95, -1) > delta:
+        return "fails"
+    return "inconclusive"
+
+
+def pm(d, digits=4):
+    """A Diff as "+0.1234 ± 0.0056 [95% CI +0.11, +0.14]" (± the seed-level SE); one seed: "± ? (1 seed)"."""
+    if d.n < 2:
+        return f"{d.mean:+.{digits}f} ± ? (1 seed; within-seed window SE {d.window_se:.{digits}f})"
+    lo, hi = d.interval()
+    return f"{d.mean:+.{digits}f} ± {d.se:.{digits}f} [95% CI {lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def row(*cells):

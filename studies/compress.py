@@ -3,7 +3,7 @@ Depth compression where depth matters at CPU scale: character level, so that the
 parameters. A dense 8-layer teacher is averaged into 2 layers and recovered through the learned unroll (each layer run
 4 times, step embeddings, LoRA from the SVD of the residue); dense 2- and 5-layer models (5: ~2.5x the recovered model's
 parameters) train from scratch on the same total tokens (the teacher's plus the recovery's). Every model is scored on
-the same held-out windows; differences are paired, their standard errors pooled over the windows of 3 seeds.
+the same held-out windows; differences are paired by window, their standard errors over the 3 seeds.
 
   python -m studies.compress             # 3 seeds, with the recovery runs (~30 min on 2 CPU cores)
   python -m studies.compress --pilot     # one seed of the gate's runs only (10 min): is the gate within reach?
@@ -11,7 +11,7 @@ the same held-out windows; differences are paired, their standard errors pooled 
                                          # on a token folder prepared elsewhere (a GPU machine may have no network)
 
 The question: does the recovered model get within noise of the dense model with ~2.5x its parameters (the paper:
-2.934 vs 2.926)? First the gate: at equal tokens the small dense model must be >= 0.05 nats and >= 10 paired standard
+2.934 vs 2.926)? First the gate: at equal tokens the small dense model must be >= 0.05 nats and >= 10 seed-level standard
 errors worse than the large one, and the teacher better than the large one trained on as many tokens; otherwise: not
 testable at this scale.
 """
@@ -84,12 +84,12 @@ def main(argv=None):
             model_of[name] = model
     L = {name: torch.stack(v) for name, v in losses.items()}
     ps = {name: cherry.count_params(m) - m.wte.weight.numel() for name, m in model_of.items()}  # non-embedding
-    small_big, teacher_big = common.paired(L["small"], L["big"]), common.paired(L["teacher"], L["big_at_teacher"])
+    small_big, teacher_big = common.seed_diff(L["small"], L["big"]), common.seed_diff(L["teacher"], L["big_at_teacher"])
     ok, gate_lines = common.gate("depth compression", [
         (f"dense {s['layers']} layers minus dense {s['big']} layers: {common.pm(small_big, 3)} "
-         f"(>= 0.05 and >= 10 standard errors needed)", small_big[0] >= 0.05 and small_big[0] >= 10 * small_big[1]),
+         f"(>= 0.05 and >= 10 standard errors needed)", small_big.mean >= 0.05 and small_big.mean >= 10 * small_big.se),
         (f"teacher ({s['teacher']} layers) minus dense {s['big']} layers, both on the teacher's tokens: "
-         f"{common.pm(teacher_big, 3)} (< 0 needed)", teacher_big[0] < 0)])
+         f"{common.pm(teacher_big, 3)} (< 0 needed)", teacher_big.mean < 0)])
     tokens = s["batch"] * s["block"]
     what = {"teacher": f"teacher, dense {s['teacher']} layers ({s['teacher_steps'] * tokens / 1e6:.2f}M tokens)",
             "averaged": "averaged, each layer once, not trained",
@@ -108,14 +108,14 @@ def main(argv=None):
     for name in [n for n in what if n in L]:
         table.append(common.row(what[name], f"{ps[name]:,}", f"{ps[name] / ps.get('recovered', ps['small']):.2f}",
                                 f"{cherry.flops_per_token(model_of[name].config) / 1e6:.1f}", f"{L[name].mean():.4f}",
-                                "" if name == "big" else common.pm(common.paired(L[name], L["big"]))))
+                                "" if name == "big" else common.pm(common.seed_diff(L[name], L["big"]))))
     body = [f"Scale: {s}; {len(seeds)} seed(s); {s['windows']} held-out windows per seed.", "", "## Gate", "",
-            *gate_lines, "", "## Results (mean over seeds; ± the paired standard error)", "", *table, ""]
+            *gate_lines, "", "## Results (mean over seeds; ± the seed-level standard error, 95% t interval)", "", *table, ""]
     if ok and not args.pilot:
-        d = common.paired(L["recovered"], L["big"])
+        d = common.seed_diff(L["recovered"], L["big"])
         body.append(f"**Verdict**: the recovered model minus the dense {s['big']}-layer model: {common.pm(d)}: " + (
-            "within noise or better: the claim holds here." if d[0] <= 2 * d[1] else
-            f"{d[0] / d[1]:.0f} standard errors worse: the claim does not hold at this scale."))
+            "within noise or better: the claim holds here." if d.mean <= 2 * d.se else
+            f"{d.mean / d.se:.0f} seed-level standard errors worse: the claim does not hold at this scale."))
     elif not ok:
         body.append(f"**Verdict**: {common.NOT_TESTABLE}")
     common.report("compress_pilot.md" if args.pilot else "compress_results.md", "Depth compression with recurrent "

@@ -10,7 +10,7 @@ held-out windows of each domain (next-token loss only).
   python -m studies.fuse --seeds 3        # ~65 min (the README's figures)
   python -m studies.fuse --gpu DATA       # width 384, on DATA/{mix,korean,code} prepared elsewhere with one tokenizer
 
-Gate first: each expert must be better than the other on its own domain by >= 0.05 nats and >= 10 paired standard
+Gate first: each expert must be better than the other on its own domain by >= 0.05 nats and >= 10 seed-level standard
 errors; otherwise the experts have not become different enough for a mixture to pay: not testable at this scale.
 """
 
@@ -84,14 +84,14 @@ def main(argv=None):
                     for seed in seeds], args.gpu)
     windows = {d: train.Data(os.path.join(data, d), s["block"]).eval_batch(s["windows"]) for d in DOMAINS}
     names = ["expert-korean", "expert-code", *arms, "dense"]
-    losses = {name: {d: torch.cat([common.window_losses(cherry.load_model(out(name, seed)), *windows[d], s["device"])
+    losses = {name: {d: torch.stack([common.window_losses(cherry.load_model(out(name, seed)), *windows[d], s["device"])
                                    for seed in seeds]) for d in DOMAINS} for name in names}
-    both = lambda name: torch.cat([losses[name][d] for d in DOMAINS])  # the mix: both domains' windows, equally
+    both = lambda name: torch.cat([losses[name][d] for d in DOMAINS], dim=1)  # the mix: both domains' windows
     gate_checks = []
     for d, other in (("korean", "code"), ("code", "korean")):
-        diff = common.paired(losses[f"expert-{d}"][d], losses[f"expert-{other}"][d])
+        diff = common.seed_diff(losses[f"expert-{d}"][d], losses[f"expert-{other}"][d])
         gate_checks.append((f"on {d}: expert {d} minus expert {other}: {common.pm(diff, 3)} (<= -0.05 and beyond 10 "
-                            f"standard errors needed)", diff[0] <= -0.05 and -diff[0] >= 10 * diff[1]))
+                            f"standard errors needed)", diff.mean <= -0.05 and -diff.mean >= 10 * diff.se))
     ok, gate_lines = common.gate("MoEE", gate_checks)
     best = min(("korean", "code"), key=lambda a: both(a).mean().item())
     table = common.table("model", "params (total)", "active", "training MFLOPs/token", "korean", "code", "both",
@@ -101,16 +101,16 @@ def main(argv=None):
         table.append(common.row(name, f"{cherry.count_params(m):,}", f"{cherry.count_params(m, active=True):,}",
                                 f"{f(m.config) / 1e6:.1f}", *[f"{losses[name][d].mean():.4f}" for d in DOMAINS],
                                 f"{both(name).mean():.4f}",
-                                "" if name == best else common.pm(common.paired(both(name), both(best)))))
+                                "" if name == best else common.pm(common.seed_diff(both(name), both(best)))))
     body = [f"Scale: {s}; {len(seeds)} seed(s); {s['windows']} held-out windows per domain and seed. The dense model: "
             f"{dense_layers} layers, {dense_steps} steps.", "", "## Gate", "", *gate_lines, "",
-            "## Results (mean over windows and seeds; ± the paired standard error)", "", *table, ""]
+            "## Results (mean over windows and seeds; ± the seed-level standard error, 95% t interval)", "", *table, ""]
     if ok:
-        fusion = common.paired(both("korean+code"), both(best))
-        mtp = common.paired(both("korean+code-mtp"), both("korean+code"))
+        fusion = common.seed_diff(both("korean+code"), both(best))
+        mtp = common.seed_diff(both("korean+code-mtp"), both("korean+code"))
         body += [f"**Verdict**: MoEE minus the best single expert ({best}) at equal steps: {common.pm(fusion)}: " + (
-                 "better, beyond 2 standard errors: the claim holds here." if fusion[0] < -2 * fusion[1] else
-                 "not better beyond 2 standard errors: the claim does not hold here."),
+                 "better (the 95% t interval is below 0): the claim holds here." if fusion.bound(0.975, +1) < 0 else
+                 "not better (the 95% t interval reaches 0): the claim does not hold here."),
                  f"MTP (D = 1) on the MoEE: {common.pm(mtp)} (reported to help only at large sizes)."]
     else:
         body.append(f"**Verdict**: {common.NOT_TESTABLE}")

@@ -267,12 +267,13 @@ def study(args):
     controls = (("shuffled", "R"), ("shuffled", "gamma"), ("code", "R"), ("code", "R_ctx"), ("code", "gamma"))
     body += [common.row(name, *[stat(sel(d, name), k) for d, k in controls], stat(sel("text", name, "continued"), "R"))
              for name in SELECTORS]
-    if ok:  # a collapse: R on shuffled text below R on text by more than 2 sd of the per-seed differences
-        fall = {n: [s["R"] - t["R"] for s, t in zip(sel("shuffled", n), sel("text", n))] for n in SELECTORS}
-        falls = [n for n, d in fall.items() if len(d) > 1 and statistics.mean(d) < -2 * statistics.stdev(d)]
-        differences = "; ".join(f"{n} {mean_sd(d)}" for n, d in fall.items())
+    if ok:  # a collapse: R on shuffled text below R on text, the seed-level 95% t interval below 0
+        fall = {n: common.Diff([s["R"] - t["R"] for s, t in zip(sel("shuffled", n), sel("text", n))])
+                for n in SELECTORS}
+        falls = [n for n, d in fall.items() if d.bound(0.975, +1) < 0]
+        differences = "; ".join(f"{n} {common.pm(d, 2)}" for n, d in fall.items())
         body += ["", f"**Verdict on the collapse** (R on shuffled minus R on text, paired by seed): {differences}. " + (
-                 f"R falls beyond 2 sd for {', '.join(falls)}: the claim holds for them." if falls else
+                 f"R falls (95% t interval below 0) for {', '.join(falls)}: the claim holds for them." if falls else
                  "R falls for no selector: the claim does not hold at this scale.")]
     else:
         body += ["", f"**Verdict on the collapse**: {common.NOT_TESTABLE}"]
