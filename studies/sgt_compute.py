@@ -1,0 +1,273 @@
+"""
+SGT's default selector, by a rule written before its runs, and the question a practitioner asks first: at equal
+compute, does SGT reach a lower held-out loss than full supervision, or the same loss sooner? Every run is train.py's.
+
+  python -m studies.sgt_compute              # small-scale runs of every candidate, then the finalists at the default
+                                             # size, on Shakespeare, Python source and Korean (hours on 2 CPU cores)
+  python -m studies.sgt_compute --small      # the small-scale runs only (writes the report from what is done)
+  python -m studies.sgt_compute --timing     # also seconds per step of each arm, one run at a time (quiet machine)
+
+Writes studies/sgt_defaults.md (the rule, every run, the winner) and studies/sgt_compute.md with its figures: held-out
+loss against training FLOPs and against seconds, and the FLOPs and seconds each arm needs to reach full supervision's
+loss at 1/4, 1/2 and all of its steps. Finished runs are kept; a study run again reuses them.
+"""
+
+import math
+import os
+import statistics
+import time
+
+import torch
+
+import cherry
+import train
+from data import prepare as data_prep
+from studies import common
+
+# The rule, fixed before its runs (commit 'studies/sgt_compute.py: the rule', before any run of it).
+RULE = ("Each candidate is trained with train.py at f = 0.15 on Shakespeare, Python source and Korean (bpe:8192): at "
+        "the small scale (4 x 64, compact vocabularies, 400 steps, lr 6e-3; seeds 0 and 1), then the finalists, the "
+        "two qualifying candidates with the lowest mean final held-out loss at the small scale, at the default "
+        "size (train.py's own defaults, 600 steps; seed 1337). A candidate qualifies if it ends below the unigram "
+        "model's held-out loss in every one of its runs. The default is the qualifying finalist with the lowest mean "
+        "final held-out loss over its default-size runs; a tie (within 0.005 nats) goes to the one listed first. If no "
+        "candidate qualifies, the default stays as it is and the report says so.")
+CANDIDATES = {  # train.py flags, simplest first
+    "uniform": ["--sgt_beta", 0, "--sgt_weights", "none"],
+    "beta 2, plain mean (the old default)": ["--sgt_beta", 2, "--sgt_weights", "none"],
+    "beta 2, weighted": ["--sgt_beta", 2, "--sgt_weights", "inverse"],
+    "beta 2, weighted, floor 0.1": ["--sgt_beta", 2, "--sgt_weights", "inverse", "--sgt_floor", 0.1],
+    "beta 1, weighted, floor 0.1": ["--sgt_beta", 1, "--sgt_weights", "inverse", "--sgt_floor", 0.1],
+    "gradient, weighted, floor 0.1": ["--sgt_select", "gradient", "--sgt_beta", 1, "--sgt_weights", "inverse",
+                                      "--sgt_floor", 0.1],
+}
+FINALISTS = 2
+CORPORA = ("shakespeare", "code", "korean")
+SMALL = ["--n_layer", 4, "--n_head", 4, "--n_embd", 64, "--block_size", 128, "--batch_size", 8, "--max_iters", 400,
+         "--lr", 6e-3, "--warmup_iters", 20, "--eval_interval", 40, "--eval_iters", 8, "--log_interval", 10**6,
+         "--device", "cpu"]
+DEFAULT = ["--eval_interval", 60, "--log_interval", 10**6, "--device", "cpu"]  # train.py's defaults otherwise
+SCALES = {"small": (SMALL, (0, 1)), "default": (DEFAULT, (1337,))}
+ARMS = {"full": [], **{name: ["--sgt", 0.15, *flags] for name, flags in CANDIDATES.items()}}
+
+
+def data_folders(scale):
+    """The small scale: each corpus's first 1.5M tokens, compact vocabularies (the SGT study's Shakespeare folder).
+    The default size: each corpus's own folder (GPT-2's tokens; Korean a BPE of 8192), made on first use."""
+    folders = {}
+    for corpus in CORPORA:
+        if scale == "default":
+            folders[corpus] = os.path.join(common.DATA, corpus)
+            data_prep.load(folders[corpus])  # made here, not by two runs at once
+            continue
+        folders[corpus] = os.path.join(common.DATA, f"sgt-{corpus}")
+        if not os.path.exists(os.path.join(folders[corpus], "meta.json")):
+            tokenizer = "bpe:8192" if corpus == "korean" else "gpt2"
+            documents = data_prep.CORPORA[corpus]()
+            data_prep.prepare(documents, folders[corpus], tokenizer, compact_vocab=True, max_tokens=1_500_000)
+    return folders
+
+
+def folder_name(arm):
+    """'beta 2, weighted, floor 0.1' -> 'beta2-weighted-floor0.1'."""
+    return arm.split(" (")[0].replace(", ", "-").replace(" ", "")
+
+
+def out_dir(args, scale, corpus, arm, seed):
+    return os.path.join(args.out_dir, f"{scale}-{corpus}-{folder_name(arm)}-s{seed}")
+
+
+def run_scale(args, scale, arms):
+    """Train every arm on every corpus at this scale (finished runs are kept); {(corpus, arm, seed): out_dir}."""
+    flags, seeds = SCALES[scale]
+    folders = data_folders(scale)
+    runs = {(c, a, s): out_dir(args, scale, c, a, s) for c in CORPORA for a in arms for s in seeds}
+    jobs = [("train", ["--data", folders[c], "--seed", s, *flags, *ARMS[a], "--out_dir", out])
+            for (c, a, s), out in runs.items()]
+    common.run_all(jobs)
+    return runs
+
+
+def final_losses(runs, arm):
+    """[(final held-out loss, unigram loss)] of an arm's runs."""
+    return [(common.metrics(out)[-1]["loss"], common.summary(out)["unigram_loss"])
+            for (_, a, _), out in runs.items() if a == arm]
+
+
+def qualifies(runs, arm):
+    return all(loss < unigram for loss, unigram in final_losses(runs, arm))
+
+
+def mean_final(runs, arm):
+    return statistics.mean(loss for loss, _ in final_losses(runs, arm))
+
+
+# ----------------------------------------------------------------------------
+# equal compute
+
+
+def curve(out):
+    """[(step, training FLOPs so far, held-out loss)] of a run."""
+    s = common.summary(out)
+    per_step = s["flops_per_token"] * s["tokens_per_step"]
+    return [(r["iter"], r["iter"] * per_step, r["loss"]) for r in common.metrics(out)]
+
+
+def first_reach(points, target):
+    """The x at which a curve [(x, loss)] first reaches the target loss, linear between evaluations; None: never."""
+    for (x0, l0), (x1, l1) in zip(points, points[1:]):
+        if l1 <= target:
+            return x1 if l0 == l1 else x0 + (x1 - x0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def seconds_per_step(args, scale, folders):
+    """Each arm's seconds per training step on corpus 0 (20 steps after 5 untimed, one run at a time, 2 threads):
+    the wall-clock axis. Measured apart from the runs, which share the cores two at a time."""
+    flags, _ = SCALES[scale]
+    times = {}
+    torch.set_num_threads(2)
+    for arm in ARMS:
+        out = os.path.join(args.out_dir, "timing", f"{scale}-{folder_name(arm)}")
+        argv = ["--data", folders[CORPORA[0]], *flags, *ARMS[arm], "--max_iters", 25, "--eval_interval", 25,
+                "--eval_iters", 1, "--out_dir", out]
+        if not os.path.exists(os.path.join(out, "summary.json")):
+            train.main([str(a) for a in argv])
+        times[arm] = 1 / (common.metrics(out)[-1]["tokens_per_s"] / common.summary(out)["tokens_per_step"])
+    return times
+
+
+def arms_of(runs):
+    return sorted({arm for _, arm, _ in runs}, key=list(ARMS).index)
+
+
+def reach_table(runs, seeds, times):
+    """FLOPs (and seconds) each arm needs to reach full supervision's loss at 1/4, 1/2 and all of its steps."""
+    lines = common.table("corpus", "arm", "FLOPs to full's loss at 1/4 of its steps (x full's)", "at 1/2",
+                         "at the end", "final loss")
+    for corpus in CORPORA:
+        for arm in arms_of(runs):
+            cells = []
+            for fraction in (0.25, 0.5, 1.0):
+                needs, full_flops = [], []
+                for seed in seeds:
+                    full = curve(runs[corpus, "full", seed])
+                    step = round(fraction * full[-1][0])
+                    target = min(loss for it, _, loss in full if it <= step)
+                    full_flops.append(first_reach([(flops, loss) for _, flops, loss in full], target))
+                    reach = first_reach([(flops, loss) for _, flops, loss in curve(runs[corpus, arm, seed])], target)
+                    needs.append(reach)
+                points = curve(runs[corpus, arm, seeds[0]])
+                cells.append(reach_cell(needs, statistics.mean(full_flops), times.get(arm), points))
+            ends = statistics.mean(common.metrics(runs[corpus, arm, s])[-1]["loss"] for s in seeds)
+            lines.append(common.row(corpus, arm, *cells, f"{ends:.3f}"))
+    return lines
+
+
+def reach_cell(needs, full_flops, seconds_per_step, points):
+    """'never' if a seed never reaches it, else the mean FLOPs, as a multiple of full supervision's (and seconds,
+    where timed)."""
+    if any(n is None for n in needs):
+        return "never"
+    flops = statistics.mean(needs)
+    text = f"{flops:.2e} ({flops / full_flops:.2f}x)"
+    if seconds_per_step:
+        per_step = points[1][1] / points[1][0]
+        text += f", {flops / per_step * seconds_per_step:.0f} s"
+    return text
+
+
+def preset_ratios():
+    """SGT 0.15's training FLOPs over full supervision's, per preset: where the head's saving shrinks."""
+    lines = common.table("preset", "full: GFLOP/token", "SGT 0.15 drawn", "SGT 0.15 gradient or excess")
+    for name, shape in cherry.PRESETS.items():
+        cfg = cherry.GPTConfig(**shape)
+        full = cherry.flops_per_token(cfg)
+        drawn = cherry.flops_per_token(cfg, 0.15) / full
+        model_picked = cherry.flops_per_token(cfg, 0.15, full_head_forward=True) / full
+        lines.append(common.row(name, f"{full / 1e9:.2f}", f"{drawn:.2f}", f"{model_picked:.2f}"))
+    return lines
+
+
+def figure(runs, scale, seeds, times):
+    """Held-out loss against training FLOPs (top) and seconds (bottom), one column per corpus, seed 0."""
+    def draw(plt):
+        fig, axes = plt.subplots(2, len(CORPORA), figsize=(5 * len(CORPORA), 7), squeeze=False)
+        for j, corpus in enumerate(CORPORA):
+            for arm in arms_of(runs):
+                points = curve(runs[corpus, arm, seeds[0]])
+                flops = [f for _, f, _ in points]
+                losses = [loss for _, _, loss in points]
+                axes[0][j].plot(flops, losses, label=arm)
+                if arm in times:
+                    axes[1][j].plot([it * times[arm] for it, _, _ in points], losses, label=arm)
+            axes[0][j].set(title=f"{corpus}, {scale}", xlabel="training FLOPs", ylabel="held-out loss")
+            axes[1][j].set(xlabel="seconds (timed apart)", ylabel="held-out loss")
+        axes[0][0].legend(fontsize=7)
+    common.figure(os.path.join(common.HERE, "img", f"sgt_compute_{scale}.png"), draw)
+
+
+# ----------------------------------------------------------------------------
+# the study
+
+
+def main(argv=None):
+    p = common.parser(__doc__, "sgt-compute")
+    p.add_argument("--small", action="store_true", help="the small-scale runs only")
+    p.add_argument("--timing", action="store_true", help="also time each arm's step, one run at a time")
+    args = p.parse_args(argv)
+    args.command = " ".join(["python -m studies.sgt_compute", *(argv or [])])
+    t0 = time.time()
+    small = run_scale(args, "small", ARMS)
+    ranked = sorted((a for a in CANDIDATES if qualifies(small, a)), key=lambda a: mean_final(small, a))
+    finalists = ranked[:FINALISTS]
+    default = run_scale(args, "default", ["full", *finalists]) if finalists and not args.small else {}
+    times = {}
+    if args.timing:
+        times = {scale: seconds_per_step(args, scale, data_folders(scale)) for scale in ("small", "default")}
+    write_defaults(args, t0, small, default, ranked, finalists)
+    write_compute(args, t0, {"small": small, "default": default}, times)
+
+
+def write_defaults(args, t0, small, default, ranked, finalists):
+    lines = [f"Rule: {RULE}", "", "Candidates: " + "; ".join(f"{a}: `{' '.join(map(str, f))}`"
+                                                          for a, f in CANDIDATES.items()), ""]
+    lines += common.table("scale", "corpus", "candidate", "seed", "final held-out loss", "unigram", "below")
+    for scale, runs in (("small", small), ("default", default)):
+        for (corpus, arm, seed), out in runs.items():
+            loss, unigram = common.metrics(out)[-1]["loss"], common.summary(out)["unigram_loss"]
+            lines.append(common.row(scale, corpus, arm, seed, f"{loss:.4f}", f"{unigram:.4f}",
+                                    "yes" if loss < unigram else "NO"))
+    lines += ["", "Qualifying at the small scale, by mean final loss: "
+              + (", ".join(f"{a} ({mean_final(small, a):.4f})" for a in ranked) or "none")]
+    winners = [a for a in finalists if default and qualifies(default, a)]
+    if not default:
+        lines.append("Default size not run: no winner yet.")
+    elif not winners:
+        lines.append("No finalist qualifies at the default size: the default stays as it is.")
+    else:
+        scores = {a: mean_final(default, a) for a in winners}
+        best = min(scores.values())
+        winner = next(a for a in winners if scores[a] <= best + 0.005)
+        lines.append("At the default size: " + ", ".join(f"{a} {s:.4f}" for a, s in scores.items()))
+        lines.append(f"**Winner: {winner}**: `{' '.join(map(str, CANDIDATES[winner]))}`.")
+    common.report("sgt_defaults.md", "SGT: the default selector, by a rule", args.command, t0, lines)
+
+
+def write_compute(args, t0, runs_by_scale, times):
+    lines = ["FLOPs are train.py's own count (`cherry.flops_per_token`: matmuls, the head on the picked positions, "
+             "gradient's extra head pass). Seconds come from `--timing` (each arm's step timed alone) where run.", ""]
+    for scale, runs in runs_by_scale.items():
+        if not runs:
+            continue
+        seeds = SCALES[scale][1]
+        lines += [f"## {scale} scale: seeds {', '.join(map(str, seeds))}", ""]
+        lines += reach_table(runs, seeds, times.get(scale, {}))
+        lines += ["", f"![held-out loss against compute](img/sgt_compute_{scale}.png)", ""]
+        figure(runs, scale, seeds, times.get(scale, {}))
+    lines += ["## SGT's FLOPs over full supervision's, per preset", "", *preset_ratios()]
+    common.report("sgt_compute.md", "SGT at equal compute", args.command, t0, lines)
+
+
+if __name__ == "__main__":
+    main()
