@@ -92,7 +92,7 @@ def load(folder, s, device):
 
 def windows(tokens, n, block, generator=None, shuffle=False):
     """n windows (x, y) at random starts (generator, on the tokens' device: no host sync), else spread evenly (the
-    held-out ones, the same every time). shuffle: each window's block + 1 tokens permuted (the control without order)."""
+    held-out ones, the same every time). shuffle: each window's block + 1 tokens permuted (the control: no order)."""
     top, device = len(tokens) - block - 1, tokens.device
     starts = torch.randint(top, (n,), generator=generator, device=device) if generator else \
         torch.linspace(0, top, n).long().to(device)
@@ -147,10 +147,11 @@ def plan(n, cfg):
               "compress/recovered": (r, fc), "compress/recovered, KD": (r, fc + f(cfg["teacher"], training=False)),
               "compress/dense 8, pipeline FLOPs": (compression / fb, fb),
               "compress/dense 3, pipeline FLOPs": (compression / fs, fs)})
+    single = (e * fc + m * fm) / fc  # a single expert's steps on the mix at the MoEE pipeline's FLOPs
     p.update({"moee/expert korean": (e, fc), "moee/expert code": (e, fc), "moee/MoEE": (m, fm),
               "moee/single korean": (m, fc), "moee/single code": (m, fc), "moee/soup": (m, fc),
-              "moee/MoEE + MTP": (m, f(cfg["mtp"])), **{f"moee/single {d}, pipeline FLOPs": ((e * fc + m * fm) / fc, fc)
-                                                        for d in DOMAINS},
+              "moee/MoEE + MTP": (m, f(cfg["mtp"])), "moee/single korean, pipeline FLOPs": (single, fc),
+              "moee/single code, pipeline FLOPs": (single, fc),
               "moee/dense 8, pipeline FLOPs": ((t * ft + 2 * e * fc + m * fm) / fb, fb)})
     p.update({f"code/{name}": (n, sgt(a)) for name, a in sgt_specs().items() if name in ("full", "uniform", "default")})
     return p
@@ -164,13 +165,15 @@ class Run:
         self.s, self.args, self.t0 = s, args, time.time()
         self.deadline = self.t0 + 60 * args.minutes - RESERVE_S
         flags = SimpleNamespace(device="cpu" if args.smoke else "auto", dtype="auto", compile=False)
-        self.device, self.kind, _, self.ctx = guards.setup_device(flags)
+        self.device, self.kind, dtype, self.ctx = guards.setup_device(flags)
+        self.peak = guards.peak_flops(self.device, dtype)  # None on a CPU or an unknown GPU
         self.data = load(args.data, s, self.device)
         self.vocab = (self.data["code"][0]["vocab_size"] + 63) // 64 * 64
         self.held = {d: windows(self.data[d][2], s["windows"], s["block"]) for d in DOMAINS}
         self.held["shuffled"] = windows(self.data["korean"][2], s["windows"], s["block"], shuffle=True)
         self.cfg, self.tokens_per_step = configs(s, self.vocab), s["batch"] * s["block"]
         self.results, self.models, self.skipped, self.phase_s = {}, {}, [], {}
+        self.done = [0.0, 0.0]  # FLOPs and seconds of the arms trained so far: their rate replaces the calibrated one
         os.makedirs(args.out_dir, exist_ok=True)
         self.log = open(os.path.join(args.out_dir, "gpu.jsonl"), "w", buffering=1)
 
@@ -271,7 +274,7 @@ def fit(run, arm, model, lr, domains, held, selector=None, teacher=None, shuffle
     if time.time() + seconds > run.deadline:
         return run.skip(arm, f"~{seconds:.0f} s would pass the deadline")
     opt = model.train().configure_optimizer(0.1, lr, (0.9, 0.95), run.kind)
-    schedule = SimpleNamespace(lr=lr, min_lr=lr / 10, warmup_iters=max(1, steps // 20), max_iters=steps,
+    schedule = SimpleNamespace(lr=lr, min_lr=lr / 10, warmup_iters=max(1, min(50, steps // 10)), max_iters=steps,
                                lr_decay_iters=None)
     marks = {round(steps * i / run.s["evals"]) for i in range(run.s["evals"] + 1)}
     generator, curve, t0, train_s = run.generator(), [], time.time(), 0.0
@@ -287,6 +290,8 @@ def fit(run, arm, model, lr, domains, held, selector=None, teacher=None, shuffle
         for group in opt.param_groups:
             group["lr"] = train.lr_at(it, schedule)
         step(run, model, opt, *run.batch(domains, generator, shuffle), selector, teacher)
+    run.done = [run.done[0] + steps * run.tokens_per_step * fpt, run.done[1] + train_s]
+    run.rate = run.done[0] / run.done[1]  # what the next arms' estimates assume
     emb = model.wte.weight.numel()
     run.results[arm] = {"curve": curve, "windows": losses, "params": cherry.count_params(model) - emb,
                         "active": cherry.count_params(model, active=True) - emb}
@@ -346,7 +351,7 @@ def detilted_loss(run, model, held, log_pi):
 
 
 def compressed(run, teacher):
-    """The teacher's 12 layers averaged into 3, run (4, 4, 4), LoRA from the residue (cherry.compress), on the device."""
+    """The teacher's 12 layers averaged into 3, run (4, 4, 4), LoRA from the residue: cherry.compress, on the GPU."""
     if teacher is None:
         return None
     with torch.device(run.device):
@@ -355,7 +360,7 @@ def compressed(run, teacher):
 
 def compression_phase(run):
     """A 12-layer teacher on both domains, compressed to 3 layers run (4, 4, 4) with step embeddings and LoRA,
-    recovered with cross-entropy and with distillation; dense 3 and 8 from scratch at the pipeline's tokens and FLOPs."""
+    recovered by cross-entropy and by distillation; dense 3 and 8 from scratch at the pipeline's tokens and FLOPs."""
     lr, both = run.s["lr"], list(DOMAINS)
     scratch = lambda arm, shape: fit(run, arm, run.new(run.cfg[shape]), lr, both, both)
     run.models["teacher"] = teacher = scratch("compress/teacher", "teacher")
@@ -388,7 +393,8 @@ def moee_phase(run):
     ready = all(e is not None for e in experts)
     copies = lambda: [copy.deepcopy(e) if e is not None else None for e in experts]
 
-    def fused(mtp):
+    def fused(mtp):  # routers (and MTP modules) start from the seed: MoEE and MoEE + MTP start alike
+        torch.manual_seed(run.args.seed)
         with torch.device(run.device):
             return cherry.fuse(experts, mtp=mtp) if ready else None
     fit(run, "moee/MoEE", fused(0), lr, both, both)
@@ -419,6 +425,11 @@ def diff(run, a, b, held=None):
     return common.seed_diff(losses(a), losses(b))
 
 
+def versus(run, pairs):
+    """"what +d" for each (what, a, b) whose arms both ran, d = a - b on both domains' windows."""
+    return "; ".join(f"{what} {diff(run, a, b).mean:+.3f}" for what, a, b in pairs if {a, b} <= set(run.results))
+
+
 def measures(run, arm, full, uni):
     """R and R_ctx (best against best), de-tilted R_ctx (final against final), and full supervision's loss at the
     FLOPs the arm spent (interpolated on its curve, mid-schedule there)."""
@@ -436,7 +447,8 @@ def sgt_report(run, domain, names, shuffled=()):
     lines = [f"## SGT on {domain}", "", f"The default is train.py's: {default}. R = (L(init) - L_SGT) / (L(init) - "
              f"L_full); R_ctx: the same beyond the unigram model (held-out {uni:.3f}); both best against best. "
              "De-tilted R_ctx: final against final, the logits minus log pi_hat(y), pi_hat each type's pick rate under "
-             "the arm's draw (unbiased draws: nothing to undo). Last column: full supervision's loss at the arm's FLOPs.",
+             "the arm's draw (unbiased draws: nothing to undo). Last column: full supervision's loss at the arm's "
+             "FLOPs.",
              "", *common.table("selector", "final", "R", "R_ctx", "R_ctx de-tilted", "final - unigram",
                                "training PFLOPs", "full at equal FLOPs")]
     ran = [n for n in names if f"{domain}/{n}" in r and full in r]
@@ -448,7 +460,7 @@ def sgt_report(run, domain, names, shuffled=()):
     if "default" in ran:
         m = measures(run, f"{domain}/default", full, uni)
         learned = [n for n in ran if n != "full" and measures(run, f"{domain}/{n}", full, uni)["R_det"] > 0]
-        lines += ["", f"**Verdicts** (one seed, point estimates): the default reaches R {m['R']:.2f} (the paper: 0.67), "
+        lines += ["", f"**Verdicts** (one seed, point estimates): the default reaches R {m['R']:.2f} (paper: 0.67), "
                   f"de-tilted R_ctx {m['R_det']:.2f}; learned from context (de-tilted R_ctx > 0): "
                   f"{', '.join(learned) or 'none'}. At equal FLOPs the default ends {m['final'] - m['at_flops']:+.3f} "
                   "nats from full supervision."]
@@ -498,21 +510,24 @@ def compression_report(run):
         lines += [*gate, ""]
     lines += model_table(run, [teacher, "compress/recovered", "compress/recovered, KD", small, big,
                                "compress/dense 3, pipeline FLOPs", "compress/dense 8, pipeline FLOPs"], big)
-    if "compress/recovered" in r:
-        lines += ["", f"Compressed, before recovery: held-out {r['compress/recovered']['curve'][0]['loss']:.3f}."]
-        if ok:
-            d = diff(run, "compress/recovered", big).mean
-            lines += ["", f"**Verdict** (one seed, a point estimate): recovered minus dense 8 at equal tokens: "
-                      f"{d:+.3f}: " + ("within 0.02 nats or better: the claim holds here." if d <= 0.02 else
-                                       "more than 0.02 nats behind: the claim does not hold at this scale.")]
-    if not ok:
+    rec, kd = "compress/recovered", "compress/recovered, KD"
+    if rec in r:
+        lines += ["", f"Compressed, before recovery: held-out {r[rec]['curve'][0]['loss']:.3f}."]
+    if ok and rec in r:
+        d = diff(run, rec, big).mean
+        lines += ["", f"**Verdict** (one seed, point estimates): recovered minus dense 8 at equal tokens {d:+.3f}: " +
+                  ("within 0.02 nats or better, the claim holds here" if d <= 0.02 else
+                   "more than 0.02 nats behind, the claim does not hold at this scale") + ". Also: " + versus(run, [
+                      ("recovered by distillation minus dense 8", kd, big), ("recovered minus dense 3", rec, small),
+                      *[(f"dense {n} with the pipeline's FLOPs minus recovered", f"compress/dense {n}, pipeline FLOPs",
+                         rec) for n in (3, 8)]]) + "."]
+    elif not ok:
         lines += ["", f"**Verdict**: {common.NOT_TESTABLE}"]
     return lines + [""]
 
 
 def moee_report(run):
-    r, ok = run.results, False
-    lines, experts = ["## MoEE: Korean and code experts from the compression pipeline, fused, top-1", ""], []
+    r, ok, lines = run.results, False, ["## MoEE: Korean and code experts from the compression pipeline, fused", ""]
     if all(f"moee/expert {d}" in r for d in DOMAINS):
         own = {d: diff(run, f"moee/expert {d}", f"moee/expert {o}", d).mean for d, o in (DOMAINS, DOMAINS[::-1])}
         ok, gate = common.gate("MoEE", [(f"on {d}: its own expert minus the other: {v:+.3f} (<= -0.05 needed)",
@@ -526,14 +541,13 @@ def moee_report(run):
                          best)
     if ok and "moee/MoEE" in r and singles:
         d = diff(run, "moee/MoEE", best).mean
-        versus = [(f"single {s} with the pipeline's FLOPs", f"moee/single {s}, pipeline FLOPs") for s in DOMAINS]
-        extra = [f"{what} minus MoEE {diff(run, arm, 'moee/MoEE').mean:+.3f}" for what, arm in (
-            ("the soup", "moee/soup"), ("MoEE + MTP", "moee/MoEE + MTP"),
-            ("dense 8 with the pipeline's FLOPs", "moee/dense 8, pipeline FLOPs"), *versus) if arm in r]
-        lines += ["", f"**Verdict** (one seed, point estimates): MoEE minus the best single expert "
-                  f"({best.split()[-1]}) at equal steps: {d:+.3f}: " + ("better: the claim holds here" if d < 0 else
-                                                                       "not better: the claim does not hold here") +
-                  "; " + "; ".join(extra) + "."]
+        others = [("the soup", "moee/soup"), ("MoEE + MTP", "moee/MoEE + MTP"),
+                  ("dense 8 with the pipeline's FLOPs", "moee/dense 8, pipeline FLOPs"),
+                  *[(f"single {s} with the pipeline's FLOPs", f"moee/single {s}, pipeline FLOPs") for s in DOMAINS]]
+        lines += ["", f"**Verdict** (one seed, point estimates): MoEE minus the best single expert ({best.split()[-1]})"
+                  f" at equal steps {d:+.3f}: " + ("better, the claim holds here" if d < 0 else
+                                                  "not better, the claim does not hold here") + ". Also: " +
+                  versus(run, [(f"{what} minus MoEE", arm, "moee/MoEE") for what, arm in others]) + "."]
     elif not ok:
         lines += ["", f"**Verdict**: {common.NOT_TESTABLE}"]
     return lines + [""]
@@ -566,8 +580,10 @@ def size_plan(run):
 def write_report(run, sections, plan_lines):
     """gpu_results.md in --out_dir (and in studies/ for a real run), rewritten after every phase."""
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in run.phase_s.items())
-    head = ["# The three claims on one GPU", "", f"`{run.args.command}`: {(time.time() - run.t0) / 60:.1f} min on "
-            f"{common.machine()}. Wall time per phase: {phases}.", "",
+    mfu = f" ({run.rate / run.peak:.0%} of the bf16 peak)" if run.peak else ""
+    head = ["# The three claims on one GPU", "",
+            f"`{run.args.command}`: {(time.time() - run.t0) / 60:.1f} min on {common.machine()}. Wall time per phase: "
+            f"{phases}. Training ran at {run.rate / 1e12:.1f} TFLOP/s{mfu}.", "",
             f"Scale: {run.s}. One seed is what fits: every difference is a point estimate without an interval (a ± "
             "beside it is the window-level standard error within the seed: the evaluation's noise, not the seed's).",
             "", "Skipped: " + ("; ".join(run.skipped) or "none") + ".", ""]
