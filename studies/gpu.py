@@ -277,7 +277,7 @@ def fit(run, arm, model, lr, domains, held, selector=None, teacher=None, shuffle
     schedule = SimpleNamespace(lr=lr, min_lr=lr / 10, warmup_iters=max(1, min(50, steps // 10)), max_iters=steps,
                                lr_decay_iters=None)
     marks = {round(steps * i / run.s["evals"]) for i in range(run.s["evals"] + 1)}
-    generator, curve, t0, train_s = run.generator(), [], time.time(), 0.0
+    generator, curve, t0, train_s = run.generator(), [], time.time(), 0.0  # every arm: the same windows, in order
     for it in range(steps + 1):
         if it in marks:
             sync(run.device)
