@@ -822,6 +822,30 @@ def test_a_study_without_matplotlib_writes_its_tables_and_says_so(monkeypatch, c
     assert "no matplotlib" in capsys.readouterr().out and not (tmp_path / "x.png").exists()
 
 
+def test_the_gpu_study_runs_every_phase_at_toy_size_and_skips_what_would_pass_its_deadline(tmp_path, capsys):
+    from studies import gpu
+    committed = open(os.path.join(HERE, "studies", "gpu_results.md")).read()
+    out = tmp_path / "out"
+    run = gpu.main(["--smoke", "--data", str(tmp_path / "none"), "--out_dir", str(out)])  # made-up tokens
+    arms = {json.loads(line)["arm"] for line in open(out / "gpu.jsonl")}
+    assert arms == set(run.plan) - ({"compress/recovered, KD"} if gpu.DISTILL is None else set())
+    report = (out / "gpu_results.md").read_text()
+    assert all(f"## {s}" in report for s in ("SGT on korean", "Depth compression", "MoEE", "SGT on code"))
+    assert open(os.path.join(HERE, "studies", "gpu_results.md")).read() == committed  # a smoke run never writes it
+    late = gpu.main(["--smoke", "--data", str(tmp_path / "none"), "--out_dir", str(tmp_path / "late"),
+                     "--minutes", "0.01"])  # the deadline has passed before the first arm: all skipped, still a report
+    assert not late.results and len(late.skipped) == len(late.plan) and (tmp_path / "late" / "gpu_results.md").exists()
+    # equal pipeline FLOPs, by the plan (before rounding)
+    p = gpu.plan(1000.0, gpu.configs(gpu.GPU, gpu.VOCAB))
+    flops = lambda *arms: sum(p[a][0] * p[a][1] for a in arms)
+    compression = flops("compress/teacher", "compress/recovered")
+    assert flops("compress/dense 8, pipeline FLOPs") == pytest.approx(compression)
+    assert flops("compress/dense 3, pipeline FLOPs") == pytest.approx(compression)
+    moee = flops("compress/teacher", "moee/expert korean", "moee/expert code", "moee/MoEE")
+    assert flops("moee/dense 8, pipeline FLOPs") == pytest.approx(moee)
+    assert flops("compress/teacher", "moee/expert code", "moee/single code, pipeline FLOPs") == pytest.approx(moee)
+
+
 def test_seed_level_statistics_t_intervals_and_the_equivalence_test():
     from studies import common
     assert common.t_quantile(0.975, 2) == 4.303 and common.t_quantile(0.95, 30) == 1.697
