@@ -25,15 +25,16 @@ MAX_DEPTH = 1024  # layers, or applications of an unrolled schedule: far past an
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256
+    """A model's shape. The defaults are train.py's default run: 12 x 128 on GPT-2's tokens."""
+    block_size: int = 128
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    n_layer: int = 12
+    n_head: int = 4
+    n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False  # biases in linears and LayerNorms (GPT-2 has them)
     gelu_approximate: str = "none"  # "tanh": GPT-2's own GELU (set when its weights are loaded)
-    vocab: str = ""  # which tokens the ids mean (data/prepare.py's vocab_id); "" when unknown
+    vocab_id: str = ""  # which tokens the ids mean (data/prepare.py's vocab_id); "" when unknown
     # depth compression (section 4); the defaults are a plain dense GPT
     schedule: tuple = None  # the layer each application runs, in order, e.g. (0, 1, 1, 1, 2); None: each once
     step_embed: bool = False  # a learned vector per application, added to the residual stream before it
@@ -628,8 +629,13 @@ def load_checkpoint(path):
 def build_model(config, state, source, dropout=None):
     """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: modules are counted, the
     model is built on the meta device, and the stored tensors are assigned to it, not copied."""
+    config = dict(config)
+    if "vocab" in config:  # its name in checkpoints written before it was vocab_id
+        config["vocab_id"] = config.pop("vocab")
+    if dropout is not None:
+        config["dropout"] = dropout
     try:
-        config = GPTConfig(**{**config, **({} if dropout is None else {"dropout": dropout})})
+        config = GPTConfig(**config)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source} has a config this model cannot build ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -658,7 +664,7 @@ def gpt2_config(c, source):
     if c.get("model_type", "gpt2") != "gpt2" or gelu is None or c.get("n_inner") not in (None, 4 * c.get("n_embd", 0)):
         raise ValueError(f"{source} is not a GPT-2 this model can run (model_type {c.get('model_type')!r})")
     return dict(block_size=c.get("n_positions"), vocab_size=c.get("vocab_size"), n_layer=c.get("n_layer"),
-                n_head=c.get("n_head"), n_embd=c.get("n_embd"), bias=True, gelu_approximate=gelu, vocab="gpt2")
+                n_head=c.get("n_head"), n_embd=c.get("n_embd"), bias=True, gelu_approximate=gelu, vocab_id="gpt2")
 
 
 def gpt2_state(state, conv1d):
@@ -695,6 +701,6 @@ def load_model(source, dropout=None):
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict):  # nanoGPT's: GPT-2's names
         args = ckpt["model_args"]
         config = {k: args.get(k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")}
-        config["vocab"] = "gpt2" if (config["vocab_size"] or 0) >= 50257 else ""  # GPT-2's, unless smaller
+        config["vocab_id"] = "gpt2" if (config["vocab_size"] or 0) >= 50257 else ""  # GPT-2's, unless smaller
         return build_model(config, gpt2_state(ckpt.get("model") or {}, conv1d=False), path, dropout)
     raise ValueError(f"{path} is neither this project's checkpoint nor nanoGPT's nor a Hugging Face GPT-2 folder")

@@ -56,9 +56,8 @@ def main(argv=None):
     if os.path.abspath(source) == os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")):
         raise ValueError(f"--out_dir {args.out_dir} would overwrite the model it compresses; choose another --out_dir")
     guards.check_run_folder(args)  # before loading what may be a large model
-    teacher = cherry.load_model(args.init_from).eval()
-    guards.take_shape(args, teacher.config, "--init_from")
-    cfg = teacher.config
+    teacher = cherry.load_model(args.init_from, dropout=args.dropout).eval()  # the compressed model's too
+    cfg = train.model_config(args, teacher.config, "--init_from")
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed or cfg.n_expert:
         raise ValueError(f"{args.init_from} is already compressed or fused; give a dense model")
     if cfg.n_layer % args.layers:

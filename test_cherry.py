@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -675,7 +676,7 @@ def test_sgt_training_lowers_every_held_out_loss_and_writes_the_outputs(tiny_dat
     assert all(r["gamma_batch"] == 8 and {"gamma", "gamma_trunk", "gamma_embedding_head", "gamma_naive"} <= set(r)
                for r in rows)
     assert rows[0]["tokens_per_s"] is None and rows[1]["tokens_per_s"] > 0 and rows[1]["eval_s"] > 0
-    assert summary["best"]["loss"] == min(r["loss"] for r in rows) and summary["config"]["vocab"] == "gpt2"
+    assert summary["best"]["loss"] == min(r["loss"] for r in rows) and summary["config"]["vocab_id"] == "gpt2"
     assert re.search(r"done: held-out loss \S+ \(\S+ (below|ABOVE) the unigram model's", capsys.readouterr().out)
     ckpt = cherry.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter"] == 60 and cherry.build_model(ckpt["config"], ckpt["model"], "ckpt")
@@ -780,6 +781,59 @@ def test_a_run_killed_with_sigkill_resumes_bit_for_bit(tiny_data, tmp_path):
         assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_the_step_reached_and_resumes_bit_for_bit(signum, tiny_data, tmp_path, monkeypatch,
+                                                                         capsys):
+    flags = ["--max_iters", "12", "--eval_interval", "10", "--dropout", "0.1", "--sgt", "0.3"]  # every RNG in play
+    run_train(tiny_data, tmp_path / "straight", *flags)
+    real_step, calls = train.optimizer_step, []
+
+    def interrupted(*args):  # the signal arrives during the 5th step: the loop finishes it, then stops
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signum)
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "optimizer_step", interrupted)
+    name = signal.Signals(signum).name
+    fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "cut"), *TINY, *flags],
+          rf"{name} at step 5: \S+ckpt.pt holds it; the same flags plus --resume continue")
+    assert cherry.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["iter"] == 5
+    monkeypatch.setattr(train, "optimizer_step", real_step)
+    run_train(tiny_data, tmp_path / "cut", *flags, "--resume")
+    timing = ("tokens_per_s", "eval_s", "mfu")
+    rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in timing}
+                        for line in open(out / "metrics.jsonl")]
+    assert rows(tmp_path / "cut") == rows(tmp_path / "straight")
+    a, b = (cherry.load_checkpoint(str(tmp_path / out / "ckpt.pt")) for out in ("straight", "cut"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_compress_and_fuse_honour_dropout(tiny_data, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    dense = cherry.GPT(tiny_config(vocab_size=50304))
+    torch.save({"model": dense.state_dict(), "config": asdict(dense.config)}, tmp_path / "dense.pt")
+    monkeypatch.setattr(train, "train", lambda args, model, summary_extra=None: model)  # the model it would train
+    flags = ["--data", tiny_data, *RUN]
+    small = compress.main([*flags, "--init_from", str(tmp_path / "dense.pt"), "--layers", "1", "--dropout", "0.2",
+                           "--out_dir", str(tmp_path / "c")])
+    torch.save({"model": small.state_dict(), "config": asdict(small.config)}, tmp_path / "small.pt")
+    fused = fuse.main([*flags, "--experts", str(tmp_path / "small.pt"), str(tmp_path / "small.pt"), "--dropout",
+                       "0.3", "--out_dir", str(tmp_path / "f")])
+    for model, p in ((small, 0.2), (fused, 0.3)):
+        dropouts = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        assert model.config.dropout == p and dropouts == {p}
+
+
+def test_bench_times_the_presets_shape_under_its_flags(monkeypatch, capsys):
+    timed = []
+    monkeypatch.setattr(bench, "matmul_gflops", lambda dtype, device: 1.0)
+    monkeypatch.setattr(bench, "bench", lambda model, *args: timed.append(model.config) or (1.0, 1.0))
+    bench.main(["--preset", "gpt2", "--n_layer", "3", "--device", "cpu"])
+    dense = timed[0]
+    assert (dense.n_layer, dense.n_embd, dense.block_size, dense.bias) == (3, 768, 1024, True)
+
+
 def as_nanogpt(ckpt):
     """Our checkpoint in nanoGPT's layout: model_args, transformer.h.N names, torch.compile's prefix."""
     c = ckpt["config"]
@@ -798,9 +852,9 @@ def test_init_from_fine_tunes_our_checkpoint_or_nanogpts_and_takes_its_block_siz
                               "--init_from", str(source), "--max_iters", "10", "--eval_interval", "10"])
         rows = [json.loads(line) for line in open(tmp_path / out / "metrics.jsonl")]
         assert rows[0]["loss"] == pytest.approx(base["final"]["loss"], abs=1e-5)  # it starts where the source ended
-        assert rows[-1]["loss"] < rows[0]["loss"] and summary["args"]["block_size"] == 24  # the model's context
+        assert rows[-1]["loss"] < rows[0]["loss"] and summary["config"]["block_size"] == 24  # the model's context
     fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "x"), "--init_from",
-                            str(tmp_path / "base"), "--n_layer", "3"], "shape comes from --init_from; leave out")
+                            str(tmp_path / "base"), "--n_layer", "3"], "shape comes from --init_from .*; leave out")
 
 
 def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path, capsys):
@@ -827,6 +881,8 @@ def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path, capsys
     fails(capsys, "compress", [*flags, "--init_from", str(tmp_path / "dense"), "--out_dir", str(tmp_path / "dense")],
           "would overwrite")
     fails(capsys, "compress", [*flags, "--layers", "2"], r"already holds a run .*--resume")
+    fails(capsys, "compress", [*flags, "--layers", "1", "--lora_rank", "4", "--resume"],
+          "was started with --layers 2, not 1")
     assert not (tmp_path / "fresh").exists()  # no error wrote anything
 
 
@@ -918,7 +974,7 @@ def test_nanogpt_and_hugging_face_layouts_load(tmp_path):
                                                 "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
                                                 "activation_function": "gelu"}))
     loaded = cherry.load_model(str(hf))
-    assert close(logits_of(loaded, x), logits_of(model, x)) and loaded.config.vocab == "gpt2"
+    assert close(logits_of(loaded, x), logits_of(model, x)) and loaded.config.vocab_id == "gpt2"
 
 
 def test_real_hugging_face_gpt2_gives_its_logits(tmp_path):
@@ -973,7 +1029,11 @@ BAD_FLAGS = [  # (script, flags, what its one line says)
     ("sample", ["--max_new_tokens", "1000000000"], "--max_new_tokens"), ("sample", ["--top_k", "-1"], "--top_k"),
     ("sample", ["--num_samples", "0"], "--num_samples"), ("bench", ["--steps", "0"], "--steps"),
     ("prepare", ["--val_fraction", "1"], "--val_fraction"), ("prepare", ["--val_fraction", "-0.5"], "--val_fraction"),
-    ("prepare", ["--max_tokens", "0"], "--max_tokens"), ("prepare", ["--tokenizer", "bpe:12"], "between 257"),
+    ("prepare", ["--max_tokens", "0"], "--max_tokens"),
+    ("train", ["--init_from", ""], "--init_from: an empty path"),
+    ("train", ["--sgt_ref", "ref"], "--sgt_ref: only --sgt_select excess"),
+    ("fuse", ["--init_from", "fused"], "give --experts to fuse, or --init_from .* not both"),
+    ("bench", ["--lr", "1"], "unrecognized arguments: --lr"), ("prepare", ["--tokenizer", "bpe:12"], "between 257"),
 ]
 
 
@@ -1047,9 +1107,12 @@ def test_a_run_folder_is_never_lost_mixed_or_shared(tiny_data, tmp_path, capsys)
     fails(capsys, "train", args(), r"already holds a run \(ckpt.pt\); add --resume to continue it, or choose a new")
     fails(capsys, "train", args("--resume", "--n_layer", "3"), r"was started with --n_layer 2, not 3")
     fails(capsys, "train", args("--resume", "--sgt", "0.5"), r"was started with --sgt 1.0, not 0.5")
+    fails(capsys, "train", args("--resume", "--dropout", "0.5"), r"was started with --dropout 0.0, not 0.5")
+    fails(capsys, "train", args("--resume", "--preset", "gpt2"), r"was started with --preset None, not gpt2")
+    fails(capsys, "train", args("--resume", "--init_from", "gpt2"), r"was started with --init_from None, not gpt2")
     compact = str(tmp_path / "c")
     data_prep.prepare([d[:20_000] for d in data_prep.shakespeare_documents()[:2]], compact)
-    fails(capsys, "train", args("--resume", "--data", compact), r"was started with --data")
+    fails(capsys, "train", args("--resume", "--data", compact), r"does not hold the data \S+ was trained on")
     with open(run / ".lock", "w") as lock:  # another training holds the folder
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fails(capsys, "train", args("--resume"), "is in use by another training")
@@ -1061,8 +1124,20 @@ def test_a_run_folder_is_never_lost_mixed_or_shared(tiny_data, tmp_path, capsys)
           "but no ckpt.pt to resume")
     (tmp_path / "a_file").write_text("")
     fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "a_file"), *TINY], "is not a folder")
-    train.main(args("--resume"))  # the same flags: it continues
+    train.main(args("--resume", "--data", os.path.relpath(tiny_data) + "/"))  # the same data, spelled otherwise
     assert json.load(open(run / "summary.json"))["final"]["iter"] == 6
+
+
+def test_a_data_folder_prepared_again_is_refused_on_resume(tiny_data, tmp_path, capsys):
+    data, other = tmp_path / "data", tmp_path / "other"
+    shutil.copytree(tiny_data, data)
+    run_train(str(data), tmp_path / "run", "--max_iters", "2", "--eval_interval", "2")
+    data_prep.prepare([d[:30_000] for d in data_prep.shakespeare_documents()[4:8]], str(other))
+    shutil.rmtree(data)
+    shutil.copytree(other, data)  # the same path, other text
+    fails(capsys, "train", ["--data", str(data), "--out_dir", str(tmp_path / "run"), *TINY, "--max_iters", "4",
+                            "--eval_interval", "2", "--resume"], r"does not hold the data \S+ was trained on")
+    assert json.load(open(tmp_path / "run" / "summary.json"))["final"]["iter"] == 2
 
 
 def test_a_full_disk_says_so_and_leaves_the_last_checkpoint_whole(tiny_data, tmp_path, capsys, monkeypatch):

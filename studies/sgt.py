@@ -145,7 +145,7 @@ def theorem1(out_dir):
     ckpt = cherry.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     args = argparse.Namespace(**ckpt["args"])
     model = cherry.build_model(ckpt["config"], ckpt["model"], out_dir)
-    data = train.Data(args.data, args.block_size, args.shuffle_tokens)
+    data = train.Data(args.data, args.block_size or model.config.block_size, args.shuffle_tokens)
     selector = train.Selector(args, data.meta, "cpu")
     with torch.no_grad():
         held_out = train.HeldOut(args, data, selector, "cpu").masks(model, contextlib.nullcontext())

@@ -40,7 +40,7 @@ def main(argv=None):
     device = guards.setup_device(args)[0]
     model = cherry.load_model(args.init_from, dropout=0.0).eval().to(device)
     data = args.data
-    if data is None and model.config.vocab != "gpt2":  # our checkpoint records the folder it was trained on
+    if data is None and model.config.vocab_id != "gpt2":  # our checkpoint records the folder it was trained on
         path = os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else args.init_from
         data = cherry.load_checkpoint(path).get("args", {}).get("data") if os.path.isfile(path) else None
         if data is None or not os.path.isfile(os.path.join(data, "meta.json")):
