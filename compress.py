@@ -18,7 +18,7 @@ import re
 
 import cherry
 import train
-from tools import guards
+import guards
 
 
 def parse_unroll(text, k):

@@ -16,7 +16,7 @@ The held-out `loss` is the next-token loss only (no MTP or router terms): the nu
 
 import cherry
 import train
-from tools import guards
+import guards
 
 MOE_FLAGS = ("experts_per_token", "mtp", "capacity_factor", "mtp_weight", "aux_weight", "z_weight")
 

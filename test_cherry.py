@@ -28,7 +28,8 @@ import fuse
 import train
 from data import prepare as data_prep
 from studies import sgt as sgt_study
-from tools import bench, guards, sample
+import guards
+from tools import bench, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN = ["--batch_size", "8", "--eval_iters", "4", "--log_interval", "1000", "--warmup_iters", "5", "--lr", "3e-3",

@@ -8,9 +8,10 @@ Train a GPT with full supervision or with SGT (selective ground-truth token trai
   python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune GPT-2, nanoGPT's or our ckpt.pt
   torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --sgt 0.15 --grad_accum 8
 
-Writes <out_dir>/ckpt.pt (everything --resume needs, atomically at every evaluation after the first), metrics.jsonl
-(a line per evaluation) and summary.json. A run killed at any moment continues with the same flags plus --resume and
-ends bit for bit as if never stopped (on the CPU). compress.py and fuse.py build a model, then call train() from here.
+Writes <out_dir>/ckpt.pt (everything --resume needs, whole, at every evaluation after the first and on Ctrl-C or
+SIGTERM), metrics.jsonl (a line per evaluation) and summary.json. A run killed at any moment continues with the same
+flags plus --resume and ends bit for bit as if never stopped (on the CPU). compress.py and fuse.py build a model, then
+call train() from here.
 """
 
 import argparse
@@ -30,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cherry
 from data import prepare as data_prep
-from tools import guards
-from tools.guards import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, number
+import guards
+from guards import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, number
 
 # ----------------------------------------------------------------------------
 # flags, shared by train.py, compress.py and fuse.py

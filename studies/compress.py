@@ -24,6 +24,7 @@ import torch
 
 import cherry
 import train
+from data import prepare as data_prep
 from studies import common
 
 # The CPU sizes come from pilots (--pilot; studies/compress_pilot.md): at width 128 dense 2 and 5 layers tied; at
@@ -60,7 +61,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     s, t0 = GPU if args.gpu else CPU, time.time()
     data = args.gpu or os.path.join(common.DATA, "shakespeare_char")
-    train.data_prep.load(data)  # made here on first use, not by two runs at once
+    data_prep.load(data)  # made here on first use, not by two runs at once
     seeds = range(1 if args.pilot else args.seeds)
     runs = [jobs(s, seed, args.out_dir, data, args.pilot) for seed in seeds]
     # recovery needs its teacher: the from-scratch runs first

@@ -24,6 +24,7 @@ import torch
 
 import cherry
 import train
+from data import prepare as data_prep
 from studies import common
 
 CPU = dict(teacher=6, layers=2, width=128, heads=4, teacher_steps=600, expert_steps=300, steps=300, batch=16, block=128,
@@ -39,12 +40,12 @@ def prepare(s):
     if not os.path.exists(os.path.join(folder, "code", "meta.json")):
         docs = {}
         for name in DOMAINS:  # whole documents, in order, until s["chars"] characters
-            texts = train.data_prep.CORPORA[name]()
+            texts = data_prep.CORPORA[name]()
             starts = itertools.accumulate([0, *map(len, texts)])
             docs[name] = [d for d, before in zip(texts, starts) if before < s["chars"]]
-        train.data_prep.prepare(docs["korean"] + docs["code"], os.path.join(folder, "mix"), s["vocab"])
+        data_prep.prepare(docs["korean"] + docs["code"], os.path.join(folder, "mix"), s["vocab"])
         for name in DOMAINS:
-            train.data_prep.prepare(docs[name], os.path.join(folder, name), os.path.join(folder, "mix"))
+            data_prep.prepare(docs[name], os.path.join(folder, name), os.path.join(folder, "mix"))
     return folder
 
 

@@ -25,8 +25,9 @@ import time
 import torch
 
 import cherry
+import guards
 import train
-from tools import guards
+from data import prepare as data_prep
 from studies import common
 
 SCALE = ["--n_layer", 4, "--n_head", 4, "--n_embd", 64, "--block_size", 128, "--batch_size", 8, "--max_iters", 400,
@@ -80,8 +81,8 @@ def data_folders(args):
         # text and shuffled text: one folder
         folders[domain] = os.path.join(common.DATA, f"sgt-{corpus}" + ("-gpt2" if args.gpu else ""))
         if not os.path.exists(os.path.join(folders[domain], "meta.json")):
-            docs = train.data_prep.CORPORA[corpus]()
-            train.data_prep.prepare(docs, folders[domain], compact_vocab=not args.gpu, max_tokens=1_500_000)
+            docs = data_prep.CORPORA[corpus]()
+            data_prep.prepare(docs, folders[domain], compact_vocab=not args.gpu, max_tokens=1_500_000)
     return folders
 
 
@@ -178,8 +179,8 @@ def stays_below(rows, unigram):
 
 def defaults(args):
     """Run the default rule (CANDIDATES, above) and write studies/sgt_defaults.md."""
-    folders = {"text": train.data_prep.DEFAULT_DIR, "code": os.path.join(common.DATA, "code")}
-    train.data_prep.load(folders["code"])  # made here on first use, not by two runs at once
+    folders = {"text": data_prep.DEFAULT_DIR, "code": os.path.join(common.DATA, "code")}
+    data_prep.load(folders["code"])  # made here on first use, not by two runs at once
     t0, chosen = time.time(), "No candidate passed."
     lines = common.table("beta", "mix", "data", "seed", "held-out loss: best / final", "unigram",
                          "unsupervised: start -> end", "gamma (end)", "passes")

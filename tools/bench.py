@@ -2,28 +2,27 @@
 Benchmark one training step of each model variant at one config (train.py's own optimizer_step): tokens/s, MFU where
 the device's peak is known, peak memory, and the FLOPs per token each figure assumes; then the speed targets.
 
-  python tools/bench.py                                  # CPU: 6 x 384, 6 heads, block 256, batch 8, fp32
-  python tools/bench.py --dtype bfloat16                 # CPU autocast
-  python tools/bench.py --nanogpt ../nanoGPT             # also nanoGPT's model.py (a checkout) at this config
-  python tools/bench.py --preset gpt2 --batch_size 16 --block_size 1024 --compile   # GPU
+  python -m tools.bench                                  # CPU: 6 x 384, 6 heads, block 256, batch 8, fp32
+  python -m tools.bench --dtype bfloat16                 # CPU autocast
+  python -m tools.bench --nanogpt ../nanoGPT             # also nanoGPT's model.py (a checkout) at this config
+  python -m tools.bench --preset gpt2 --batch_size 16 --block_size 1024 --compile   # GPU
 
 Variants: dense; SGT 0.15 (the gathered head); compressed (a third of the layers, each run 3 times, LoRA 8); MoEE of
 2 experts, top-1, at the dense model's shape (equal active parameters, plus the routers).
 """
 
 import argparse
+import importlib.util
 import os
 import resource
-import sys
 import time
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cherry  # noqa: E402
-import train  # noqa: E402
-from tools import guards  # noqa: E402
+import cherry
+import guards
+import train
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)  # bench's own, under a preset and the flags
 TARGETS = [("MoEE / dense", "cpu", 0.9), ("MoEE / dense", "cuda", 0.8), ("SGT 0.15 / dense", "cuda", 1.25),
@@ -123,8 +122,9 @@ def main(argv=None):
         print(f"| {label} | {speed[name]:,.0f} | {f'{mfu[name]:.1%}' if peak else '-'} | {memory:,.0f} | "
               f"{flops / 1e6:,.1f} |", flush=True)
     if args.nanogpt:
-        sys.path.insert(0, args.nanogpt)
-        import model as nanogpt
+        spec = importlib.util.spec_from_file_location("nanogpt", os.path.join(args.nanogpt, "model.py"))
+        nanogpt = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nanogpt)
         ng = nanogpt.GPT(nanogpt.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias))
         tok_s, memory = bench(ng, 1.0, args, device, dtype, ctx)

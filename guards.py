@@ -1,7 +1,7 @@
 """
 What keeps a training run safe, kept out of train.py's loop: flag values checked on the way in, a device this machine
-really has, a run folder that is never lost, mixed or shared (the checks, the lock, the state --resume needs, whole-file
-writes), the NaN watch, and the one line a mistake ends a script with. train.py, compress.py and fuse.py use it.
+really has, a run folder that is never lost, mixed or shared (the checks, the lock, whole-file writes), the NaN watch,
+and the one line a mistake ends a script with. train.py, compress.py, fuse.py and the tools use it.
 """
 
 import argparse
