@@ -11,6 +11,7 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -105,7 +106,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, cache_slot=0):
-        """cache: the KV cache, {application: (keys, values) of the past positions}; updated in place."""
+        """cache: None, or the KV cache {application: (keys, values) of the past positions}, updated in
+        place under cache_slot."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -160,19 +162,25 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
-        # the recurrent unroll (section 4): the blocks run in this order, a block may run several times
-        self.schedule = config.applications()
-        self.step_embed = nn.Parameter(torch.zeros(len(self.schedule), config.n_embd)) if config.step_embed else None
-        self.adapters = (nn.ModuleList(Adapter(self.blocks[i], config.lora_rank) for i in self.schedule)
-                         if config.lora_rank else None)
+        # the recurrent unroll (section 4): the block each application runs, in order (a block may run
+        # several times); a step embedding and an adapter per application
+        self.applications = config.applications()
+        self.step_embed = None
+        if config.step_embed:
+            self.step_embed = nn.Parameter(torch.zeros(len(self.applications), config.n_embd))
+        self.adapters = None
+        if config.lora_rank:
+            adapters = (Adapter(self.blocks[i], config.lora_rank) for i in self.applications)
+            self.adapters = nn.ModuleList(adapters)
         # MoEE (section 5): the mixture layers (their routers' losses are collected per call), the MTP modules
         self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
         self.mtp_modules = nn.ModuleList(MTPModule(config) for _ in range(config.mtp))
         self.apply(self._init_weights)
-        # GPT-2 init: residual projections scaled down by the depth of the residual stream (applications, not layers)
+        # GPT-2 init: residual projections scaled down by the depth of the residual stream (its
+        # applications, not its layers)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * len(self.schedule)))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * len(self.applications)))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -184,24 +192,26 @@ class GPT(nn.Module):
         """Final (normed) hidden states (B, T, C); the residual stream before the final norm if residual.
         With a cache, idx continues the cached positions."""
         B, T = idx.shape
-        start = cache[0][0].size(2) if cache else 0
+        start = cached_positions(cache)
         if start + T > self.config.block_size:
-            raise ValueError(f"a sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device)))
+            raise ValueError(f"a sequence of {start + T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))
         for moe in self.moe_layers:
             moe.calls.clear()  # each call of a mixture layer in this pass records its router loss and load
-        for a in range(len(self.schedule)):  # dense: application a runs block a, each once
+        for a in range(len(self.applications)):  # dense: application a runs block a, each once
             if self.step_embed is not None:
                 x = x + self.step_embed[a]  # tells a shared block which application this is
-            if self.grad_checkpoint and self.training and cache is None:  # recompute in backward: less memory
+            if self.grad_checkpoint and self.training and cache is None:  # less memory: recompute
                 x = torch.utils.checkpoint.checkpoint(self.apply_layer, a, x, use_reentrant=False)
             else:
                 x = self.apply_layer(a, x, cache)
         return x if residual else self.ln_f(x)
 
     def apply_layer(self, a, x, cache=None):
-        """Application a of the schedule: its block, with this application's own LoRA difference if any."""
-        block = self.blocks[self.schedule[a]]
+        """Application a: its block, with this application's own LoRA difference if any."""
+        block = self.blocks[self.applications[a]]
         if self.adapters is None:
             return block(x, cache, cache_slot=a)  # each application keeps its own keys and values
         return torch.func.functional_call(block, self.adapters[a].weights(block), (x, cache, a))
@@ -242,21 +252,32 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
         """Sample max_new_tokens after idx (B, T). The KV cache makes each new token O(T), not O(T^2)."""
-        cache = None
+        cache = {} if use_cache else None
         for _ in range(max_new_tokens):
-            if cache and cache[0][0].size(2) < self.config.block_size:
+            if 0 < cached_positions(cache) < self.config.block_size:
                 h = self.hidden(idx[:, -1:], cache)  # only the newest token; the past is cached
             else:  # (re)start from the last block_size tokens, exactly what the model was trained on
-                cache = {} if use_cache else None
+                if cache is not None:
+                    cache.clear()
                 h = self.hidden(idx[:, -self.config.block_size:], cache)
             logits = self.lm_head(h[:, -1, :]).float() / max(temperature, 1e-8)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
-            greedy = temperature == 0
-            next_id = logits.argmax(-1, keepdim=True) if greedy else torch.multinomial(F.softmax(logits, dim=-1), 1)
+            if temperature == 0:
+                next_id = logits.argmax(-1, keepdim=True)
+            else:
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), 1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+def cached_positions(cache):
+    """How many positions a KV cache holds. cache: None (no cache) or {application: (keys, values)},
+    empty until the first forward fills it."""
+    if cache is None or 0 not in cache:
+        return 0
+    return cache[0][0].size(2)
 
 
 def cross_entropy(logits, targets):
@@ -389,12 +410,13 @@ class Adapter(nn.Module):
                 self.offset[key].copy_(residue)
 
 
-def layer_groups(n_layer, k):
-    """k contiguous groups of n_layer / k adjacent layers: layer_groups(6, 3) = [[0, 1], [2, 3], [4, 5]]."""
-    if k < 1 or n_layer % k:
-        raise ValueError(f"{n_layer} layers do not split into {k} equal groups of adjacent layers")
-    g = n_layer // k
-    return [list(range(j * g, (j + 1) * g)) for j in range(k)]
+def layer_groups(n_layer, layers):
+    """`layers` contiguous groups of n_layer / layers adjacent layers:
+    layer_groups(6, 3) = [[0, 1], [2, 3], [4, 5]]."""
+    if layers < 1 or n_layer % layers:
+        raise ValueError(f"{n_layer} layers do not split into {layers} equal groups of adjacent layers")
+    g = n_layer // layers
+    return [list(range(j * g, (j + 1) * g)) for j in range(layers)]
 
 
 def repeat_schedule(repeats):
@@ -403,42 +425,53 @@ def repeat_schedule(repeats):
 
 
 def loop_schedule(prelude, core, coda, loops):
-    """Huginn's shape: the first `prelude` layers once, the next `core` layers looped `loops` times, `coda` once."""
-    return (tuple(range(prelude)) + tuple(range(prelude, prelude + core)) * loops
-            + tuple(range(prelude + core, prelude + core + coda)))
+    """Huginn's shape: the first `prelude` layers once, the next `core` layers looped `loops` times,
+    `coda` once."""
+    first = tuple(range(prelude))
+    looped = tuple(range(prelude, prelude + core)) * loops
+    last = tuple(range(prelude + core, prelude + core + coda))
+    return first + looped + last
 
 
-def default_repeats(k, group_size):
-    """The paper's (1, 8, 8, 8, 8, 1) for 48 -> 6, at any size: the ends once, the middle layers group-size times."""
-    return (group_size,) * k if k <= 2 else (1,) + (group_size,) * (k - 2) + (1,)
+def paper_schedule(n_layer, layers):
+    """The paper's (1, 8, 8, 8, 8, 1) for 48 -> 6, at any size: the ends once, the middle layers
+    group-size times."""
+    g = n_layer // layers
+    repeats = (g,) * layers if layers <= 2 else (1,) + (g,) * (layers - 2) + (1,)
+    return repeat_schedule(repeats)
 
 
 @torch.no_grad()
-def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_end=True):
-    """A dense GPT's n_layer layers -> k, layer j the exact mean of the j-th group of g adjacent layers (every tensor,
-    norms included; not LaCo's sum of differences), run in `schedule` (default: default_repeats). Step embeddings start
-    at zero: at first the unroll is plain repetition. With LoRA, application t of layer j's n starts from the residue of
-    its group's layer at the same relative depth, group[t * g // n], or for the last layer (next to the head)
-    group[(t + 1) * g // n - 1], so a once-run coda starts from the original's final layer (coda_from_end=False: its
-    group's first). With n = g and full rank the original comes back. Returns a new GPT."""
+def compress(model, layers, schedule, step_embed=True, lora_rank=0, coda_from_end=True):
+    """A dense GPT's n_layer layers -> `layers`, layer j the exact mean of the j-th group of g adjacent
+    layers (every tensor, norms included; not LaCo's sum of differences), run in `schedule` (the layer
+    of each application, e.g. paper_schedule). Step embeddings start at zero: at first the unroll is
+    plain repetition. With LoRA, application t of layer j's n starts from the residue of its group's
+    layer at the same relative depth, group[t * g // n], or for the last layer (next to the head)
+    group[(t + 1) * g // n - 1], so a once-run coda starts from the original's final layer
+    (coda_from_end=False: its group's first). With n = g and full rank the original comes back.
+    Returns a new GPT."""
     cfg = model.config
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed:
         raise ValueError("compress takes a dense model (no schedule, step embeddings or LoRA)")
-    groups = layer_groups(cfg.n_layer, k)
+    groups = layer_groups(cfg.n_layer, layers)
     g = len(groups[0])
-    schedule = tuple(schedule) if schedule is not None else repeat_schedule(default_repeats(k, g))
-    if sorted(set(schedule)) != list(range(k)):
-        raise ValueError(f"the schedule {schedule} must run each of the {k} layers at least once")
-    small = GPT(replace(cfg, n_layer=k, schedule=schedule, step_embed=step_embed, lora_rank=lora_rank))
-    for name in ("wte", "wpe", "ln_f"):  # everything outside the blocks is kept as it is (lm_head is tied to wte)
+    schedule = tuple(schedule)
+    if sorted(set(schedule)) != list(range(layers)):
+        raise ValueError(f"the schedule {schedule} must run each of the {layers} layers at least once")
+    small = GPT(replace(cfg, n_layer=layers, schedule=schedule, step_embed=step_embed, lora_rank=lora_rank))
+    for name in ("wte", "wpe", "ln_f"):  # everything outside the blocks is kept (lm_head is tied to wte)
         getattr(small, name).load_state_dict(getattr(model, name).state_dict())
     for j, group in enumerate(groups):
         for name, p in small.blocks[j].named_parameters():
             p.copy_(torch.stack([model.blocks[i].get_parameter(name) for i in group]).mean(dim=0))
     if lora_rank:
         for a, j in enumerate(schedule):
-            t, n = schedule[:a].count(j), schedule.count(j)  # application t of layer j's n
-            index = (t + 1) * g // n - 1 if j == k - 1 and coda_from_end else t * g // n
+            t = schedule[:a].count(j)  # application t of layer j's n
+            n = schedule.count(j)
+            index = t * g // n
+            if j == layers - 1 and coda_from_end:
+                index = (t + 1) * g // n - 1
             small.adapters[a].init_from_residue(model.blocks[groups[j][index]], small.blocks[j])
     return small
 
@@ -448,75 +481,97 @@ def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_en
 
 
 class MoE(nn.Module):
-    """The MLPs of several experts behind a token-level router (Switch, Branch-Train-MiX): each token goes to its
-    experts_per_token best experts. Static shapes (no host sync, one compiled graph): the (token, expert) assignments
-    queue by expert into fixed-capacity buffers, each expert runs on its buffer, the outputs are added back, gated. In
-    training an expert takes at most capacity_factor x its fair share and drops the rest (counted; the token passes on
-    the residual); evaluation never drops. self.calls: (router loss, load, dropped) per call."""
+    """The MLPs of several experts behind a token-level router (Switch, Branch-Train-MiX): each token
+    goes to its experts_per_token best experts. Static shapes (no host sync, one compiled graph): the
+    (token, expert) assignments queue by expert into fixed-capacity buffers, each expert runs on its
+    buffer, the outputs are added back, gated. In training an expert takes at most capacity_factor x
+    its fair share and drops the rest (counted; the token passes on the residual); evaluation never
+    drops. self.calls: a RouterCall per call of this layer in the current forward pass."""
 
     def __init__(self, config):
         super().__init__()
-        self.k, self.capacity_factor = config.experts_per_token, config.capacity_factor
-        self.aux_weight, self.z_weight = config.aux_weight, config.z_weight
+        self.experts_per_token = config.experts_per_token
+        self.capacity_factor = config.capacity_factor
+        self.aux_weight = config.aux_weight
+        self.z_weight = config.z_weight
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
-        self.calls = []  # [(router loss, assignments per expert, dropped)] of the current forward pass
+        self.calls = []
 
     def forward(self, x):
         B, T, C = x.shape
-        x = x.reshape(-1, C)
-        N, E = x.size(0), len(self.experts)
-        with torch.autocast(x.device.type, enabled=False):  # router in fp32: small logit errors flip the choice
-            logits = F.linear(x.float(), self.router.weight.float())
+        K = self.experts_per_token
+        E = len(self.experts)
+        x = x.reshape(-1, C)  # (N, C): every token of the batch
+        N = x.size(0)
+        with torch.autocast(x.device.type, enabled=False):  # fp32: small logit errors flip the choice
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
         probs = logits.softmax(dim=-1)
-        top_p, expert = probs.topk(self.k, dim=-1)  # (N, k)
-        # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly one expert's
-        # output); the scale is detached, so the router still learns from the LM loss as in Switch
-        gates = (top_p / top_p.sum(dim=-1, keepdim=True).detach()).flatten()
-        expert = expert.flatten()  # the N * k assignments, token-major: token i's k choices are i*k .. i*k + k-1
+        top_p, expert = probs.topk(K, dim=-1)  # (N, K)
+        # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly one
+        # expert's output); the scale is detached, so the router still learns from the LM loss (Switch)
+        gates = (top_p / top_p.sum(dim=-1, keepdim=True).detach()).flatten()  # (N * K,)
+        expert = expert.flatten()  # (N * K,) token-major: token i's choices are i*K .. i*K + K-1
         # each assignment's place in its expert's queue (token order); past the capacity it is dropped
-        capacity = min(N, math.ceil(self.capacity_factor * N * self.k / E)) if self.training else N
-        one_hot = F.one_hot(expert, E)  # (N * k, E)
-        place = (one_hot.cumsum(dim=0) * one_hot).sum(dim=1) - 1
+        capacity = N
+        if self.training:
+            capacity = min(N, math.ceil(self.capacity_factor * N * K / E))
+        one_hot = F.one_hot(expert, E)  # (N * K, E)
+        place = (one_hot.cumsum(dim=0) * one_hot).sum(dim=1) - 1  # (N * K,)
         kept = place < capacity
-        slot = torch.where(kept, expert * capacity + place, E * capacity)  # the dropped share a spare last row
-        inputs = x if self.k == 1 else x.repeat_interleave(self.k, dim=0)
+        # a row per (expert, place); every dropped assignment goes to one spare last row
+        slot = torch.where(kept, expert * capacity + place, E * capacity)  # (N * K,)
+        inputs = x.repeat_interleave(K, dim=0) if K > 1 else x  # (N * K, C)
         buffers = x.new_zeros(E * capacity + 1, C).index_copy(0, slot, inputs)[:-1]  # (E * capacity, C)
-        y = torch.cat([mlp(part) for mlp, part in zip(self.experts, buffers.split(capacity))] + [x.new_zeros(1, C)])
-        out = (y[slot] * (gates * kept).unsqueeze(-1)).view(N, self.k, C).sum(dim=1)
-        counts = one_hot.sum(dim=0)
+        outputs = [mlp(part) for mlp, part in zip(self.experts, buffers.split(capacity))]
+        y = torch.cat(outputs + [x.new_zeros(1, C)])  # (E * capacity + 1, C): the spare row is zero
+        out = (y[slot] * (gates * kept).unsqueeze(-1)).view(N, K, C).sum(dim=1)  # (N, C)
+        counts = one_hot.sum(dim=0)  # (E,) assignments per expert
         loss = self.aux_weight * switch_loss(probs, counts)
         if self.z_weight:
             loss = loss + self.z_weight * logits.logsumexp(dim=-1).square().mean()
-        self.calls.append((loss, counts, (~kept).sum()))
+        self.calls.append(RouterCall(loss, counts, (~kept).sum()))
         return out.view(B, T, C)
 
 
+class RouterCall(NamedTuple):
+    """What one call of a mixture layer records: its router loss, the assignments each expert got, and
+    how many of them the capacity dropped."""
+    loss: torch.Tensor
+    counts: torch.Tensor
+    dropped: torch.Tensor
+
+
 def switch_loss(probs, counts):
-    """Switch Transformer's load balance, E * sum_i f_i * P_i: f_i the share of assignments expert i got, P_i its mean
-    router probability over the full softmax (the differentiable part); 1 when uniform, E when one takes all."""
+    """Switch Transformer's load balance, E * sum_i f_i * P_i: f_i the share of assignments expert i
+    got, P_i its mean router probability over the full softmax (the differentiable part); 1 when
+    uniform, E when one takes all."""
     return len(counts) * (counts.float() / counts.sum() * probs.mean(dim=0)).sum()
 
 
 def router_loss(moe_layers):
     """The mean of the router losses of every mixture-layer call of the last forward pass."""
-    return torch.stack([loss for moe in moe_layers for loss, _, _ in moe.calls]).mean()
+    return torch.stack([call.loss for moe in moe_layers for call in moe.calls]).mean()
 
 
-def expert_counts(model):
-    """Assignments each expert got in the last forward pass, per mixture layer (all its calls): (layers, n_expert)."""
-    return torch.stack([torch.stack([counts for _, counts, _ in moe.calls]).sum(dim=0) for moe in model.moe_layers])
+def expert_counts(moe_layers):
+    """Assignments each expert got in the last forward pass, per mixture layer (all its calls):
+    (layers, n_expert)."""
+    return torch.stack([sum(call.counts for call in moe.calls) for moe in moe_layers])
 
 
-def dropped_share(model):
-    """The share of the last forward pass's assignments that the capacity dropped (a tensor: no host sync)."""
-    calls = [c for moe in model.moe_layers for c in moe.calls]
-    return sum(dropped for _, _, dropped in calls) / sum(counts.sum() for _, counts, _ in calls)
+def dropped_share(moe_layers):
+    """The share of the last forward pass's assignments that the capacity dropped (a tensor: no host
+    sync)."""
+    calls = [call for moe in moe_layers for call in moe.calls]
+    return sum(call.dropped for call in calls) / sum(call.counts.sum() for call in calls)
 
 
-def shift_left(t, k, fill):
-    """t[:, i + k] at position i; the last k positions get fill."""
-    return torch.cat([t[:, k:], t.new_full((t.size(0), k), fill)], dim=1) if k else t
+def shift_left(t, n, fill):
+    """t[:, i + n] at position i; the last n positions get fill."""
+    if n == 0:
+        return t
+    return torch.cat([t[:, n:], t.new_full((t.size(0), n), fill)], dim=1)
 
 
 class MTPModule(nn.Module):
@@ -534,17 +589,19 @@ class MTPModule(nn.Module):
 
 
 def mtp_loss(model, x, targets, selected=None):
-    """Multi-token prediction (DeepSeek-V3): module k combines the previous depth's hidden state at position i with the
-    embedding of t(i+k) and predicts t(i+k+1) through the shared ln_f and head; the mean of the D losses. targets[:, i]
-    is t(i+1), so module k reads targets shifted by k-1 and predicts them shifted by k. With SGT only the selected
-    targets supervise: target j is predicted at position j - k, and module k's head runs there only."""
+    """Multi-token prediction (DeepSeek-V3): the module at depth d combines the previous depth's hidden
+    state at position i with the embedding of t(i+d) and predicts t(i+d+1) through the shared ln_f and
+    head; the mean of the D losses. targets[:, i] is t(i+1), so depth d reads targets shifted by d-1 and
+    predicts them shifted by d. With SGT only the selected targets supervise: target j is predicted at
+    position j - d, and depth d's head runs there only."""
     losses = []
-    for k, module in enumerate(model.mtp_modules, start=1):
-        x = module(x, model.wte(shift_left(targets, k - 1, fill=0)))
-        h, target = model.ln_f(x), shift_left(targets, k, fill=-1)
+    for d, module in enumerate(model.mtp_modules, start=1):
+        x = module(x, model.wte(shift_left(targets, d - 1, fill=0)))
+        h = model.ln_f(x)
+        target = shift_left(targets, d, fill=-1)
         if selected is not None:
-            h = gather(h, (selected - k).clamp(min=0))
-            target = torch.where(selected >= k, targets.gather(1, selected), -1)
+            h = gather(h, (selected - d).clamp(min=0))
+            target = torch.where(selected >= d, targets.gather(1, selected), -1)
         loss = cross_entropy(model.lm_head(h), target)
         losses.append(loss.sum() / (target >= 0).sum().clamp(min=1))
     return torch.stack(losses).mean()
@@ -578,17 +635,23 @@ def fuse(experts, experts_per_token=1, mtp=0, **moe_config):
 # 6. Counts: parameters and FLOPs
 
 
-def count_params(model, non_embedding=True, active=False):
-    """Parameters, each stored tensor once (a block run several times counts once; step embeddings and adapters in
-    full), without the position embeddings by convention. active: what one token uses at inference (experts_per_token
-    of the experts' MLPs, no MTP modules)."""
+def count_params(model, active=False, non_embedding=False):
+    """Parameters, each stored tensor once (a block run several times counts once; step embeddings and
+    adapters in full), as nanoGPT counts them: without the position embeddings, the token embeddings
+    counted as the head they are tied to. non_embedding: without either embedding table. active: what
+    one token uses at inference (experts_per_token of the experts' MLPs, no MTP modules)."""
     n = 0
     for name, p in model.named_parameters():
         if active and name.startswith("mtp_modules."):
             continue
-        share = model.config.experts_per_token / model.config.n_expert if re.search(r"mlp[._]experts[._]", name) else 1
-        n += p.numel() * (share if active else 1)
-    return int(n) - (model.wpe.weight.numel() if non_embedding else 0)
+        share = 1
+        if active and re.search(r"mlp[._]experts[._]", name):
+            share = model.config.experts_per_token / model.config.n_expert
+        n += p.numel() * share
+    n -= model.wpe.weight.numel()
+    if non_embedding:
+        n -= model.wte.weight.numel()
+    return int(n)
 
 
 def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=False):

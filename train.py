@@ -295,7 +295,7 @@ class HeldOut:
         for x, _, _ in self.batches:
             with ctx:
                 model.eval().hidden(x)  # the routers record their counts
-            total = total + cherry.expert_counts(model)
+            total = total + cherry.expert_counts(model.moe_layers)
         model.train()
         return (total / total.sum(dim=1, keepdim=True)).tolist()
 
@@ -516,7 +516,7 @@ def train(args, model=None, summary_extra=None):
             nan.record(loss, it + 1)
             tokens += tokens_per_step
             if cfg.n_expert:
-                dropped = dropped + cherry.dropped_share(raw_model).detach()
+                dropped = dropped + cherry.dropped_share(raw_model.moe_layers).detach()
             # progress
             if (it + 1) % args.log_interval == 0:
                 nan.check(saved)  # a sync: the clock below sees the step done

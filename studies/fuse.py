@@ -76,7 +76,7 @@ def main(argv=None):
                         "--mtp", mtp) for seed in seeds for arm, (e, mtp) in arms.items()], args.gpu)
     # a dense model with MoEE's total (non-embedding) parameters, from scratch, with the FLOPs of MoEE's whole pipeline
     moee, teacher, expert = (cherry.load_model(out(name, 0)) for name in ("korean+code", "teacher", "expert-code"))
-    dense_layers = max(1, round((cherry.count_params(moee) - moee.wte.weight.numel()) / (12 * s["width"] ** 2)))
+    dense_layers = max(1, round(cherry.count_params(moee, non_embedding=True) / (12 * s["width"] ** 2)))
     dense = replace(teacher.config, n_layer=dense_layers)
     f = cherry.flops_per_token
     dense_steps = round((s["teacher_steps"] * f(teacher.config) + 2 * s["expert_steps"] * f(expert.config)
