@@ -671,37 +671,53 @@ def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=F
 
 
 # ----------------------------------------------------------------------------
-# Appendix: loading weights. Every file goes through torch.load(weights_only=True): plain data, never pickled code.
+# Appendix: loading weights. A .pt or .bin file is read by torch.load(weights_only=True): plain data,
+# never pickled code. A .safetensors file holds tensors only; GPT-2 by name comes through transformers.
 
 
 def load_checkpoint(path):
-    """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is refused, not run."""
+    """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is refused,
+    not run. An OSError (no permission, a folder) is torch's own line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails: the error says it all
+        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class the file would have had run
-        raise ValueError(f"{path} holds a pickled Python object ({unsafe.group(1)}) that loading would have to run; "
-                         "refused, nothing was executed" if unsafe else
-                         f"{path} is corrupt, truncated or not a torch checkpoint; it was not loaded") from None
+    except OSError:
+        raise
+    except Exception:  # torch's own message is many lines of advice: say what happened in one
+        unsafe = unsafe_globals(path)
+        if unsafe:
+            raise ValueError(f"{path} holds a pickled Python object ({unsafe[0]}) that loading would "
+                             f"have to run; refused, nothing was executed") from None
+        raise ValueError(f"{path} is corrupt, truncated or not a torch checkpoint; it was not "
+                         f"loaded") from None
+
+
+def unsafe_globals(path):
+    """The functions and classes a checkpoint's pickle would run (read, never run); [] if unreadable."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return []
 
 
 def build_model(config, state, source, dropout=None):
-    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: modules are counted, the
-    model is built on the meta device, and the stored tensors are assigned to it, not copied."""
-    config = dict(config)
-    if "vocab" in config:  # its name in checkpoints written before it was vocab_id
-        config["vocab_id"] = config.pop("vocab")
-    if dropout is not None:
-        config["dropout"] = dropout
+    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: modules
+    are counted, the model is built on the meta device, and the stored tensors are assigned to it, not
+    copied. dropout None keeps the config's."""
     try:
+        config = dict(config)
+        if "vocab" in config:  # its name in checkpoints written before it was vocab_id
+            config["vocab_id"] = config.pop("vocab")
+        if dropout is not None:
+            config["dropout"] = dropout
         config = GPTConfig(**config)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source} has a config this model cannot build ({e})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    if not tensors:
         raise ValueError(f"{source} holds no weights of this model")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)", mtp=r"mtp_modules\.(\d+)")
@@ -713,8 +729,8 @@ def build_model(config, state, source, dropout=None):
         model = GPT(config)
     try:
         model.load_state_dict(state, strict=True, assign=True)  # names and shapes, strictly
-    except RuntimeError as e:
-        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first problem torch lists
+    except RuntimeError as e:  # a header line, then one line per problem: the first problem
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()
         raise ValueError(f"{source} does not fit its config: {first[:300]}") from None
     model.lm_head.weight = model.wte.weight  # assigning replaced both: tie them again
     return model
@@ -723,30 +739,42 @@ def build_model(config, state, source, dropout=None):
 def gpt2_config(c, source):
     """Hugging Face's GPT2Config (a dict) -> ours; GPT-2's "gelu_new" is the tanh GELU."""
     c = c if isinstance(c, dict) else {}
-    gelu = dict(gelu_new="tanh", gelu_pytorch_tanh="tanh", gelu="none").get(c.get("activation_function", "gelu_new"))
-    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or c.get("n_inner") not in (None, 4 * c.get("n_embd", 0)):
-        raise ValueError(f"{source} is not a GPT-2 this model can run (model_type {c.get('model_type')!r})")
-    return dict(block_size=c.get("n_positions"), vocab_size=c.get("vocab_size"), n_layer=c.get("n_layer"),
-                n_head=c.get("n_head"), n_embd=c.get("n_embd"), bias=True, gelu_approximate=gelu, vocab_id="gpt2")
+    gelus = dict(gelu_new="tanh", gelu_pytorch_tanh="tanh", gelu="none")
+    gelu = gelus.get(c.get("activation_function", "gelu_new"))
+    plain_mlp = c.get("n_inner") in (None, 4 * c.get("n_embd", 0))
+    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or not plain_mlp:
+        raise ValueError(f"{source} is not a GPT-2 this model can run (model_type "
+                         f"{c.get('model_type')!r})")
+    return dict(block_size=c.get("n_positions"), vocab_size=c.get("vocab_size"),
+                n_layer=c.get("n_layer"), n_head=c.get("n_head"), n_embd=c.get("n_embd"), bias=True,
+                gelu_approximate=gelu, vocab_id="gpt2")
 
 
 def gpt2_state(state, conv1d):
-    """GPT-2's parameter names (nanoGPT's, Hugging Face's) -> ours; Hugging Face's Conv1D stores matrices transposed."""
-    rename = lambda n: re.sub(r"^h\.", "blocks.", n.removeprefix("_orig_mod.").removeprefix("transformer."))
-    out = {rename(n): t.t() if conv1d and n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else t
-           for n, t in state.items() if not n.endswith((".attn.bias", ".attn.masked_bias"))}  # mask buffers
+    """GPT-2's parameter names (nanoGPT's, Hugging Face's) -> ours; Hugging Face's Conv1D stores
+    matrices transposed."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # mask buffers, not weights
+            continue
+        if conv1d and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            t = t.t()
+        name = name.removeprefix("_orig_mod.").removeprefix("transformer.")
+        out[re.sub(r"^h\.", "blocks.", name)] = t
     return {"lm_head.weight": out.get("wte.weight"), **out}  # tied; some files leave it out
 
 
 def load_model(source, dropout=None):
-    """A GPT from this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2 folder (config.json
-    and model.safetensors or pytorch_model.bin), or gpt2 .. gpt2-xl by name (transformers, online or cached). GPT-2's
-    weights come with its tanh GELU, so the logits are Hugging Face's. dropout None keeps the checkpoint's."""
+    """A GPT from this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2
+    folder (config.json and model.safetensors or pytorch_model.bin), or gpt2 .. gpt2-xl by name
+    (transformers, online or cached). GPT-2's weights come with its tanh GELU, so the logits are
+    Hugging Face's. dropout None keeps the checkpoint's."""
     if os.path.isfile(os.path.join(source, "config.json")):  # a Hugging Face folder
         try:
-            config = gpt2_config(json.load(open(os.path.join(source, "config.json"))), source)
-        except ValueError:
-            raise ValueError(f"{source}/config.json is not a GPT-2 config") from None
+            hf_config = json.load(open(os.path.join(source, "config.json")))
+        except json.JSONDecodeError:
+            raise ValueError(f"{source}/config.json is not valid JSON") from None
+        config = gpt2_config(hf_config, source)
         if os.path.isfile(os.path.join(source, "model.safetensors")):
             from safetensors.torch import load_file  # comes with transformers
             state = load_file(os.path.join(source, "model.safetensors"))
@@ -757,13 +785,16 @@ def load_model(source, dropout=None):
     if not os.path.exists(path) and source in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         from transformers import GPT2LMHeadModel  # optional: pip install transformers
         hf = GPT2LMHeadModel.from_pretrained(source)
-        return build_model(gpt2_config(hf.config.to_dict(), source), gpt2_state(hf.state_dict(), True), source, dropout)
+        config = gpt2_config(hf.config.to_dict(), source)
+        return build_model(config, gpt2_state(hf.state_dict(), conv1d=True), source, dropout)
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):  # ours
         return build_model(ckpt["config"], ckpt.get("model"), path, dropout)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict):  # nanoGPT's: GPT-2's names
         args = ckpt["model_args"]
         config = {k: args.get(k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")}
-        config["vocab_id"] = "gpt2" if (config["vocab_size"] or 0) >= 50257 else ""  # GPT-2's, unless smaller
-        return build_model(config, gpt2_state(ckpt.get("model") or {}, conv1d=False), path, dropout)
-    raise ValueError(f"{path} is neither this project's checkpoint nor nanoGPT's nor a Hugging Face GPT-2 folder")
+        config["vocab_id"] = "gpt2" if (config["vocab_size"] or 0) >= 50257 else ""  # unless smaller
+        state = gpt2_state(ckpt.get("model") or {}, conv1d=False)
+        return build_model(config, state, path, dropout)
+    raise ValueError(f"{path} is neither this project's checkpoint nor nanoGPT's nor a Hugging Face GPT-2 "
+                     f"folder")
