@@ -1,8 +1,8 @@
 """
 CHERRY in one file: a GPT (nanoGPT-style) and the paper's three techniques, in the paper's order.
-  1. Config and presets                  4. Depth compression: average adjacent layers, unroll, LoRA from the residue
-  2. Transformer (with a KV cache)       5. MoEE: a router over the experts' MLPs, fusion, multi-token prediction
-  3. SGT: which targets to supervise     6. Counts: parameters and FLOPs          Appendix: loading weights, safely
+  1. Config and presets                4. Depth compression: average adjacent layers, unroll, LoRA
+  2. Transformer (with a KV cache)     5. MoEE: a router over the experts' MLPs, fusion, MTP
+  3. SGT: which targets to supervise   6. Counts: parameters and FLOPs     Appendix: loading weights
 """
 
 import json
@@ -11,7 +11,6 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,7 +20,8 @@ import torch.utils.checkpoint
 # ----------------------------------------------------------------------------
 # 1. Config and presets
 
-MAX_DEPTH = 1024  # layers, or applications of an unrolled schedule: far past any model here, short of a typo's 10^8
+# layers, or applications of an unrolled schedule: far past any model here, short of a typo's 10^8
+MAX_DEPTH = 1024
 
 
 @dataclass
@@ -37,13 +37,14 @@ class GPTConfig:
     gelu_approximate: str = "none"  # "tanh": GPT-2's own GELU (set when its weights are loaded)
     vocab_id: str = ""  # which tokens the ids mean (data/prepare.py's vocab_id); "" when unknown
     # depth compression (section 4); the defaults are a plain dense GPT
-    schedule: tuple = None  # the layer each application runs, in order, e.g. (0, 1, 1, 1, 2); None: each once
-    step_embed: bool = False  # a learned vector per application, added to the residual stream before it
-    lora_rank: int = 0  # > 0: each application has its own LoRA on the matrices (+ offsets on the vectors)
+    # the layer each application runs, in order, e.g. (0, 1, 1, 1, 2); None: each layer once
+    schedule: tuple = None
+    step_embed: bool = False  # a learned vector per application, added to the residual stream
+    lora_rank: int = 0  # > 0: a LoRA per application on the matrices (+ offsets on the vectors)
     # MoEE (section 5); the defaults are a plain MLP and next-token prediction only
     n_expert: int = 0  # > 0: every block's MLP is a mixture of this many experts behind a router
     experts_per_token: int = 1
-    capacity_factor: float = 1.25  # in training an expert takes at most this x its fair share of the tokens
+    capacity_factor: float = 1.25  # in training an expert takes at most this x its fair share
     aux_weight: float = 0.01  # Switch load-balancing loss, alpha
     z_weight: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     mtp: int = 0  # multi-token prediction: modules predicting tokens t+2 .. t+1+mtp (training only)
@@ -71,22 +72,24 @@ class GPTConfig:
         return self.schedule if self.schedule is not None else tuple(range(self.n_layer))
 
 
-# Model shapes by name. The paper's figures (abstract): 1B dense with 48 layers, its 6-layer compression at 227M,
-# a 566M dense model. They fit ~18.7M parameters per layer (12 d^2, d = 1248) plus ~117M of embeddings, which implies
-# a vocabulary near 93k (the paper's Korean tokenizer is not public).
+# Model shapes by name. The paper's figures (abstract): 1B dense with 48 layers, its 6-layer
+# compression at 227M, a 566M dense model. They fit ~18.7M parameters per layer (12 d^2, d = 1248)
+# plus ~117M of embeddings, which implies a vocabulary near 93k (the paper's Korean tokenizer is not
+# public).
 GPT2 = dict(block_size=1024, vocab_size=50304, bias=True)
 PAPER = dict(n_embd=1248, n_head=13, vocab_size=93440, block_size=2048)
-UNROLL_34 = (0,) + (1,) * 8 + (2,) * 8 + (3,) * 8 + (4,) * 8 + (5,)  # layer per application: 1,8,8,8,8,1
+UNROLL_34 = (0,) + (1,) * 8 + (2,) * 8 + (3,) * 8 + (4,) * 8 + (5,)  # 1,8,8,8,8,1
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, **GPT2),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **GPT2),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, **GPT2),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **GPT2),  # 1558M
     "cherry-1b": dict(n_layer=48, **PAPER),  # the dense model the paper compresses
-    "cherry-566m": dict(n_layer=24, **PAPER),  # the dense model with ~2.5x the compressed parameters
+    "cherry-566m": dict(n_layer=24, **PAPER),  # dense, ~2.5x the compressed parameters
     "cherry-227m": dict(n_layer=6, **PAPER),  # the 6-layer compression, before unrolling
-    # unrolled 1,8,8,8,8,1 (34 applications, step embeddings), and MoEE of it with 2 or 8 experts, top-1. The experts
-    # share embeddings, attention and norms (section 5): 8 experts are ~0.75B in all, not 8 x 227M = 1.8B.
+    # unrolled 1,8,8,8,8,1 (34 applications, step embeddings), and MoEE of it with 2 or 8 experts,
+    # top-1. The experts share embeddings, attention and norms (section 5): 8 experts are ~0.75B in
+    # all, not 8 x 227M = 1.8B.
     "cherry-227m-x34": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, **PAPER),
     "cherry-moee-2": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, n_expert=2, **PAPER),
     "cherry-moee-8": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, n_expert=8, **PAPER),
@@ -106,18 +109,24 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, cache_slot=0):
-        """cache: None, or the KV cache {application: (keys, values) of the past positions}, updated in
-        place under cache_slot."""
+        """cache: None, or the KV cache {application: (keys, values) of the past positions}, updated
+        in place under cache_slot."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        hs = C // self.n_head
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B,nh,T,hs)
         if cache is not None:
             if cache_slot in cache:  # the earlier positions' keys and values come first
-                k, v = torch.cat([cache[cache_slot][0], k], dim=2), torch.cat([cache[cache_slot][1], v], dim=2)
+                past_k, past_v = cache[cache_slot]
+                k = torch.cat([past_k, k], dim=2)  # (B, nh, past + T, hs)
+                v = torch.cat([past_v, v], dim=2)
             cache[cache_slot] = k, v
         past = k.size(2) - T
-        # causal attention (flash where available); with a cache, new queries also see every cached position
-        mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past) if past else None
+        # causal attention (flash where available); with a cache, new queries also see every cached
+        # position
+        mask = None
+        if past:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
@@ -162,25 +171,21 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
-        # the recurrent unroll (section 4): the block each application runs, in order (a block may run
-        # several times); a step embedding and an adapter per application
-        self.applications = config.applications()
-        self.step_embed = None
-        if config.step_embed:
-            self.step_embed = nn.Parameter(torch.zeros(len(self.applications), config.n_embd))
-        self.adapters = None
-        if config.lora_rank:
-            adapters = (Adapter(self.blocks[i], config.lora_rank) for i in self.applications)
-            self.adapters = nn.ModuleList(adapters)
-        # MoEE (section 5): the mixture layers (their routers' losses are collected per call), the MTP modules
+        # the recurrent unroll (section 4): the block each application runs, in order; a step
+        # embedding and an adapter (LoRA) per application
+        self.applications = A = config.applications()
+        n = len(A)
+        self.step_embed = nn.Parameter(torch.zeros(n, config.n_embd)) if config.step_embed else None
+        r = config.lora_rank
+        self.adapters = nn.ModuleList(Adapter(self.blocks[i], r) for i in A) if r else None
+        # MoEE (section 5): the mixture layers (they record each call), the MTP modules
         self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
         self.mtp_modules = nn.ModuleList(MTPModule(config) for _ in range(config.mtp))
         self.apply(self._init_weights)
-        # GPT-2 init: residual projections scaled down by the depth of the residual stream (its
-        # applications, not its layers)
+        # GPT-2 init: residual projections scaled down by the residual stream's depth (applications)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * len(self.applications)))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -189,8 +194,8 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def hidden(self, idx, cache=None, residual=False):
-        """Final (normed) hidden states (B, T, C); the residual stream before the final norm if residual.
-        With a cache, idx continues the cached positions."""
+        """Final (normed) hidden states (B, T, C); the residual stream before the final norm if
+        residual. With a cache, idx continues the cached positions."""
         B, T = idx.shape
         start = cached_positions(cache)
         if start + T > self.config.block_size:
@@ -199,7 +204,7 @@ class GPT(nn.Module):
         positions = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(positions))
         for moe in self.moe_layers:
-            moe.calls.clear()  # each call of a mixture layer in this pass records its router loss and load
+            moe.calls.clear()  # each call of a mixture layer records (loss, counts, dropped)
         for a in range(len(self.applications)):  # dense: application a runs block a, each once
             if self.step_embed is not None:
                 x = x + self.step_embed[a]  # tells a shared block which application this is
@@ -238,25 +243,29 @@ class GPT(nn.Module):
         return logits, loss
 
     def token_losses(self, idx, targets):
-        """Per-position cross-entropy (B, T): what evaluation splits into selected and unselected targets."""
+        """Per-position cross-entropy (B, T): what evaluation splits into selected and unselected
+        targets."""
         return cross_entropy(self.lm_head(self.hidden(idx)), targets)
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
         # decay matrices (dim >= 2); leave biases, norms and the step embeddings alone
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         decay = {n for n, p in params.items() if p.dim() >= 2 and n != "step_embed"}
-        groups = [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
-                  {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
+        decayed = [p for n, p in params.items() if n in decay]
+        kept = [p for n, p in params.items() if n not in decay]
+        groups = [{"params": decayed, "weight_decay": weight_decay},
+                  {"params": kept, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """Sample max_new_tokens after idx (B, T). The KV cache makes each new token O(T), not O(T^2)."""
+        """Sample max_new_tokens after idx (B, T). The KV cache makes each new token O(T), not
+        O(T^2)."""
         cache = {} if use_cache else None
         for _ in range(max_new_tokens):
             if 0 < cached_positions(cache) < self.config.block_size:
                 h = self.hidden(idx[:, -1:], cache)  # only the newest token; the past is cached
-            else:  # (re)start from the last block_size tokens, exactly what the model was trained on
+            else:  # (re)start from the last block_size tokens: what the model was trained on
                 if cache is not None:
                     cache.clear()
                 h = self.hidden(idx[:, -self.config.block_size:], cache)
@@ -273,16 +282,15 @@ class GPT(nn.Module):
 
 
 def cached_positions(cache):
-    """How many positions a KV cache holds. cache: None (no cache) or {application: (keys, values)},
-    empty until the first forward fills it."""
-    if cache is None or 0 not in cache:
-        return 0
-    return cache[0][0].size(2)
+    """How many positions a KV cache holds: 0 for None (no cache) and for {} (not filled yet)."""
+    return cache[0][0].size(2) if cache else 0
 
 
 def cross_entropy(logits, targets):
-    """Per-position cross-entropy in fp32, the shape of targets; a target of -1 is ignored (loss 0)."""
-    losses = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")
+    """Per-position cross-entropy in fp32, the shape of targets; a target of -1 is ignored (loss
+    0)."""
+    logits = logits.float().flatten(0, -2)
+    losses = F.cross_entropy(logits, targets.flatten(), ignore_index=-1, reduction="none")
     return losses.view(targets.shape)
 
 
@@ -371,9 +379,10 @@ def gradient_coupling(model, batches):
 
 
 class Adapter(nn.Module):
-    """What makes one application of a shared block its own (Relaxed Recursive Transformers): a LoRA B @ A on each
-    matrix and a full offset on each vector (norm gains, biases). Fresh, it is zero (B = 0, the usual LoRA start);
-    compress() sets it from the SVD of (original layer - averaged layer)."""
+    """What makes one application of a shared block its own (Relaxed Recursive Transformers): a LoRA
+    B @ A on each matrix and a full offset on each vector (norm gains, biases). Fresh, it is zero (B
+    = 0, the usual LoRA start); compress() sets it from the SVD of (original layer - averaged
+    layer)."""
 
     def __init__(self, block, rank):
         super().__init__()
@@ -397,14 +406,16 @@ class Adapter(nn.Module):
 
     @torch.no_grad()
     def init_from_residue(self, original, shared):
-        """Set the difference to the best rank-r approximation of (original - shared): exact at full rank."""
+        """Set the difference to the best rank-r approximation of (original - shared): exact at full
+        rank."""
         for name, p in shared.named_parameters():
             key = name.replace(".", "_")
             residue = original.get_parameter(name).float() - p.float()
             if p.dim() == 2:
                 U, S, Vh = torch.linalg.svd(residue, full_matrices=False)
                 r = self.A[key].size(0)
-                self.A[key].copy_(Vh[:r])  # orthonormal rows: never all zero, so B still learns from a zero residue
+                # orthonormal rows: never all zero, so B still learns from a zero residue
+                self.A[key].copy_(Vh[:r])
                 self.B[key].copy_(U[:, :r] * S[:r])
             else:
                 self.offset[key].copy_(residue)
@@ -414,7 +425,8 @@ def layer_groups(n_layer, layers):
     """`layers` contiguous groups of n_layer / layers adjacent layers:
     layer_groups(6, 3) = [[0, 1], [2, 3], [4, 5]]."""
     if layers < 1 or n_layer % layers:
-        raise ValueError(f"{n_layer} layers do not split into {layers} equal groups of adjacent layers")
+        raise ValueError(f"{n_layer} layers do not split into {layers} equal groups of adjacent "
+                         f"layers")
     g = n_layer // layers
     return [list(range(j * g, (j + 1) * g)) for j in range(layers)]
 
@@ -443,14 +455,14 @@ def paper_schedule(n_layer, layers):
 
 @torch.no_grad()
 def compress(model, layers, schedule, step_embed=True, lora_rank=0, coda_from_end=True):
-    """A dense GPT's n_layer layers -> `layers`, layer j the exact mean of the j-th group of g adjacent
-    layers (every tensor, norms included; not LaCo's sum of differences), run in `schedule` (the layer
-    of each application, e.g. paper_schedule). Step embeddings start at zero: at first the unroll is
-    plain repetition. With LoRA, application t of layer j's n starts from the residue of its group's
-    layer at the same relative depth, group[t * g // n], or for the last layer (next to the head)
-    group[(t + 1) * g // n - 1], so a once-run coda starts from the original's final layer
-    (coda_from_end=False: its group's first). With n = g and full rank the original comes back.
-    Returns a new GPT."""
+    """A dense GPT's n_layer layers -> `layers`, layer j the exact mean of the j-th group of g
+    adjacent layers (every tensor, norms included; not LaCo's sum of differences), run in `schedule`
+    (the layer of each application, e.g. paper_schedule). Step embeddings start at zero: at first
+    the unroll is plain repetition. With LoRA, application t of layer j's n starts from the residue
+    of its group's layer at the same relative depth, group[t * g // n], or for the last layer (next
+    to the head) group[(t + 1) * g // n - 1], so a once-run coda starts from the original's final
+    layer (coda_from_end=False: its group's first). With n = g and full rank the original comes
+    back. Returns a new GPT."""
     cfg = model.config
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed:
         raise ValueError("compress takes a dense model (no schedule, step embeddings or LoRA)")
@@ -458,9 +470,12 @@ def compress(model, layers, schedule, step_embed=True, lora_rank=0, coda_from_en
     g = len(groups[0])
     schedule = tuple(schedule)
     if sorted(set(schedule)) != list(range(layers)):
-        raise ValueError(f"the schedule {schedule} must run each of the {layers} layers at least once")
-    small = GPT(replace(cfg, n_layer=layers, schedule=schedule, step_embed=step_embed, lora_rank=lora_rank))
-    for name in ("wte", "wpe", "ln_f"):  # everything outside the blocks is kept (lm_head is tied to wte)
+        raise ValueError(f"the schedule {schedule} must run each of the {layers} layers at least "
+                         f"once")
+    small_cfg = replace(cfg, n_layer=layers, schedule=schedule, step_embed=step_embed,
+                        lora_rank=lora_rank)
+    small = GPT(small_cfg)
+    for name in ("wte", "wpe", "ln_f"):  # all outside the blocks is kept (lm_head: tied to wte)
         getattr(small, name).load_state_dict(getattr(model, name).state_dict())
     for j, group in enumerate(groups):
         for name, p in small.blocks[j].named_parameters():
@@ -481,12 +496,13 @@ def compress(model, layers, schedule, step_embed=True, lora_rank=0, coda_from_en
 
 
 class MoE(nn.Module):
-    """The MLPs of several experts behind a token-level router (Switch, Branch-Train-MiX): each token
-    goes to its experts_per_token best experts. Static shapes (no host sync, one compiled graph): the
-    (token, expert) assignments queue by expert into fixed-capacity buffers, each expert runs on its
-    buffer, the outputs are added back, gated. In training an expert takes at most capacity_factor x
-    its fair share and drops the rest (counted; the token passes on the residual); evaluation never
-    drops. self.calls: a RouterCall per call of this layer in the current forward pass."""
+    """The MLPs of several experts behind a token-level router (Switch, Branch-Train-MiX): each
+    token goes to its experts_per_token best experts. Static shapes (no host sync, one compiled
+    graph): the (token, expert) assignments queue by expert into fixed-capacity buffers, each expert
+    runs on its buffer, the outputs are added back, gated. In training an expert takes at most
+    capacity_factor x its fair share and drops the rest (counted; the token passes on the residual);
+    evaluation never drops. self.calls: (loss, counts, dropped) per call of this layer in the
+    forward pass."""
 
     def __init__(self, config):
         super().__init__()
@@ -504,25 +520,26 @@ class MoE(nn.Module):
         E = len(self.experts)
         x = x.reshape(-1, C)  # (N, C): every token of the batch
         N = x.size(0)
-        with torch.autocast(x.device.type, enabled=False):  # fp32: small logit errors flip the choice
+        with torch.autocast(x.device.type, enabled=False):  # fp32: small errors flip the choice
             logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
         probs = logits.softmax(dim=-1)
         top_p, expert = probs.topk(K, dim=-1)  # (N, K)
-        # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly one
-        # expert's output); the scale is detached, so the router still learns from the LM loss (Switch)
+        # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly
+        # one expert's output); the scale is detached, so the router still learns from the LM loss
+        # (Switch)
         gates = (top_p / top_p.sum(dim=-1, keepdim=True).detach()).flatten()  # (N * K,)
         expert = expert.flatten()  # (N * K,) token-major: token i's choices are i*K .. i*K + K-1
-        # each assignment's place in its expert's queue (token order); past the capacity it is dropped
-        capacity = N
-        if self.training:
-            capacity = min(N, math.ceil(self.capacity_factor * N * K / E))
+        # each assignment's place in its expert's queue (token order); past the capacity it is
+        # dropped
+        capacity = min(N, math.ceil(self.capacity_factor * N * K / E)) if self.training else N
         one_hot = F.one_hot(expert, E)  # (N * K, E)
         place = (one_hot.cumsum(dim=0) * one_hot).sum(dim=1) - 1  # (N * K,)
         kept = place < capacity
         # a row per (expert, place); every dropped assignment goes to one spare last row
         slot = torch.where(kept, expert * capacity + place, E * capacity)  # (N * K,)
         inputs = x.repeat_interleave(K, dim=0) if K > 1 else x  # (N * K, C)
-        buffers = x.new_zeros(E * capacity + 1, C).index_copy(0, slot, inputs)[:-1]  # (E * capacity, C)
+        buffers = x.new_zeros(E * capacity + 1, C).index_copy(0, slot, inputs)  # (E*capacity+1, C)
+        buffers = buffers[:-1]  # (E * capacity, C): expert e's queue is rows e * capacity ..
         outputs = [mlp(part) for mlp, part in zip(self.experts, buffers.split(capacity))]
         y = torch.cat(outputs + [x.new_zeros(1, C)])  # (E * capacity + 1, C): the spare row is zero
         out = (y[slot] * (gates * kept).unsqueeze(-1)).view(N, K, C).sum(dim=1)  # (N, C)
@@ -530,16 +547,8 @@ class MoE(nn.Module):
         loss = self.aux_weight * switch_loss(probs, counts)
         if self.z_weight:
             loss = loss + self.z_weight * logits.logsumexp(dim=-1).square().mean()
-        self.calls.append(RouterCall(loss, counts, (~kept).sum()))
+        self.calls.append((loss, counts, (~kept).sum()))
         return out.view(B, T, C)
-
-
-class RouterCall(NamedTuple):
-    """What one call of a mixture layer records: its router loss, the assignments each expert got, and
-    how many of them the capacity dropped."""
-    loss: torch.Tensor
-    counts: torch.Tensor
-    dropped: torch.Tensor
 
 
 def switch_loss(probs, counts):
@@ -551,20 +560,20 @@ def switch_loss(probs, counts):
 
 def router_loss(moe_layers):
     """The mean of the router losses of every mixture-layer call of the last forward pass."""
-    return torch.stack([call.loss for moe in moe_layers for call in moe.calls]).mean()
+    return torch.stack([loss for moe in moe_layers for loss, _, _ in moe.calls]).mean()
 
 
 def expert_counts(moe_layers):
     """Assignments each expert got in the last forward pass, per mixture layer (all its calls):
     (layers, n_expert)."""
-    return torch.stack([sum(call.counts for call in moe.calls) for moe in moe_layers])
+    return torch.stack([sum(counts for _, counts, _ in moe.calls) for moe in moe_layers])
 
 
 def dropped_share(moe_layers):
     """The share of the last forward pass's assignments that the capacity dropped (a tensor: no host
     sync)."""
     calls = [call for moe in moe_layers for call in moe.calls]
-    return sum(call.dropped for call in calls) / sum(call.counts.sum() for call in calls)
+    return sum(dropped for _, _, dropped in calls) / sum(counts.sum() for _, counts, _ in calls)
 
 
 def shift_left(t, n, fill):
@@ -575,7 +584,8 @@ def shift_left(t, n, fill):
 
 
 class MTPModule(nn.Module):
-    """One multi-token prediction depth: norm both inputs, project their concatenation back to C, one dense block."""
+    """One multi-token prediction depth: norm both inputs, project their concatenation back to C,
+    one dense block."""
 
     def __init__(self, config):
         super().__init__()
@@ -589,11 +599,11 @@ class MTPModule(nn.Module):
 
 
 def mtp_loss(model, x, targets, selected=None):
-    """Multi-token prediction (DeepSeek-V3): the module at depth d combines the previous depth's hidden
-    state at position i with the embedding of t(i+d) and predicts t(i+d+1) through the shared ln_f and
-    head; the mean of the D losses. targets[:, i] is t(i+1), so depth d reads targets shifted by d-1 and
-    predicts them shifted by d. With SGT only the selected targets supervise: target j is predicted at
-    position j - d, and depth d's head runs there only."""
+    """Multi-token prediction (DeepSeek-V3): the module at depth d combines the previous depth's
+    hidden state at position i with the embedding of t(i+d) and predicts t(i+d+1) through the shared
+    ln_f and head; the mean of the D losses. targets[:, i] is t(i+1), so depth d reads targets
+    shifted by d-1 and predicts them shifted by d. With SGT only the selected targets supervise:
+    target j is predicted at position j - d, and depth d's head runs there only."""
     losses = []
     for d, module in enumerate(model.mtp_modules, start=1):
         x = module(x, model.wte(shift_left(targets, d - 1, fill=0)))
@@ -609,23 +619,28 @@ def mtp_loss(model, x, targets, selected=None):
 
 @torch.no_grad()
 def fuse(experts, experts_per_token=1, mtp=0, **moe_config):
-    """N models of one shape (compressed or dense) -> one MoEE model: every shared tensor (embeddings, attention, norms,
-    step embeddings, their LoRA) is the experts' mean; expert i's MLPs (and their LoRA) become expert i of each mixture
-    layer. Routers and MTP modules start fresh. A mixture of one expert is that expert. Returns a new GPT."""
+    """N models of one shape (compressed or dense) -> one MoEE model: every shared tensor
+    (embeddings, attention, norms, step embeddings, their LoRA) is the experts' mean; expert i's
+    MLPs (and their LoRA) become expert i of each mixture layer. Routers and MTP modules start
+    fresh. A mixture of one expert is that expert. Returns a new GPT."""
     cfg = experts[0].config
     for i, m in enumerate(experts[1:], start=1):
         if m.config != cfg:
             diff = [k for k, v in asdict(cfg).items() if getattr(m.config, k) != v]
-            raise ValueError(f"expert {i} differs from expert 0 in {', '.join(diff)}: experts must have one shape")
+            raise ValueError(f"expert {i} differs from expert 0 in {', '.join(diff)}: experts must "
+                             f"have one shape")
     if cfg.n_expert or cfg.mtp:
         raise ValueError("fuse takes models without experts or MTP modules")
-    fused = GPT(replace(cfg, n_expert=len(experts), experts_per_token=experts_per_token, mtp=mtp, **moe_config))
+    fused_cfg = replace(cfg, n_expert=len(experts), experts_per_token=experts_per_token, mtp=mtp,
+                        **moe_config)
+    fused = GPT(fused_cfg)
     states = [m.state_dict() for m in experts]
     for name, p in fused.state_dict().items():
-        # blocks.0.mlp.experts.1.c_fc.weight <- blocks.0.mlp.c_fc.weight of expert 1 (adapters: mlp_experts_1_c_fc)
+        # blocks.0.mlp.experts.1.c_fc.weight <- expert 1's blocks.0.mlp.c_fc.weight (adapters: _)
         match = re.search(r"mlp([._])experts[._](\d+)[._]", name)
         if match:
-            p.copy_(states[int(match.group(2))][name.replace(match.group(0), "mlp" + match.group(1))])
+            expert_state = states[int(match.group(2))]
+            p.copy_(expert_state[name.replace(match.group(0), "mlp" + match.group(1))])
         elif name in states[0]:
             p.copy_(torch.stack([state[name].float() for state in states]).mean(dim=0))
     return fused
@@ -636,30 +651,27 @@ def fuse(experts, experts_per_token=1, mtp=0, **moe_config):
 
 
 def count_params(model, active=False, non_embedding=False):
-    """Parameters, each stored tensor once (a block run several times counts once; step embeddings and
-    adapters in full), as nanoGPT counts them: without the position embeddings, the token embeddings
-    counted as the head they are tied to. non_embedding: without either embedding table. active: what
-    one token uses at inference (experts_per_token of the experts' MLPs, no MTP modules)."""
-    n = 0
+    """Parameters, each stored tensor once (a block run several times counts once; step embeddings
+    and adapters in full), as nanoGPT counts them: without the position embeddings, the token
+    embeddings counted as the head they are tied to. non_embedding: without either embedding table.
+    active: what one token uses at inference (experts_per_token of the experts' MLPs, no MTP
+    modules)."""
+    n = -model.wpe.weight.numel() - (model.wte.weight.numel() if non_embedding else 0)
     for name, p in model.named_parameters():
         if active and name.startswith("mtp_modules."):
             continue
-        share = 1
-        if active and re.search(r"mlp[._]experts[._]", name):
-            share = model.config.experts_per_token / model.config.n_expert
-        n += p.numel() * share
-    n -= model.wpe.weight.numel()
-    if non_embedding:
-        n -= model.wte.weight.numel()
+        expert = active and re.search(r"mlp[._]experts[._]", name)
+        n += p.numel() * (model.config.experts_per_token / model.config.n_expert if expert else 1)
     return int(n)
 
 
 def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=False):
-    """Matmul FLOPs per token from the shapes (2 per multiply-add; attention over the full block, as in PaLM); training
-    is 3x the forward. SGT's head runs on a fraction of the positions; full_head_forward adds the no-gradient head on
-    every position that an excess-loss selector needs. Every application of an unrolled layer pays (unrolling saves
-    parameters, not compute; LoRA merges once per batch). A mixture layer pays for its router and experts_per_token
-    experts; in training each MTP module pays for its projection, block and head."""
+    """Matmul FLOPs per token from the shapes (2 per multiply-add; attention over the full block, as
+    in PaLM); training is 3x the forward. SGT's head runs on a fraction of the positions;
+    full_head_forward adds the no-gradient head on every position that an excess-loss selector
+    needs. Every application of an unrolled layer pays (unrolling saves parameters, not compute;
+    LoRA merges once per batch). A mixture layer pays for its router and experts_per_token experts;
+    in training each MTP module pays for its projection, block and head."""
     C, T, V = config.n_embd, config.block_size, config.vocab_size
     attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV
     mlp = 2 * 8 * C * C
@@ -667,17 +679,19 @@ def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=F
     forward = len(config.applications()) * (attention + moe) + 2 * C * V * sgt_fraction
     if not training:
         return forward
-    return 3 * (forward + config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V)) + 2 * C * V * full_head_forward
+    mtp = config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V)  # projection, block, head
+    return 3 * (forward + mtp) + 2 * C * V * full_head_forward
 
 
 # ----------------------------------------------------------------------------
-# Appendix: loading weights. A .pt or .bin file is read by torch.load(weights_only=True): plain data,
-# never pickled code. A .safetensors file holds tensors only; GPT-2 by name comes through transformers.
+# Appendix: loading weights. A .pt or .bin file is read by torch.load(weights_only=True): plain
+# data, never pickled code. A .safetensors file holds tensors only; GPT-2 by name comes through
+# transformers.
 
 
 def load_checkpoint(path):
-    """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is refused,
-    not run. An OSError (no permission, a folder) is torch's own line."""
+    """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is
+    refused, not run. An OSError (no permission, a folder) is torch's own line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -687,26 +701,21 @@ def load_checkpoint(path):
     except OSError:
         raise
     except Exception:  # torch's own message is many lines of advice: say what happened in one
-        unsafe = unsafe_globals(path)
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read, never run
+        except Exception:
+            unsafe = []
         if unsafe:
-            raise ValueError(f"{path} holds a pickled Python object ({unsafe[0]}) that loading would "
-                             f"have to run; refused, nothing was executed") from None
+            raise ValueError(f"{path} holds a pickled Python object ({unsafe[0]}) that loading "
+                             f"would have to run; refused, nothing was executed") from None
         raise ValueError(f"{path} is corrupt, truncated or not a torch checkpoint; it was not "
                          f"loaded") from None
 
 
-def unsafe_globals(path):
-    """The functions and classes a checkpoint's pickle would run (read, never run); [] if unreadable."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        return []
-
-
 def build_model(config, state, source, dropout=None):
-    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: modules
-    are counted, the model is built on the meta device, and the stored tensors are assigned to it, not
-    copied. dropout None keeps the config's."""
+    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent:
+    modules are counted, the model is built on the meta device, and the stored tensors are assigned
+    to it, not copied. dropout None keeps the config's."""
     try:
         config = dict(config)
         if "vocab" in config:  # its name in checkpoints written before it was vocab_id
@@ -720,11 +729,13 @@ def build_model(config, state, source, dropout=None):
     if not tensors:
         raise ValueError(f"{source} holds no weights of this model")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)", mtp=r"mtp_modules\.(\d+)")
+    modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)",
+                   mtp=r"mtp_modules\.(\d+)")
     for field, pattern in modules.items():
         stored = len({m.group(1) for m in map(re.compile(pattern).search, state) if m})
         if stored != getattr(config, field):
-            raise ValueError(f"{source} declares {field} {getattr(config, field)} but stores {stored}")
+            declared = getattr(config, field)
+            raise ValueError(f"{source} declares {field} {declared} but stores {stored}")
     with torch.device("meta"):
         model = GPT(config)
     try:
@@ -790,11 +801,13 @@ def load_model(source, dropout=None):
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):  # ours
         return build_model(ckpt["config"], ckpt.get("model"), path, dropout)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict):  # nanoGPT's: GPT-2's names
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict):  # nanoGPT's names
         args = ckpt["model_args"]
-        config = {k: args.get(k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")}
-        config["vocab_id"] = "gpt2" if (config["vocab_size"] or 0) >= 50257 else ""  # unless smaller
+        fields = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+        config = {k: args.get(k) for k in fields}
+        gpt2 = (config["vocab_size"] or 0) >= 50257  # GPT-2's tokens, unless smaller
+        config["vocab_id"] = "gpt2" if gpt2 else ""
         state = gpt2_state(ckpt.get("model") or {}, conv1d=False)
         return build_model(config, state, path, dropout)
-    raise ValueError(f"{path} is neither this project's checkpoint nor nanoGPT's nor a Hugging Face GPT-2 "
-                     f"folder")
+    raise ValueError(f"{path} is neither this project's checkpoint nor nanoGPT's nor a Hugging "
+                     f"Face GPT-2 folder")
