@@ -10,6 +10,8 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -156,6 +158,29 @@ def locked(out_dir):
             raise ValueError(f"--out_dir {out_dir} is in use by another training; wait for it, or choose another") \
                 from None
         yield
+
+
+class Interrupt:
+    """SIGINT (Ctrl-C) or SIGTERM while training: the loop finishes its step, checkpoints it and stops.
+    A second signal stops at once. Under torchrun the ranks could stop at different steps: not caught."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal = None
+
+    def __enter__(self):
+        signals = (signal.SIGINT, signal.SIGTERM) if self.enabled else ()
+        self.previous = {s: signal.signal(s, self.handle) for s in signals}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def save_json(obj, path, lines=False):

@@ -1,17 +1,17 @@
 """
 Train a GPT with full supervision or with SGT (selective ground-truth token training).
 
-  python train.py --sgt 0.15                        # SGT, 12 x 128 on Shakespeare (minutes on 2 CPU cores)
+  python train.py --sgt 0.15                        # SGT, 12 x 128 on Shakespeare (minutes, CPU)
   python train.py                                   # full supervision, for comparison
   python train.py --sgt 0.15 --sgt_beta 0           # the control: a uniformly random 15%
-  python train.py --sgt 0.15 --sgt_select excess    # Rho-1: where the loss most exceeds the unigram model's
-  python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune GPT-2, nanoGPT's or our ckpt.pt
+  python train.py --sgt 0.15 --sgt_select excess    # Rho-1: the loss most above the unigram's
+  python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune GPT-2, nanoGPT's or ours
   torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --sgt 0.15 --grad_accum 8
 
-Writes <out_dir>/ckpt.pt (everything --resume needs, whole, at every evaluation after the first and on Ctrl-C or
-SIGTERM), metrics.jsonl (a line per evaluation) and summary.json. A run killed at any moment continues with the same
-flags plus --resume and ends bit for bit as if never stopped (on the CPU). compress.py and fuse.py build a model, then
-call train() from here.
+Writes <out_dir>/ckpt.pt (everything --resume needs, whole, at every evaluation after the first and
+on Ctrl-C or SIGTERM), metrics.jsonl (a line per evaluation) and summary.json. A run killed at any
+moment continues with the same flags plus --resume and ends bit for bit as if never stopped (on the
+CPU). compress.py and fuse.py build a model, then call train() from here.
 """
 
 import argparse
@@ -20,8 +20,6 @@ import hashlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict
 
@@ -30,46 +28,42 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cherry
-from data import prepare as data_prep
 import guards
+from data import prepare as data_prep
 from guards import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, number
 
 # ----------------------------------------------------------------------------
 # flags, shared by train.py, compress.py and fuse.py
 
-DEFAULT_BETA, DEFAULT_MIX = 2.0, 0.0  # chosen by the rule in studies/sgt.py (studies/sgt_defaults.md)
+DEFAULT_BETA = 2.0  # chosen by the rule in studies/sgt.py (studies/sgt_defaults.md)
+DEFAULT_MIX = 0.0
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias")
 
 
 def training_args(prog, doc=__doc__):
-    p = guards.Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                      conflict_handler="resolve")  # a script may say what its --init_from means
+    # conflict_handler: a script may say what its own --init_from means
+    p = guards.Parser(prog=prog, description=doc, conflict_handler="resolve",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data", default=data_prep.DEFAULT_DIR,
-      help="folder made by data/prepare.py (the default is made on first use)")
+    a("--data", default=data_prep.DEFAULT_DIR, help="a folder data/prepare.py made")
     a("--out_dir", default="out", help="where ckpt.pt, metrics.jsonl and summary.json go")
-    a("--resume", action="store_true",
-      help="continue <out_dir>/ckpt.pt exactly (with the flags it was started with)")
-    a("--init_from", help="start from these weights: a ckpt.pt (ours or nanoGPT's; file or folder), "
-                          "a Hugging Face GPT-2 folder, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl")
-    # the model (default: cherry.GPTConfig's); a model that comes from weights has its own shape
+    a("--resume", action="store_true", help="continue <out_dir>/ckpt.pt exactly (same flags)")
+    a("--init_from", help="start from these weights: a ckpt.pt (ours or nanoGPT's, or its folder), "
+                          "a Hugging Face GPT-2 folder, or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    # the model (defaults: cherry.GPTConfig's); a model that comes from weights has its own shape
     d = cherry.GPTConfig
-    a("--preset", choices=sorted(cherry.PRESETS),
-      help="a named shape (GPT-2's, the paper's); model flags override it")
-    a("--n_layer", type=number(int, f"[1, {cherry.MAX_DEPTH}]"), help=f"layers (default {d.n_layer})")
+    a("--preset", choices=sorted(cherry.PRESETS), help="a named shape; model flags override it")
+    a("--n_layer", type=number(int, f"[1, {cherry.MAX_DEPTH}]"), help=f"layers ({d.n_layer})")
     a("--n_head", type=COUNT, help=f"attention heads (default {d.n_head})")
     a("--n_embd", type=COUNT, help=f"residual width (default {d.n_embd})")
-    a("--block_size", type=COUNT,
-      help=f"context length in tokens (default {d.block_size}, or the model's)")
-    a("--vocab_size", type=COUNT, help="model vocabulary (default: the data's, padded to a multiple of 64)")
-    a("--dropout", type=number(float, "[0, 1)"), help="dropout probability (default 0, or the model's)")
-    a("--bias", action="store_true", default=None,
-      help="biases in linears and LayerNorms (GPT-2 has them)")
+    a("--block_size", type=COUNT, help=f"context in tokens ({d.block_size}, or the model's)")
+    a("--vocab_size", type=COUNT, help="model vocabulary (default: the data's, padded to 64)")
+    a("--dropout", type=number(float, "[0, 1)"), help="dropout (0, or the model's)")
+    a("--bias", action="store_true", default=None, help="biases in linears and norms (GPT-2's)")
     # optimisation: AdamW, linear warm-up, cosine decay
     a("--max_iters", type=COUNT, default=600, help="optimizer steps")
     a("--batch_size", type=COUNT, default=16, help="sequences per micro-batch, per process")
-    a("--grad_accum", type=COUNT, default=1,
-      help="micro-batches per step over all processes (divisible by them)")
+    a("--grad_accum", type=COUNT, default=1, help="micro-batches per step over all processes")
     a("--lr", type=POSITIVE, default=1e-3, help="peak learning rate")
     a("--min_lr", type=NON_NEGATIVE, help="final learning rate (default lr / 10)")
     a("--warmup_iters", type=NATURAL, default=50, help="linear warm-up steps")
@@ -78,59 +72,51 @@ def training_args(prog, doc=__doc__):
     a("--beta2", type=number(float, "[0, 1)"), default=0.99, help="AdamW beta2 (beta1 is 0.9)")
     a("--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm to this (0: off)")
     # SGT
-    a("--sgt", type=number(float, "(0, 1]"), default=1.0,
-      help="fraction of the targets supervised (1: all)")
+    a("--sgt", type=number(float, "(0, 1]"), default=1.0, help="share of the targets supervised")
     a("--sgt_select", default="surprisal", choices=["surprisal", "excess"],
-      help="surprisal: a draw tilted towards rare targets (--sgt_beta, --sgt_mix); "
-           "excess: Rho-1's excess loss")
+      help="surprisal: a draw tilted towards rare targets; excess: Rho-1's excess loss")
     a("--sgt_beta", type=number(float, "[0, inf]"), default=DEFAULT_BETA,
-      help="the tilt: P(pick) ~ surprisal^beta; 0 uniform, inf the most surprising "
-           f"(default {DEFAULT_BETA})")
+      help=f"the tilt: P(pick) ~ surprisal^beta; 0 uniform, inf a top-k (default {DEFAULT_BETA})")
     a("--sgt_mix", type=number(float, "[0, 1]"), default=DEFAULT_MIX,
       help=f"the share of the picks drawn uniformly instead (default {DEFAULT_MIX:.2f})")
-    a("--sgt_ref", help="with --sgt_select excess: a reference model (any --init_from) instead of the "
-                        "unigram model")
-    a("--shuffle_tokens", action="store_true",
-      help="control: permute the tokens within every window (no order)")
+    a("--sgt_ref", help="excess: a reference model (any --init_from) instead of the unigram model")
+    a("--shuffle_tokens", action="store_true", help="control: permute each window's tokens")
     # evaluation, logging, system
-    a("--eval_interval", type=COUNT, default=100, help="evaluate and checkpoint every this many steps")
-    a("--eval_iters", type=COUNT, default=10,
-      help="held-out batches per evaluation (the same windows every time)")
+    a("--eval_interval", type=COUNT, default=100, help="evaluate and checkpoint every N steps")
+    a("--eval_iters", type=COUNT, default=10, help="held-out batches per evaluation")
     a("--log_interval", type=COUNT, default=10, help="print a progress line every this many steps")
-    a("--seed", type=number(int, f"[0, {2**63 - 1}]"), default=1337,
-      help="initialisation, data order, selection")
+    a("--seed", type=number(int, f"[0, {2**63 - 1}]"), default=1337, help="init, data, selection")
     a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="autocast precision (auto: bfloat16 on a GPU that has it, else float32)")
     a("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler)")
-    a("--grad_checkpoint", action="store_true",
-      help="activation checkpointing: recompute in backward, for big models")
+    a("--grad_checkpoint", action="store_true", help="recompute activations: less memory")
     return p
 
 
 def model_config(args, weights=None, source=None, **base):
-    """The model's shape, decided here and nowhere else. A model that comes from weights (their
-    GPTConfig) keeps its shape: a flag that says otherwise is refused; --dropout goes to the loader and
+    """The model's shape, decided here and nowhere else. A model from weights (their GPTConfig, from
+    source) keeps its shape: a flag that says otherwise is refused; --dropout goes to its loader and
     --block_size may be shorter (training's windows). A fresh model takes each field from its flag,
-    else from --preset, else from base (the data's vocabulary, a tool's own shape), else from
-    GPTConfig's defaults (the default run's). source: where the weights come from, for the message."""
+    else from --preset, else from base (the data's vocabulary, a tool's shape), else GPTConfig's."""
     given = {k: getattr(args, k, None) for k in SHAPE_FLAGS}
     given = {k: v for k, v in given.items() if v is not None}
     if weights is None:
         return cherry.GPTConfig(**{**base, **cherry.PRESETS.get(args.preset, {}), **given})
-    differ = [f"--{k}" for k, v in given.items()
-              if k not in ("dropout", "block_size") and v != getattr(weights, k)]
+    fixed = [k for k in given if k not in ("dropout", "block_size")]
+    differ = [f"--{k}" for k in fixed if given[k] != getattr(weights, k)]
     if args.preset and not args.resume:  # a resumed run's --preset was compared with its own
         differ.append("--preset")
     if differ:
         raise ValueError(f"the model's shape comes from {source}; leave out {' '.join(differ)}")
     if given.get("block_size", 0) > weights.block_size:
-        raise ValueError(f"--block_size {args.block_size} is longer than the model's {weights.block_size}")
+        raise ValueError(f"--block_size {args.block_size} is longer than the model's "
+                         f"{weights.block_size}")
     return weights
 
 
 def data_vocabulary(meta):
-    """A fresh model's vocabulary: the data's, its size padded to a multiple of 64 (faster matmuls)."""
+    """A fresh model's vocabulary: the data's, its size padded to a multiple of 64 (faster)."""
     return dict(vocab_size=(meta["vocab_size"] + 63) // 64 * 64, vocab_id=data_prep.vocab_id(meta))
 
 
@@ -140,9 +126,11 @@ def data_vocabulary(meta):
 
 class Data:
     """
-    train.bin / val.bin as memory maps, checked against meta.json; random training windows, fixed held-out ones.
-    shuffle: permute the block_size + 1 tokens of every window by a permutation seeded with the window's start, so a
-    window is always shuffled the same way: its tokens, and every unigram statistic, stay; the order goes.
+    train.bin / val.bin as memory maps, checked against meta.json; random training windows, fixed
+    held-out ones. shuffle: permute the block_size + 1 tokens of every window by a permutation
+    seeded with the window's start, so a window is always shuffled the same way: its tokens, and
+    every unigram statistic, stay; the order goes. fingerprint: the content in a short string,
+    cheap at any size (meta.json counts every token): a run is tied to it, not to the path.
     """
 
     def __init__(self, path, block_size, shuffle=False):
@@ -151,20 +139,21 @@ class Data:
         self.shuffle = shuffle
         for split, tokens in (("train", self.train), ("val", self.val)):
             if len(tokens) <= block_size + 1:
-                raise ValueError(f"the {split} split of {path} has {len(tokens)} tokens, too few for "
-                                 f"--block_size {block_size}; use a smaller --block_size or more text")
-        # the content in a short string, cheap at any size (meta.json holds every token's count): a run
-        # is tied to it, not to the folder's path
+                raise ValueError(f"the {split} split of {path} has {len(tokens)} tokens, too few "
+                                 f"for --block_size {block_size}; use a smaller one or more text")
         digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
         for tokens in (self.train, self.val):
             digest.update(tokens[:2**19].tobytes() + tokens[-2**19:].tobytes())
         self.fingerprint = digest.hexdigest()[:16]
 
     def _windows(self, tokens, starts):
-        chunks = torch.stack([torch.from_numpy(tokens[i:i + self.block_size + 1].astype("int64")) for i in starts])
+        T = self.block_size
+        windows = [torch.from_numpy(tokens[i:i + T + 1].astype("int64")) for i in starts]
+        chunks = torch.stack(windows)  # (n, T + 1)
         if self.shuffle:
-            chunks = torch.stack([c[torch.randperm(len(c), generator=torch.Generator().manual_seed(int(i)))]
-                                  for c, i in zip(chunks, starts)])
+            orders = [torch.randperm(len(c), generator=torch.Generator().manual_seed(int(i)))
+                      for c, i in zip(chunks, starts)]
+            chunks = torch.stack([c[order] for c, order in zip(chunks, orders)])
         return chunks[:, :-1], chunks[:, 1:]
 
     def train_batch(self, n, generator):
@@ -172,8 +161,9 @@ class Data:
         return self._windows(self.train, starts)
 
     def eval_batch(self, n):
-        """n windows spread evenly over val: the same tokens at every evaluation and in every run."""
-        return self._windows(self.val, torch.linspace(0, len(self.val) - self.block_size - 1, n).long())
+        """n windows spread evenly over val: the same tokens at every evaluation, in every run."""
+        starts = torch.linspace(0, len(self.val) - self.block_size - 1, n).long()
+        return self._windows(self.val, starts)
 
 
 class Selector:
@@ -301,8 +291,7 @@ class HeldOut:
 
 
 def held_out_loss(args, model):
-    """The evaluation train() makes at step 0 (same windows, same split), for a model trained elsewhere
-    or not yet."""
+    """The evaluation train() makes at step 0 (same windows, same split), for any model."""
     device, _, _, ctx = guards.setup_device(args)
     data = Data(args.data, args.block_size or model.config.block_size)
     guards.check_vocab(model, data.meta, "the model")
@@ -318,15 +307,11 @@ def save_checkpoint(path, model, optimizer, scaler, generators, device, args, da
     """<out_dir>/ckpt.pt, written whole (a kill in the middle leaves the previous one)."""
     cuda = device.startswith("cuda")
     state = {
-        "model": model.state_dict(),
-        "config": asdict(model.config),
+        "model": model.state_dict(), "config": asdict(model.config),
         "args": vars(args),  # the flags as given: --resume is checked against them
         "data_fingerprint": data.fingerprint,  # the data's content, whatever its folder's path
-        "iter": it,  # optimizer steps done
-        "best": best,
-        "metrics": rows,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
+        "iter": it, "best": best, "metrics": rows,  # optimizer steps done, the evaluations so far
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "rng": [g.get_state() for g in generators],  # data order, SGT's draws
         "torch_rng": torch.get_rng_state(),  # dropout
         "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
@@ -347,43 +332,14 @@ def restore(ckpt, optimizer, scaler, generators, device):
     return ckpt["iter"], ckpt["best"], ckpt["metrics"]
 
 
-class Interrupt:
-    """SIGINT (Ctrl-C) or SIGTERM while training: the loop finishes its step, checkpoints it and stops.
-    A second signal stops at once. Under torchrun the ranks could stop at different steps: not caught."""
-
-    def __init__(self, enabled):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.signal = None
-
-    def __enter__(self):
-        signals = (signal.SIGINT, signal.SIGTERM) if self.enabled else ()
-        self.previous = {s: signal.signal(s, self.handle) for s in signals}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signal:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def evals_ahead(it, args):
-    """How many evaluations the steps after `it` still hold."""
-    every = args.eval_interval
-    return args.max_iters // every - it // every + (args.max_iters % every > 0)
-
-
 # ----------------------------------------------------------------------------
 # training
 
 
 def train(args, model=None, summary_extra=None):
-    """The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, train.py --init_from),
-    or None for a fresh one from the flags. With --resume the model, optimizer, RNGs and data position
-    come from <out_dir>/ckpt.pt and the run goes on exactly as if it had never stopped. Returns the
+    """The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, --init_from), or None
+    for a fresh one from the flags. With --resume the model, optimizer, RNGs and data position come
+    from <out_dir>/ckpt.pt and the run goes on exactly as if it had never stopped. Returns the
     summary (also written to summary.json)."""
     # the processes, the run folder, the device: every check before anything is written
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -391,40 +347,36 @@ def train(args, model=None, summary_extra=None):
     master = rank == 0
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.grad_accum % world:
-        raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
+        raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by {world} processes")
     ckpt = guards.check_run_folder(args)
     device, kind, dtype, ctx = guards.setup_device(args, distributed=world > 1)
     torch.manual_seed(args.seed)
     # the model: the checkpoint's, the one given, or a fresh one of the flags' shape
+    source = f"--init_from {args.init_from}" if args.init_from else "the model given"
     if ckpt is not None:
         model = cherry.build_model(ckpt["config"], ckpt["model"], ckpt_path)
         source = ckpt_path
-    else:
-        source = f"--init_from {args.init_from}" if args.init_from else "the model given"
     if model is None:
-        meta = data_prep.load(args.data)[0]
-        cfg = model_config(args, **data_vocabulary(meta))
+        cfg = model_config(args, **data_vocabulary(data_prep.load(args.data)[0]))
         model = cherry.GPT(cfg)
-    else:
-        cfg = model_config(args, model.config, source)
-    # the data: its content must be the run's own
+    cfg = model_config(args, model.config, source)
+    # the data (the run's own content), the selector, the optimizer, and where the run stands
     data = Data(args.data, args.block_size or cfg.block_size, args.shuffle_tokens)
     if ckpt is not None and ckpt.get("data_fingerprint", data.fingerprint) != data.fingerprint:
-        raise ValueError(f"--resume: --data {args.data} does not hold the data {ckpt_path} was trained on "
-                         f"(prepared again?); give the folder it was started with")
+        raise ValueError(f"--resume: --data {args.data} does not hold the data {ckpt_path} was "
+                         f"trained on (prepared again?); give the folder it was started with")
     guards.check_vocab(model, data.meta, source)
     selector = Selector(args, data.meta, device)
     data_gen = torch.Generator().manual_seed(args.seed)
     generators = (data_gen, selector.generator)
-    # the optimizer, and where the run stands
     raw_model = model.to(device)
     raw_model.grad_checkpoint = args.grad_checkpoint
     optimizer = raw_model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), kind)
     scaler = torch.amp.GradScaler(kind, enabled=dtype == "float16")
     start, best, rows = 0, None, []
-    if ckpt is not None:
+    if ckpt:
         start, best, rows = restore(ckpt, optimizer, scaler, generators, device)
-    saved = start if ckpt is not None else None  # the step ckpt.pt holds
+    saved = start if ckpt else None  # the step ckpt.pt holds
     if world > 1:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     model = torch.compile(raw_model) if args.compile else raw_model
@@ -445,9 +397,8 @@ def train(args, model=None, summary_extra=None):
               f"{tokens_per_step:,} tokens per step | supervising {describe(args)} | "
               f"unigram held-out loss {held_out.unigram_loss:.4f}")
         if args.warmup_iters >= args.max_iters:
-            print(f"note: --warmup_iters {args.warmup_iters} is not shorter than --max_iters "
-                  f"{args.max_iters}: the learning rate ends at {lr_at(args.max_iters - 1, args):.2e}, "
-                  f"never reaching --lr {args.lr:g}")
+            print(f"note: --warmup_iters {args.warmup_iters} is not shorter than --max_iters: the "
+                  f"learning rate ends at {lr_at(args.max_iters - 1, args):.2e}, never at --lr")
 
     def checkpoint(it):
         save_checkpoint(ckpt_path, raw_model, optimizer, scaler, generators, device, args, data, it,
@@ -455,26 +406,26 @@ def train(args, model=None, summary_extra=None):
         guards.save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
 
     lock = guards.locked(args.out_dir) if master else contextlib.nullcontext()
-    with lock, Interrupt(world == 1) as interrupt:
+    with lock, guards.Interrupt(world == 1) as interrupt:
         t0 = t_steps = time.time()
-        train_s = 0.0  # time in training steps since the start, for the ETA
+        train_s = 0.0  # time in training steps so far, and each evaluation's: for the time left
         eval_times = []
         tokens = 0
         dropped = 0.0
         for it in range(start, args.max_iters + 1):
             # evaluate and checkpoint (a resumed run has evaluated its first step already)
             due = it % args.eval_interval == 0 or it == args.max_iters
-            if due and not (ckpt is not None and it == start):
+            if due and not (ckpt and it == start):
                 if kind == "cuda":
                     torch.cuda.synchronize()  # the clock sees every training step done
                 interval_s = time.time() - t_steps
                 train_s += interval_s
                 t_eval = time.time()
                 if master:
-                    print(f"step {it}: evaluating on {args.eval_iters} held-out batches ...", flush=True)
+                    print(f"step {it}: evaluating ({args.eval_iters} held-out batches)", flush=True)
                 row = {"iter": it, **held_out.evaluate(raw_model, ctx, rank, world)}
                 nan.record(torch.tensor(row["loss"], device=device), it)  # a NaN held-out loss too
-                nan.check(saved)  # the training steps' and this evaluation's: never save a bad state
+                nan.check(saved)  # the steps' and this evaluation's losses: never save a bad state
                 if sgt and master:
                     row.update(held_out.coupling(raw_model, ctx))
                 row["tokens_per_s"] = tokens / interval_s if tokens else None
@@ -487,13 +438,11 @@ def train(args, model=None, summary_extra=None):
                 if best is None or row["loss"] < best["loss"]:
                     best = dict(row)
                 rows.append(row)
-                if master and (it > start or ckpt is not None):  # step 0: nothing to resume yet
+                if master and (it > start or ckpt):  # step 0: nothing to resume yet
                     checkpoint(it)
                     saved = it
                 if master:
-                    gamma = f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""
-                    print(f"eval {it}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | "
-                          f"loss_unsup {row['loss_unsup']:.4f}{gamma}")
+                    print(evaluation_line(row))
                 eval_times.append(time.time() - t_eval)
                 tokens = 0
                 dropped = 0.0
@@ -503,15 +452,16 @@ def train(args, model=None, summary_extra=None):
                 nan.check(saved)
                 if master:
                     checkpoint(it)
-                raise KeyboardInterrupt(f"{interrupt.signal} at step {it}: {ckpt_path} holds it; the same "
-                                        f"flags plus --resume continue from there")
+                raise KeyboardInterrupt(f"{interrupt.signal} at step {it}: {ckpt_path} holds it; "
+                                        f"the same flags plus --resume continue from there")
             if it == args.max_iters:
                 break
             # one optimizer step on a global batch (every process draws it; each takes its share)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it, args)
             x, y = data.train_batch(args.batch_size * args.grad_accum, data_gen)
-            micro = micro_batches(x, y, selector.draw(y) if sgt else None, selector, args, rank, world, device)
+            selected = selector.draw(y) if sgt else None
+            micro = micro_batches(x, y, selected, selector, args, rank, world, device)
             loss = optimizer_step(model, optimizer, scaler, micro, ctx, args.grad_clip)
             nan.record(loss, it + 1)
             tokens += tokens_per_step
@@ -521,8 +471,14 @@ def train(args, model=None, summary_extra=None):
             if (it + 1) % args.log_interval == 0:
                 nan.check(saved)  # a sync: the clock below sees the step done
                 if master:
-                    print(progress(it + 1, loss, tokens, t_steps, train_s, eval_times, flops, peak, world,
-                                   time.time() - t0, start, args))
+                    steps_s = time.time() - t_steps
+                    per_step = (train_s + steps_s) / (it + 1 - start)
+                    per_eval = sum(eval_times) / max(1, len(eval_times))
+                    left = per_step * (args.max_iters - it - 1) + per_eval * evals_ahead(it, args)
+                    mfu = f" | MFU {tokens / steps_s * flops / peak / world:.1%}" if peak else ""
+                    print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr "
+                          f"{lr_at(it, args):.2e} | {tokens / steps_s:,.0f} tok/s{mfu} | "
+                          f"{time.time() - t0:.0f}s, ~{left:.0f}s left")
         # the summary
         summary = {"final": rows[-1], "best": best, "params": cherry.count_params(raw_model),
                    "flops_per_token": flops, "tokens_per_step": tokens_per_step,
@@ -540,16 +496,16 @@ def train(args, model=None, summary_extra=None):
     return summary
 
 
-def progress(step, loss, tokens, t_steps, train_s, eval_times, flops, peak, world, elapsed, start, args):
-    """A progress line; the time left counts the steps and the evaluations still ahead."""
-    steps_s = time.time() - t_steps
-    tok_s = tokens / steps_s
-    per_step = (train_s + steps_s) / (step - start)
-    per_eval = sum(eval_times) / len(eval_times) if eval_times else 0.0
-    left = per_step * (args.max_iters - step) + per_eval * evals_ahead(step - 1, args)
-    mfu = f" | MFU {tok_s * flops / peak / world:.1%}" if peak else ""
-    return (f"iter {step}/{args.max_iters} | train loss {loss.item():.4f} | lr {lr_at(step - 1, args):.2e} | "
-            f"{tok_s:,.0f} tok/s{mfu} | {elapsed:.0f}s, ~{left:.0f}s left")
+def evals_ahead(it, args):
+    """How many evaluations the steps after step `it` still hold."""
+    every = args.eval_interval
+    return args.max_iters // every - it // every + (args.max_iters % every > 0)
+
+
+def evaluation_line(row):
+    gamma = f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""
+    return (f"eval {row['iter']}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | "
+            f"loss_unsup {row['loss_unsup']:.4f}{gamma}")
 
 
 def describe(args):
@@ -563,12 +519,13 @@ def describe(args):
 
 
 def verdict(summary, rows):
-    """The last line: where the run ended, against the unigram model (a table of token frequencies)."""
+    """The last line: where the run ended, against the unigram model (token frequencies alone)."""
     final, best, uni = summary["final"], summary["best"], summary["unigram_loss"]
     side = "below" if final["loss"] < uni else "ABOVE"
-    return (f"done: held-out loss {final['loss']:.4f} ({abs(final['loss'] - uni):.3f} {side} the unigram "
-            f"model's {uni:.4f}); best {best['loss']:.4f} at step {best['iter']}; unsupervised targets "
-            f"{rows[0]['loss_unsup']:.3f} -> {final['loss_unsup']:.3f} -> {summary['args']['out_dir']}")
+    return (f"done: held-out loss {final['loss']:.4f} ({abs(final['loss'] - uni):.3f} {side} the "
+            f"unigram model's {uni:.4f}); best {best['loss']:.4f} at step {best['iter']}; "
+            f"unsupervised targets {rows[0]['loss_unsup']:.3f} -> {final['loss_unsup']:.3f} -> "
+            f"{summary['args']['out_dir']}")
 
 
 def main(argv=None):
