@@ -425,8 +425,7 @@ def layer_groups(n_layer, layers):
     """`layers` contiguous groups of n_layer / layers adjacent layers:
     layer_groups(6, 3) = [[0, 1], [2, 3], [4, 5]]."""
     if layers < 1 or n_layer % layers:
-        raise ValueError(f"{n_layer} layers do not split into {layers} equal groups of adjacent "
-                         f"layers")
+        raise ValueError(f"{n_layer} layers do not split into {layers} equal groups")
     g = n_layer // layers
     return [list(range(j * g, (j + 1) * g)) for j in range(layers)]
 
@@ -439,10 +438,8 @@ def repeat_schedule(repeats):
 def loop_schedule(prelude, core, coda, loops):
     """Huginn's shape: the first `prelude` layers once, the next `core` layers looped `loops` times,
     `coda` once."""
-    first = tuple(range(prelude))
     looped = tuple(range(prelude, prelude + core)) * loops
-    last = tuple(range(prelude + core, prelude + core + coda))
-    return first + looped + last
+    return tuple(range(prelude)) + looped + tuple(range(prelude + core, prelude + core + coda))
 
 
 def paper_schedule(n_layer, layers):
@@ -470,11 +467,9 @@ def compress(model, layers, schedule, step_embed=True, lora_rank=0, coda_from_en
     g = len(groups[0])
     schedule = tuple(schedule)
     if sorted(set(schedule)) != list(range(layers)):
-        raise ValueError(f"the schedule {schedule} must run each of the {layers} layers at least "
-                         f"once")
-    small_cfg = replace(cfg, n_layer=layers, schedule=schedule, step_embed=step_embed,
-                        lora_rank=lora_rank)
-    small = GPT(small_cfg)
+        raise ValueError(f"the schedule {schedule} must run each of the {layers} layers")
+    small = GPT(replace(cfg, n_layer=layers, schedule=schedule, step_embed=step_embed,
+                        lora_rank=lora_rank))
     for name in ("wte", "wpe", "ln_f"):  # all outside the blocks is kept (lm_head: tied to wte)
         getattr(small, name).load_state_dict(getattr(model, name).state_dict())
     for j, group in enumerate(groups):

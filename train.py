@@ -442,7 +442,9 @@ def train(args, model=None, summary_extra=None):
                     checkpoint(it)
                     saved = it
                 if master:
-                    print(evaluation_line(row))
+                    gamma = f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""
+                    print(f"eval {it}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | "
+                          f"loss_unsup {row['loss_unsup']:.4f}{gamma}")
                 eval_times.append(time.time() - t_eval)
                 tokens = 0
                 dropped = 0.0
@@ -500,12 +502,6 @@ def evals_ahead(it, args):
     """How many evaluations the steps after step `it` still hold."""
     every = args.eval_interval
     return args.max_iters // every - it // every + (args.max_iters % every > 0)
-
-
-def evaluation_line(row):
-    gamma = f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""
-    return (f"eval {row['iter']}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | "
-            f"loss_unsup {row['loss_unsup']:.4f}{gamma}")
 
 
 def describe(args):
