@@ -391,6 +391,8 @@ def train(args, model=None, summary_extra=None):
         flops += cherry.flops_per_token(selector.reference.config, training=False)
     tokens_per_step = args.batch_size * args.grad_accum * data.block_size
     peak = guards.peak_flops(device, dtype)
+    if master and args.resume and not ckpt:
+        print(f"--resume: {args.out_dir} holds no checkpoint yet; starting at step 0")
     if master:
         print(f"model: {cherry.count_params(raw_model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} "
               f"MFLOPs/token for training | {device}, {dtype}, {world} process(es) | "
@@ -527,7 +529,8 @@ def verdict(summary, rows):
 def main(argv=None):
     args = guards.parse_args(training_args("train"), argv)
     model = None
-    if args.init_from and not args.resume:
+    resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "ckpt.pt"))
+    if args.init_from and not resuming:
         guards.check_run_folder(args)  # before loading what may be a large model
         model = cherry.load_model(args.init_from, dropout=args.dropout)
     return train(args, model)
