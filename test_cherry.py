@@ -1139,6 +1139,10 @@ def test_a_data_folder_prepared_again_is_refused_on_resume(tiny_data, tmp_path, 
     fails(capsys, "train", ["--data", str(data), "--out_dir", str(tmp_path / "run"), *TINY, "--max_iters", "4",
                             "--eval_interval", "2", "--resume"], r"does not hold the data \S+ was trained on")
     assert json.load(open(tmp_path / "run" / "summary.json"))["final"]["iter"] == 2
+    ckpt = cherry.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    del ckpt["data_fingerprint"]  # a checkpoint from before fingerprints: resumed as it always was
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    run_train(str(data), tmp_path / "run", "--max_iters", "4", "--eval_interval", "2", "--resume")
 
 
 def test_a_full_disk_says_so_and_leaves_the_last_checkpoint_whole(tiny_data, tmp_path, capsys, monkeypatch):

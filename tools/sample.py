@@ -33,8 +33,8 @@ def main(argv=None):
     a("--seed", type=guards.number(int, f"[0, {2**63 - 1}]"), default=1337, help="random seed")
     a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
     a("--no_cache", action="store_true", help="recompute the whole context for every token (slower; for checking)")
-    args = p.parse_args(argv)
-    args.dtype, args.compile = "float32", False
+    p.set_defaults(dtype="float32", compile=False)  # what guards.setup_device reads; no flags for them
+    args = guards.parse_args(p, argv)
     device = guards.setup_device(args)[0]
     model = cherry.load_model(args.init_from, dropout=0.0).eval().to(device)
     data = args.data
