@@ -443,8 +443,7 @@ def loop_schedule(prelude, core, coda, loops):
 
 
 def paper_schedule(n_layer, layers):
-    """The paper's (1, 8, 8, 8, 8, 1) for 48 -> 6, at any size: the ends once, the middle layers
-    group-size times."""
+    """The paper's 1,8,8,8,8,1 for 48 -> 6, at any size: ends once, the middle group-size times."""
     g = n_layer // layers
     repeats = (g,) * layers if layers <= 2 else (1,) + (g,) * (layers - 2) + (1,)
     return repeat_schedule(repeats)
@@ -649,8 +648,7 @@ def count_params(model, active=False, non_embedding=False):
     """Parameters, each stored tensor once (a block run several times counts once; step embeddings
     and adapters in full), as nanoGPT counts them: without the position embeddings, the token
     embeddings counted as the head they are tied to. non_embedding: without either embedding table.
-    active: what one token uses at inference (experts_per_token of the experts' MLPs, no MTP
-    modules)."""
+    active: what one token uses at inference (experts_per_token experts' MLPs, no MTP modules)."""
     n = -model.wpe.weight.numel() - (model.wte.weight.numel() if non_embedding else 0)
     for name, p in model.named_parameters():
         if active and name.startswith("mtp_modules."):
@@ -663,10 +661,10 @@ def count_params(model, active=False, non_embedding=False):
 def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=False):
     """Matmul FLOPs per token from the shapes (2 per multiply-add; attention over the full block, as
     in PaLM); training is 3x the forward. SGT's head runs on a fraction of the positions;
-    full_head_forward adds the no-gradient head on every position that an excess-loss selector
-    needs. Every application of an unrolled layer pays (unrolling saves parameters, not compute;
-    LoRA merges once per batch). A mixture layer pays for its router and experts_per_token experts;
-    in training each MTP module pays for its projection, block and head."""
+    full_head_forward adds the no-gradient head on every position an excess-loss selector needs.
+    Every application of an unrolled layer pays (unrolling saves parameters, not compute; LoRA
+    merges once per batch); a mixture layer its router and experts_per_token experts; in training
+    each MTP module its projection, block and head."""
     C, T, V = config.n_embd, config.block_size, config.vocab_size
     attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV
     mlp = 2 * 8 * C * C
