@@ -1,8 +1,8 @@
 """
 CHERRY in one file: a GPT (nanoGPT-style) and the paper's three techniques, in the paper's order.
-  1. Config and presets                  4. Depth compression: average adjacent layers, unroll, LoRA from the residue
-  2. Transformer (with a KV cache)       5. MoEE: a router over the experts' MLPs, fusion, multi-token prediction
-  3. SGT: which targets to supervise     6. Counts: parameters and FLOPs          Appendix: loading weights, safely
+  1. Config and presets                4. Depth compression: average adjacent layers, unroll, LoRA
+  2. Transformer (with a KV cache)     5. MoEE: a router over the experts' MLPs, fusion, MTP
+  3. SGT: which targets to supervise   6. Counts: parameters and FLOPs     Appendix: loading weights
 """
 
 import json
@@ -20,28 +20,31 @@ import torch.utils.checkpoint
 # ----------------------------------------------------------------------------
 # 1. Config and presets
 
-MAX_DEPTH = 1024  # layers, or applications of an unrolled schedule: far past any model here, short of a typo's 10^8
+# layers, or applications of an unrolled schedule: far past any model here, short of a typo's 10^8
+MAX_DEPTH = 1024
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256
+    """A model's shape. The defaults are train.py's default run: 12 x 128 on GPT-2's tokens."""
+    block_size: int = 128
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    n_layer: int = 12
+    n_head: int = 4
+    n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False  # biases in linears and LayerNorms (GPT-2 has them)
     gelu_approximate: str = "none"  # "tanh": GPT-2's own GELU (set when its weights are loaded)
-    vocab: str = ""  # which tokens the ids mean (data/prepare.py's vocab_id); "" when unknown
+    vocab_id: str = ""  # which tokens the ids mean (data/prepare.py's vocab_id); "" when unknown
     # depth compression (section 4); the defaults are a plain dense GPT
-    schedule: tuple = None  # the layer each application runs, in order, e.g. (0, 1, 1, 1, 2); None: each once
-    step_embed: bool = False  # a learned vector per application, added to the residual stream before it
-    lora_rank: int = 0  # > 0: each application has its own LoRA on the matrices (+ offsets on the vectors)
+    # the layer each application runs, in order, e.g. (0, 1, 1, 1, 2); None: each layer once
+    schedule: tuple = None
+    step_embed: bool = False  # a learned vector per application, added to the residual stream
+    lora_rank: int = 0  # > 0: a LoRA per application on the matrices (+ offsets on the vectors)
     # MoEE (section 5); the defaults are a plain MLP and next-token prediction only
     n_expert: int = 0  # > 0: every block's MLP is a mixture of this many experts behind a router
     experts_per_token: int = 1
-    capacity_factor: float = 1.25  # in training an expert takes at most this x its fair share of the tokens
+    capacity_factor: float = 1.25  # in training an expert takes at most this x its fair share
     aux_weight: float = 0.01  # Switch load-balancing loss, alpha
     z_weight: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     mtp: int = 0  # multi-token prediction: modules predicting tokens t+2 .. t+1+mtp (training only)
@@ -69,22 +72,24 @@ class GPTConfig:
         return self.schedule if self.schedule is not None else tuple(range(self.n_layer))
 
 
-# Model shapes by name. The paper's figures (abstract): 1B dense with 48 layers, its 6-layer compression at 227M,
-# a 566M dense model. They fit ~18.7M parameters per layer (12 d^2, d = 1248) plus ~117M of embeddings, which implies
-# a vocabulary near 93k (the paper's Korean tokenizer is not public).
+# Model shapes by name. The paper's figures (abstract): 1B dense with 48 layers, its 6-layer
+# compression at 227M, a 566M dense model. They fit ~18.7M parameters per layer (12 d^2, d = 1248)
+# plus ~117M of embeddings, which implies a vocabulary near 93k (the paper's Korean tokenizer is not
+# public).
 GPT2 = dict(block_size=1024, vocab_size=50304, bias=True)
 PAPER = dict(n_embd=1248, n_head=13, vocab_size=93440, block_size=2048)
-UNROLL_34 = (0,) + (1,) * 8 + (2,) * 8 + (3,) * 8 + (4,) * 8 + (5,)  # layer per application: 1,8,8,8,8,1
+UNROLL_34 = (0,) + (1,) * 8 + (2,) * 8 + (3,) * 8 + (4,) * 8 + (5,)  # 1,8,8,8,8,1
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, **GPT2),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **GPT2),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, **GPT2),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **GPT2),  # 1558M
     "cherry-1b": dict(n_layer=48, **PAPER),  # the dense model the paper compresses
-    "cherry-566m": dict(n_layer=24, **PAPER),  # the dense model with ~2.5x the compressed parameters
+    "cherry-566m": dict(n_layer=24, **PAPER),  # dense, ~2.5x the compressed parameters
     "cherry-227m": dict(n_layer=6, **PAPER),  # the 6-layer compression, before unrolling
-    # unrolled 1,8,8,8,8,1 (34 applications, step embeddings), and MoEE of it with 2 or 8 experts, top-1. The experts
-    # share embeddings, attention and norms (section 5): 8 experts are ~0.75B in all, not 8 x 227M = 1.8B.
+    # unrolled 1,8,8,8,8,1 (34 applications, step embeddings), and MoEE of it with 2 or 8 experts,
+    # top-1. The experts share embeddings, attention and norms (section 5): 8 experts are ~0.75B in
+    # all, not 8 x 227M = 1.8B.
     "cherry-227m-x34": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, **PAPER),
     "cherry-moee-2": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, n_expert=2, **PAPER),
     "cherry-moee-8": dict(n_layer=6, schedule=UNROLL_34, step_embed=True, n_expert=8, **PAPER),
@@ -104,17 +109,24 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, cache_slot=0):
-        """cache: the KV cache, {application: (keys, values) of the past positions}; updated in place."""
+        """cache: None, or the KV cache {application: (keys, values) of the past positions}, updated
+        in place under cache_slot."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        hs = C // self.n_head
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B,nh,T,hs)
         if cache is not None:
             if cache_slot in cache:  # the earlier positions' keys and values come first
-                k, v = torch.cat([cache[cache_slot][0], k], dim=2), torch.cat([cache[cache_slot][1], v], dim=2)
+                past_k, past_v = cache[cache_slot]
+                k = torch.cat([past_k, k], dim=2)  # (B, nh, past + T, hs)
+                v = torch.cat([past_v, v], dim=2)
             cache[cache_slot] = k, v
         past = k.size(2) - T
-        # causal attention (flash where available); with a cache, new queries also see every cached position
-        mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past) if past else None
+        # causal attention (flash where available); with a cache, new queries also see every cached
+        # position
+        mask = None
+        if past:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
@@ -159,19 +171,21 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
-        # the recurrent unroll (section 4): the blocks run in this order, a block may run several times
-        self.schedule = config.applications()
-        self.step_embed = nn.Parameter(torch.zeros(len(self.schedule), config.n_embd)) if config.step_embed else None
-        self.adapters = (nn.ModuleList(Adapter(self.blocks[i], config.lora_rank) for i in self.schedule)
-                         if config.lora_rank else None)
-        # MoEE (section 5): the mixture layers (their routers' losses are collected per call), the MTP modules
+        # the recurrent unroll (section 4): the block each application runs, in order; a step
+        # embedding and an adapter (LoRA) per application
+        self.applications = A = config.applications()
+        n = len(A)
+        self.step_embed = nn.Parameter(torch.zeros(n, config.n_embd)) if config.step_embed else None
+        r = config.lora_rank
+        self.adapters = nn.ModuleList(Adapter(self.blocks[i], r) for i in A) if r else None
+        # MoEE (section 5): the mixture layers (they record each call), the MTP modules
         self.moe_layers = [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
         self.mtp_modules = nn.ModuleList(MTPModule(config) for _ in range(config.mtp))
         self.apply(self._init_weights)
-        # GPT-2 init: residual projections scaled down by the depth of the residual stream (applications, not layers)
+        # GPT-2 init: residual projections scaled down by the residual stream's depth (applications)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * len(self.schedule)))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -180,27 +194,29 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def hidden(self, idx, cache=None, residual=False):
-        """Final (normed) hidden states (B, T, C); the residual stream before the final norm if residual.
-        With a cache, idx continues the cached positions."""
+        """Final (normed) hidden states (B, T, C); the residual stream before the final norm if
+        residual. With a cache, idx continues the cached positions."""
         B, T = idx.shape
-        start = cache[0][0].size(2) if cache else 0
+        start = cached_positions(cache)
         if start + T > self.config.block_size:
-            raise ValueError(f"a sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device)))
+            raise ValueError(f"a sequence of {start + T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))
         for moe in self.moe_layers:
-            moe.calls.clear()  # each call of a mixture layer in this pass records its router loss and load
-        for a in range(len(self.schedule)):  # dense: application a runs block a, each once
+            moe.calls.clear()  # each call of a mixture layer records (loss, counts, dropped)
+        for a in range(len(self.applications)):  # dense: application a runs block a, each once
             if self.step_embed is not None:
                 x = x + self.step_embed[a]  # tells a shared block which application this is
-            if self.grad_checkpoint and self.training and cache is None:  # recompute in backward: less memory
+            if self.grad_checkpoint and self.training and cache is None:  # less memory: recompute
                 x = torch.utils.checkpoint.checkpoint(self.apply_layer, a, x, use_reentrant=False)
             else:
                 x = self.apply_layer(a, x, cache)
         return x if residual else self.ln_f(x)
 
     def apply_layer(self, a, x, cache=None):
-        """Application a of the schedule: its block, with this application's own LoRA difference if any."""
-        block = self.blocks[self.schedule[a]]
+        """Application a: its block, with this application's own LoRA difference if any."""
+        block = self.blocks[self.applications[a]]
         if self.adapters is None:
             return block(x, cache, cache_slot=a)  # each application keeps its own keys and values
         return torch.func.functional_call(block, self.adapters[a].weights(block), (x, cache, a))
@@ -233,40 +249,54 @@ class GPT(nn.Module):
         return logits, loss
 
     def token_losses(self, idx, targets):
-        """Per-position cross-entropy (B, T): what evaluation splits into selected and unselected targets."""
+        """Per-position cross-entropy (B, T): what evaluation splits into selected and unselected
+        targets."""
         return cross_entropy(self.lm_head(self.hidden(idx)), targets)
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
         # decay matrices (dim >= 2); leave biases, norms and the step embeddings alone
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         decay = {n for n, p in params.items() if p.dim() >= 2 and n != "step_embed"}
-        groups = [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
-                  {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
+        decayed = [p for n, p in params.items() if n in decay]
+        kept = [p for n, p in params.items() if n not in decay]
+        groups = [{"params": decayed, "weight_decay": weight_decay},
+                  {"params": kept, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """Sample max_new_tokens after idx (B, T). The KV cache makes each new token O(T), not O(T^2)."""
-        cache = None
+        """Sample max_new_tokens after idx (B, T). The KV cache makes each new token O(T), not
+        O(T^2)."""
+        cache = {} if use_cache else None
         for _ in range(max_new_tokens):
-            if cache and cache[0][0].size(2) < self.config.block_size:
+            if 0 < cached_positions(cache) < self.config.block_size:
                 h = self.hidden(idx[:, -1:], cache)  # only the newest token; the past is cached
-            else:  # (re)start from the last block_size tokens, exactly what the model was trained on
-                cache = {} if use_cache else None
+            else:  # (re)start from the last block_size tokens: what the model was trained on
+                if cache is not None:
+                    cache.clear()
                 h = self.hidden(idx[:, -self.config.block_size:], cache)
             logits = self.lm_head(h[:, -1, :]).float() / max(temperature, 1e-8)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
-            greedy = temperature == 0
-            next_id = logits.argmax(-1, keepdim=True) if greedy else torch.multinomial(F.softmax(logits, dim=-1), 1)
+            if temperature == 0:
+                next_id = logits.argmax(-1, keepdim=True)
+            else:
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), 1)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
 
 
+def cached_positions(cache):
+    """How many positions a KV cache holds: 0 for None (no cache) and for {} (not filled yet)."""
+    return cache[0][0].size(2) if cache else 0
+
+
 def cross_entropy(logits, targets):
-    """Per-position cross-entropy in fp32, the shape of targets; a target of -1 is ignored (loss 0)."""
-    losses = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")
+    """Per-position cross-entropy in fp32, the shape of targets; a target of -1 is ignored (loss
+    0)."""
+    logits = logits.float().flatten(0, -2)
+    losses = F.cross_entropy(logits, targets.flatten(), ignore_index=-1, reduction="none")
     return losses.view(targets.shape)
 
 
@@ -391,9 +421,10 @@ def gradient_coupling(model, batches):
 
 
 class Adapter(nn.Module):
-    """What makes one application of a shared block its own (Relaxed Recursive Transformers): a LoRA B @ A on each
-    matrix and a full offset on each vector (norm gains, biases). Fresh, it is zero (B = 0, the usual LoRA start);
-    compress() sets it from the SVD of (original layer - averaged layer)."""
+    """What makes one application of a shared block its own (Relaxed Recursive Transformers): a LoRA
+    B @ A on each matrix and a full offset on each vector (norm gains, biases). Fresh, it is zero (B
+    = 0, the usual LoRA start); compress() sets it from the SVD of (original layer - averaged
+    layer)."""
 
     def __init__(self, block, rank):
         super().__init__()
@@ -417,25 +448,28 @@ class Adapter(nn.Module):
 
     @torch.no_grad()
     def init_from_residue(self, original, shared):
-        """Set the difference to the best rank-r approximation of (original - shared): exact at full rank."""
+        """Set the difference to the best rank-r approximation of (original - shared): exact at full
+        rank."""
         for name, p in shared.named_parameters():
             key = name.replace(".", "_")
             residue = original.get_parameter(name).float() - p.float()
             if p.dim() == 2:
                 U, S, Vh = torch.linalg.svd(residue, full_matrices=False)
                 r = self.A[key].size(0)
-                self.A[key].copy_(Vh[:r])  # orthonormal rows: never all zero, so B still learns from a zero residue
+                # orthonormal rows: never all zero, so B still learns from a zero residue
+                self.A[key].copy_(Vh[:r])
                 self.B[key].copy_(U[:, :r] * S[:r])
             else:
                 self.offset[key].copy_(residue)
 
 
-def layer_groups(n_layer, k):
-    """k contiguous groups of n_layer / k adjacent layers: layer_groups(6, 3) = [[0, 1], [2, 3], [4, 5]]."""
-    if k < 1 or n_layer % k:
-        raise ValueError(f"{n_layer} layers do not split into {k} equal groups of adjacent layers")
-    g = n_layer // k
-    return [list(range(j * g, (j + 1) * g)) for j in range(k)]
+def layer_groups(n_layer, layers):
+    """`layers` contiguous groups of n_layer / layers adjacent layers:
+    layer_groups(6, 3) = [[0, 1], [2, 3], [4, 5]]."""
+    if layers < 1 or n_layer % layers:
+        raise ValueError(f"{n_layer} layers do not split into {layers} equal groups")
+    g = n_layer // layers
+    return [list(range(j * g, (j + 1) * g)) for j in range(layers)]
 
 
 def repeat_schedule(repeats):
@@ -444,42 +478,51 @@ def repeat_schedule(repeats):
 
 
 def loop_schedule(prelude, core, coda, loops):
-    """Huginn's shape: the first `prelude` layers once, the next `core` layers looped `loops` times, `coda` once."""
-    return (tuple(range(prelude)) + tuple(range(prelude, prelude + core)) * loops
-            + tuple(range(prelude + core, prelude + core + coda)))
+    """Huginn's shape: the first `prelude` layers once, the next `core` layers looped `loops` times,
+    `coda` once."""
+    looped = tuple(range(prelude, prelude + core)) * loops
+    return tuple(range(prelude)) + looped + tuple(range(prelude + core, prelude + core + coda))
 
 
-def default_repeats(k, group_size):
-    """The paper's (1, 8, 8, 8, 8, 1) for 48 -> 6, at any size: the ends once, the middle layers group-size times."""
-    return (group_size,) * k if k <= 2 else (1,) + (group_size,) * (k - 2) + (1,)
+def paper_schedule(n_layer, layers):
+    """The paper's 1,8,8,8,8,1 for 48 -> 6, at any size: ends once, the middle group-size times."""
+    g = n_layer // layers
+    repeats = (g,) * layers if layers <= 2 else (1,) + (g,) * (layers - 2) + (1,)
+    return repeat_schedule(repeats)
 
 
 @torch.no_grad()
-def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_end=True):
-    """A dense GPT's n_layer layers -> k, layer j the exact mean of the j-th group of g adjacent layers (every tensor,
-    norms included; not LaCo's sum of differences), run in `schedule` (default: default_repeats). Step embeddings start
-    at zero: at first the unroll is plain repetition. With LoRA, application t of layer j's n starts from the residue of
-    its group's layer at the same relative depth, group[t * g // n], or for the last layer (next to the head)
-    group[(t + 1) * g // n - 1], so a once-run coda starts from the original's final layer (coda_from_end=False: its
-    group's first). With n = g and full rank the original comes back. Returns a new GPT."""
+def compress(model, layers, schedule, step_embed=True, lora_rank=0, coda_from_end=True):
+    """A dense GPT's n_layer layers -> `layers`, layer j the exact mean of the j-th group of g
+    adjacent layers (every tensor, norms included; not LaCo's sum of differences), run in `schedule`
+    (the layer of each application, e.g. paper_schedule). Step embeddings start at zero: at first
+    the unroll is plain repetition. With LoRA, application t of layer j's n starts from the residue
+    of its group's layer at the same relative depth, group[t * g // n], or for the last layer (next
+    to the head) group[(t + 1) * g // n - 1], so a once-run coda starts from the original's final
+    layer (coda_from_end=False: its group's first). With n = g and full rank the original comes
+    back. Returns a new GPT."""
     cfg = model.config
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed:
         raise ValueError("compress takes a dense model (no schedule, step embeddings or LoRA)")
-    groups = layer_groups(cfg.n_layer, k)
+    groups = layer_groups(cfg.n_layer, layers)
     g = len(groups[0])
-    schedule = tuple(schedule) if schedule is not None else repeat_schedule(default_repeats(k, g))
-    if sorted(set(schedule)) != list(range(k)):
-        raise ValueError(f"the schedule {schedule} must run each of the {k} layers at least once")
-    small = GPT(replace(cfg, n_layer=k, schedule=schedule, step_embed=step_embed, lora_rank=lora_rank))
-    for name in ("wte", "wpe", "ln_f"):  # everything outside the blocks is kept as it is (lm_head is tied to wte)
+    schedule = tuple(schedule)
+    if sorted(set(schedule)) != list(range(layers)):
+        raise ValueError(f"the schedule {schedule} must run each of the {layers} layers")
+    small = GPT(replace(cfg, n_layer=layers, schedule=schedule, step_embed=step_embed,
+                        lora_rank=lora_rank))
+    for name in ("wte", "wpe", "ln_f"):  # all outside the blocks is kept (lm_head: tied to wte)
         getattr(small, name).load_state_dict(getattr(model, name).state_dict())
     for j, group in enumerate(groups):
         for name, p in small.blocks[j].named_parameters():
             p.copy_(torch.stack([model.blocks[i].get_parameter(name) for i in group]).mean(dim=0))
     if lora_rank:
         for a, j in enumerate(schedule):
-            t, n = schedule[:a].count(j), schedule.count(j)  # application t of layer j's n
-            index = (t + 1) * g // n - 1 if j == k - 1 and coda_from_end else t * g // n
+            t = schedule[:a].count(j)  # application t of layer j's n
+            n = schedule.count(j)
+            index = t * g // n
+            if j == layers - 1 and coda_from_end:
+                index = (t + 1) * g // n - 1
             small.adapters[a].init_from_residue(model.blocks[groups[j][index]], small.blocks[j])
     return small
 
@@ -489,43 +532,54 @@ def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_en
 
 
 class MoE(nn.Module):
-    """The MLPs of several experts behind a token-level router (Switch, Branch-Train-MiX): each token goes to its
-    experts_per_token best experts. Static shapes (no host sync, one compiled graph): the (token, expert) assignments
-    queue by expert into fixed-capacity buffers, each expert runs on its buffer, the outputs are added back, gated. In
-    training an expert takes at most capacity_factor x its fair share and drops the rest (counted; the token passes on
-    the residual); evaluation never drops. self.calls: (router loss, load, dropped) per call."""
+    """The MLPs of several experts behind a token-level router (Switch, Branch-Train-MiX): each
+    token goes to its experts_per_token best experts. Static shapes (no host sync, one compiled
+    graph): the (token, expert) assignments queue by expert into fixed-capacity buffers, each expert
+    runs on its buffer, the outputs are added back, gated. In training an expert takes at most
+    capacity_factor x its fair share and drops the rest (counted; the token passes on the residual);
+    evaluation never drops. self.calls: (loss, counts, dropped) per call of this layer in the
+    forward pass."""
 
     def __init__(self, config):
         super().__init__()
-        self.k, self.capacity_factor = config.experts_per_token, config.capacity_factor
-        self.aux_weight, self.z_weight = config.aux_weight, config.z_weight
+        self.experts_per_token = config.experts_per_token
+        self.capacity_factor = config.capacity_factor
+        self.aux_weight = config.aux_weight
+        self.z_weight = config.z_weight
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
-        self.calls = []  # [(router loss, assignments per expert, dropped)] of the current forward pass
+        self.calls = []
 
     def forward(self, x):
         B, T, C = x.shape
-        x = x.reshape(-1, C)
-        N, E = x.size(0), len(self.experts)
-        with torch.autocast(x.device.type, enabled=False):  # router in fp32: small logit errors flip the choice
-            logits = F.linear(x.float(), self.router.weight.float())
+        K = self.experts_per_token
+        E = len(self.experts)
+        x = x.reshape(-1, C)  # (N, C): every token of the batch
+        N = x.size(0)
+        with torch.autocast(x.device.type, enabled=False):  # fp32: small errors flip the choice
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
         probs = logits.softmax(dim=-1)
-        top_p, expert = probs.topk(self.k, dim=-1)  # (N, k)
-        # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly one expert's
-        # output); the scale is detached, so the router still learns from the LM loss as in Switch
-        gates = (top_p / top_p.sum(dim=-1, keepdim=True).detach()).flatten()
-        expert = expert.flatten()  # the N * k assignments, token-major: token i's k choices are i*k .. i*k + k-1
-        # each assignment's place in its expert's queue (token order); past the capacity it is dropped
-        capacity = min(N, math.ceil(self.capacity_factor * N * self.k / E)) if self.training else N
-        one_hot = F.one_hot(expert, E)  # (N * k, E)
-        place = (one_hot.cumsum(dim=0) * one_hot).sum(dim=1) - 1
+        top_p, expert = probs.topk(K, dim=-1)  # (N, K)
+        # gates: the top-k probabilities scaled to sum to one (identical experts then give exactly
+        # one expert's output); the scale is detached, so the router still learns from the LM loss
+        # (Switch)
+        gates = (top_p / top_p.sum(dim=-1, keepdim=True).detach()).flatten()  # (N * K,)
+        expert = expert.flatten()  # (N * K,) token-major: token i's choices are i*K .. i*K + K-1
+        # each assignment's place in its expert's queue (token order); past the capacity it is
+        # dropped
+        capacity = min(N, math.ceil(self.capacity_factor * N * K / E)) if self.training else N
+        one_hot = F.one_hot(expert, E)  # (N * K, E)
+        place = (one_hot.cumsum(dim=0) * one_hot).sum(dim=1) - 1  # (N * K,)
         kept = place < capacity
-        slot = torch.where(kept, expert * capacity + place, E * capacity)  # the dropped share a spare last row
-        inputs = x if self.k == 1 else x.repeat_interleave(self.k, dim=0)
-        buffers = x.new_zeros(E * capacity + 1, C).index_copy(0, slot, inputs)[:-1]  # (E * capacity, C)
-        y = torch.cat([mlp(part) for mlp, part in zip(self.experts, buffers.split(capacity))] + [x.new_zeros(1, C)])
-        out = (y[slot] * (gates * kept).unsqueeze(-1)).view(N, self.k, C).sum(dim=1)
-        counts = one_hot.sum(dim=0)
+        # a row per (expert, place); every dropped assignment goes to one spare last row
+        slot = torch.where(kept, expert * capacity + place, E * capacity)  # (N * K,)
+        inputs = x.repeat_interleave(K, dim=0) if K > 1 else x  # (N * K, C)
+        buffers = x.new_zeros(E * capacity + 1, C).index_copy(0, slot, inputs)  # (E*capacity+1, C)
+        buffers = buffers[:-1]  # (E * capacity, C): expert e's queue is rows e * capacity ..
+        outputs = [mlp(part) for mlp, part in zip(self.experts, buffers.split(capacity))]
+        y = torch.cat(outputs + [x.new_zeros(1, C)])  # (E * capacity + 1, C): the spare row is zero
+        out = (y[slot] * (gates * kept).unsqueeze(-1)).view(N, K, C).sum(dim=1)  # (N, C)
+        counts = one_hot.sum(dim=0)  # (E,) assignments per expert
         loss = self.aux_weight * switch_loss(probs, counts)
         if self.z_weight:
             loss = loss + self.z_weight * logits.logsumexp(dim=-1).square().mean()
@@ -534,8 +588,9 @@ class MoE(nn.Module):
 
 
 def switch_loss(probs, counts):
-    """Switch Transformer's load balance, E * sum_i f_i * P_i: f_i the share of assignments expert i got, P_i its mean
-    router probability over the full softmax (the differentiable part); 1 when uniform, E when one takes all."""
+    """Switch Transformer's load balance, E * sum_i f_i * P_i: f_i the share of assignments expert i
+    got, P_i its mean router probability over the full softmax (the differentiable part); 1 when
+    uniform, E when one takes all."""
     return len(counts) * (counts.float() / counts.sum() * probs.mean(dim=0)).sum()
 
 
@@ -544,24 +599,29 @@ def router_loss(moe_layers):
     return torch.stack([loss for moe in moe_layers for loss, _, _ in moe.calls]).mean()
 
 
-def expert_counts(model):
-    """Assignments each expert got in the last forward pass, per mixture layer (all its calls): (layers, n_expert)."""
-    return torch.stack([torch.stack([counts for _, counts, _ in moe.calls]).sum(dim=0) for moe in model.moe_layers])
+def expert_counts(moe_layers):
+    """Assignments each expert got in the last forward pass, per mixture layer (all its calls):
+    (layers, n_expert)."""
+    return torch.stack([sum(counts for _, counts, _ in moe.calls) for moe in moe_layers])
 
 
-def dropped_share(model):
-    """The share of the last forward pass's assignments that the capacity dropped (a tensor: no host sync)."""
-    calls = [c for moe in model.moe_layers for c in moe.calls]
+def dropped_share(moe_layers):
+    """The share of the last forward pass's assignments that the capacity dropped (a tensor: no host
+    sync)."""
+    calls = [call for moe in moe_layers for call in moe.calls]
     return sum(dropped for _, _, dropped in calls) / sum(counts.sum() for _, counts, _ in calls)
 
 
-def shift_left(t, k, fill):
-    """t[:, i + k] at position i; the last k positions get fill."""
-    return torch.cat([t[:, k:], t.new_full((t.size(0), k), fill)], dim=1) if k else t
+def shift_left(t, n, fill):
+    """t[:, i + n] at position i; the last n positions get fill."""
+    if n == 0:
+        return t
+    return torch.cat([t[:, n:], t.new_full((t.size(0), n), fill)], dim=1)
 
 
 class MTPModule(nn.Module):
-    """One multi-token prediction depth: norm both inputs, project their concatenation back to C, one dense block."""
+    """One multi-token prediction depth: norm both inputs, project their concatenation back to C,
+    one dense block."""
 
     def __init__(self, config):
         super().__init__()
@@ -575,20 +635,21 @@ class MTPModule(nn.Module):
 
 
 def mtp_loss(model, x, targets, positions=None, weights=None):
-    """Multi-token prediction (DeepSeek-V3): module k combines the previous depth's hidden state at position i with the
-    embedding of t(i+k) and predicts t(i+k+1) through the shared ln_f and head; the mean of the D losses. targets[:, i]
-    is t(i+1), so module k reads targets shifted by k-1 and predicts them shifted by k. With SGT only the picked
-    targets supervise, each with its weight: target j is predicted at position j - k, module k's head runs there
-    only, and its loss is the weighted mean over the picks that have such a position."""
+    """Multi-token prediction (DeepSeek-V3): the module at depth d combines the previous depth's
+    hidden state at position i with the embedding of t(i+d) and predicts t(i+d+1) through the shared
+    ln_f and head; the mean of the D losses. targets[:, i] is t(i+1), so depth d reads targets
+    shifted by d-1 and predicts them shifted by d. With SGT only the picked targets supervise, each
+    with its weight: target j is predicted at position j - d, depth d's head runs there only, and its
+    loss is the weighted mean over the picks that have such a position."""
     losses = []
-    for k, module in enumerate(model.mtp_modules, start=1):
-        x = module(x, model.wte(shift_left(targets, k - 1, fill=0)))
+    for d, module in enumerate(model.mtp_modules, start=1):
+        x = module(x, model.wte(shift_left(targets, d - 1, fill=0)))
         h = model.ln_f(x)
-        target = shift_left(targets, k, fill=-1)
+        target = shift_left(targets, d, fill=-1)
         share = None
         if positions is not None:
-            h = gather(h, (positions - k).clamp(min=0))
-            target = torch.where(positions >= k, targets.gather(1, positions), -1)
+            h = gather(h, (positions - d).clamp(min=0))
+            target = torch.where(positions >= d, targets.gather(1, positions), -1)
             share = weights
         loss = cross_entropy(model.lm_head(h), target)
         share = (target >= 0).float() if share is None else share * (target >= 0)
@@ -598,23 +659,28 @@ def mtp_loss(model, x, targets, positions=None, weights=None):
 
 @torch.no_grad()
 def fuse(experts, experts_per_token=1, mtp=0, **moe_config):
-    """N models of one shape (compressed or dense) -> one MoEE model: every shared tensor (embeddings, attention, norms,
-    step embeddings, their LoRA) is the experts' mean; expert i's MLPs (and their LoRA) become expert i of each mixture
-    layer. Routers and MTP modules start fresh. A mixture of one expert is that expert. Returns a new GPT."""
+    """N models of one shape (compressed or dense) -> one MoEE model: every shared tensor
+    (embeddings, attention, norms, step embeddings, their LoRA) is the experts' mean; expert i's
+    MLPs (and their LoRA) become expert i of each mixture layer. Routers and MTP modules start
+    fresh. A mixture of one expert is that expert. Returns a new GPT."""
     cfg = experts[0].config
     for i, m in enumerate(experts[1:], start=1):
         if m.config != cfg:
             diff = [k for k, v in asdict(cfg).items() if getattr(m.config, k) != v]
-            raise ValueError(f"expert {i} differs from expert 0 in {', '.join(diff)}: experts must have one shape")
+            raise ValueError(f"expert {i} differs from expert 0 in {', '.join(diff)}: experts must "
+                             f"have one shape")
     if cfg.n_expert or cfg.mtp:
         raise ValueError("fuse takes models without experts or MTP modules")
-    fused = GPT(replace(cfg, n_expert=len(experts), experts_per_token=experts_per_token, mtp=mtp, **moe_config))
+    fused_cfg = replace(cfg, n_expert=len(experts), experts_per_token=experts_per_token, mtp=mtp,
+                        **moe_config)
+    fused = GPT(fused_cfg)
     states = [m.state_dict() for m in experts]
     for name, p in fused.state_dict().items():
-        # blocks.0.mlp.experts.1.c_fc.weight <- blocks.0.mlp.c_fc.weight of expert 1 (adapters: mlp_experts_1_c_fc)
+        # blocks.0.mlp.experts.1.c_fc.weight <- expert 1's blocks.0.mlp.c_fc.weight (adapters: _)
         match = re.search(r"mlp([._])experts[._](\d+)[._]", name)
         if match:
-            p.copy_(states[int(match.group(2))][name.replace(match.group(0), "mlp" + match.group(1))])
+            expert_state = states[int(match.group(2))]
+            p.copy_(expert_state[name.replace(match.group(0), "mlp" + match.group(1))])
         elif name in states[0]:
             p.copy_(torch.stack([state[name].float() for state in states]).mean(dim=0))
     return fused
@@ -624,25 +690,27 @@ def fuse(experts, experts_per_token=1, mtp=0, **moe_config):
 # 6. Counts: parameters and FLOPs
 
 
-def count_params(model, non_embedding=True, active=False):
-    """Parameters, each stored tensor once (a block run several times counts once; step embeddings and adapters in
-    full), without the position embeddings by convention. active: what one token uses at inference (experts_per_token
-    of the experts' MLPs, no MTP modules)."""
-    n = 0
+def count_params(model, active=False, non_embedding=False):
+    """Parameters, each stored tensor once (a block run several times counts once; step embeddings
+    and adapters in full), as nanoGPT counts them: without the position embeddings, the token
+    embeddings counted as the head they are tied to. non_embedding: without either embedding table.
+    active: what one token uses at inference (experts_per_token experts' MLPs, no MTP modules)."""
+    n = -model.wpe.weight.numel() - (model.wte.weight.numel() if non_embedding else 0)
     for name, p in model.named_parameters():
         if active and name.startswith("mtp_modules."):
             continue
-        share = model.config.experts_per_token / model.config.n_expert if re.search(r"mlp[._]experts[._]", name) else 1
-        n += p.numel() * (share if active else 1)
-    return int(n) - (model.wpe.weight.numel() if non_embedding else 0)
+        expert = active and re.search(r"mlp[._]experts[._]", name)
+        n += p.numel() * (model.config.experts_per_token / model.config.n_expert if expert else 1)
+    return int(n)
 
 
 def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=False):
-    """Matmul FLOPs per token from the shapes (2 per multiply-add; attention over the full block, as in PaLM); training
-    is 3x the forward. SGT's head runs on a fraction of the positions; full_head_forward adds the no-gradient head on
-    every position that the excess and gradient selectors need. Every application of an unrolled layer pays
-    (unrolling saves parameters, not compute; LoRA merges once per batch). A mixture layer pays for its router and experts_per_token
-    experts; in training each MTP module pays for its projection, block and head."""
+    """Matmul FLOPs per token from the shapes (2 per multiply-add; attention over the full block, as
+    in PaLM); training is 3x the forward. SGT's head runs on a fraction of the positions;
+    full_head_forward adds the no-gradient head on every position that the excess and gradient
+    selectors need. Every application of an unrolled layer pays (unrolling saves parameters, not
+    compute; LoRA merges once per batch); a mixture layer its router and experts_per_token experts;
+    in training each MTP module its projection, block and head."""
     C, T, V = config.n_embd, config.block_size, config.vocab_size
     attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV
     mlp = 2 * 8 * C * C
@@ -650,49 +718,69 @@ def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=F
     forward = len(config.applications()) * (attention + moe) + 2 * C * V * sgt_fraction
     if not training:
         return forward
-    return 3 * (forward + config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V)) + 2 * C * V * full_head_forward
+    mtp = config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V)  # projection, block, head
+    return 3 * (forward + mtp) + 2 * C * V * full_head_forward
 
 
 # ----------------------------------------------------------------------------
-# Appendix: loading weights. Every file goes through torch.load(weights_only=True): plain data, never pickled code.
+# Appendix: loading weights. A .pt or .bin file is read by torch.load(weights_only=True): plain
+# data, never pickled code. A .safetensors file holds tensors only; GPT-2 by name comes through
+# transformers.
 
 
 def load_checkpoint(path):
-    """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is refused, not run."""
+    """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is
+    refused, not run. An OSError (no permission, a folder) is torch's own line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails: the error says it all
+        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class the file would have had run
-        raise ValueError(f"{path} holds a pickled Python object ({unsafe.group(1)}) that loading would have to run; "
-                         "refused, nothing was executed" if unsafe else
-                         f"{path} is corrupt, truncated or not a torch checkpoint; it was not loaded") from None
+    except OSError:
+        raise
+    except Exception:  # torch's own message is many lines of advice: say what happened in one
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read, never run
+        except Exception:
+            unsafe = []
+        if unsafe:
+            raise ValueError(f"{path} holds a pickled Python object ({unsafe[0]}) that loading "
+                             f"would have to run; refused, nothing was executed") from None
+        raise ValueError(f"{path} is corrupt, truncated or not a torch checkpoint; it was not "
+                         f"loaded") from None
 
 
 def build_model(config, state, source, dropout=None):
-    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: modules are counted, the
-    model is built on the meta device, and the stored tensors are assigned to it, not copied."""
+    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent:
+    modules are counted, the model is built on the meta device, and the stored tensors are assigned
+    to it, not copied. dropout None keeps the config's."""
     try:
-        config = GPTConfig(**{**config, **({} if dropout is None else {"dropout": dropout})})
+        config = dict(config)
+        if "vocab" in config:  # its name in checkpoints written before it was vocab_id
+            config["vocab_id"] = config.pop("vocab")
+        if dropout is not None:
+            config["dropout"] = dropout
+        config = GPTConfig(**config)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source} has a config this model cannot build ({e})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    if not tensors:
         raise ValueError(f"{source} holds no weights of this model")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)", mtp=r"mtp_modules\.(\d+)")
+    modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)",
+                   mtp=r"mtp_modules\.(\d+)")
     for field, pattern in modules.items():
         stored = len({m.group(1) for m in map(re.compile(pattern).search, state) if m})
         if stored != getattr(config, field):
-            raise ValueError(f"{source} declares {field} {getattr(config, field)} but stores {stored}")
+            declared = getattr(config, field)
+            raise ValueError(f"{source} declares {field} {declared} but stores {stored}")
     with torch.device("meta"):
         model = GPT(config)
     try:
         model.load_state_dict(state, strict=True, assign=True)  # names and shapes, strictly
-    except RuntimeError as e:
-        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first problem torch lists
+    except RuntimeError as e:  # a header line, then one line per problem: the first problem
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()
         raise ValueError(f"{source} does not fit its config: {first[:300]}") from None
     model.lm_head.weight = model.wte.weight  # assigning replaced both: tie them again
     return model
@@ -701,30 +789,42 @@ def build_model(config, state, source, dropout=None):
 def gpt2_config(c, source):
     """Hugging Face's GPT2Config (a dict) -> ours; GPT-2's "gelu_new" is the tanh GELU."""
     c = c if isinstance(c, dict) else {}
-    gelu = dict(gelu_new="tanh", gelu_pytorch_tanh="tanh", gelu="none").get(c.get("activation_function", "gelu_new"))
-    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or c.get("n_inner") not in (None, 4 * c.get("n_embd", 0)):
-        raise ValueError(f"{source} is not a GPT-2 this model can run (model_type {c.get('model_type')!r})")
-    return dict(block_size=c.get("n_positions"), vocab_size=c.get("vocab_size"), n_layer=c.get("n_layer"),
-                n_head=c.get("n_head"), n_embd=c.get("n_embd"), bias=True, gelu_approximate=gelu, vocab="gpt2")
+    gelus = dict(gelu_new="tanh", gelu_pytorch_tanh="tanh", gelu="none")
+    gelu = gelus.get(c.get("activation_function", "gelu_new"))
+    plain_mlp = c.get("n_inner") in (None, 4 * c.get("n_embd", 0))
+    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or not plain_mlp:
+        raise ValueError(f"{source} is not a GPT-2 this model can run (model_type "
+                         f"{c.get('model_type')!r})")
+    return dict(block_size=c.get("n_positions"), vocab_size=c.get("vocab_size"),
+                n_layer=c.get("n_layer"), n_head=c.get("n_head"), n_embd=c.get("n_embd"), bias=True,
+                gelu_approximate=gelu, vocab_id="gpt2")
 
 
 def gpt2_state(state, conv1d):
-    """GPT-2's parameter names (nanoGPT's, Hugging Face's) -> ours; Hugging Face's Conv1D stores matrices transposed."""
-    rename = lambda n: re.sub(r"^h\.", "blocks.", n.removeprefix("_orig_mod.").removeprefix("transformer."))
-    out = {rename(n): t.t() if conv1d and n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else t
-           for n, t in state.items() if not n.endswith((".attn.bias", ".attn.masked_bias"))}  # mask buffers
+    """GPT-2's parameter names (nanoGPT's, Hugging Face's) -> ours; Hugging Face's Conv1D stores
+    matrices transposed."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # mask buffers, not weights
+            continue
+        if conv1d and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            t = t.t()
+        name = name.removeprefix("_orig_mod.").removeprefix("transformer.")
+        out[re.sub(r"^h\.", "blocks.", name)] = t
     return {"lm_head.weight": out.get("wte.weight"), **out}  # tied; some files leave it out
 
 
 def load_model(source, dropout=None):
-    """A GPT from this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2 folder (config.json
-    and model.safetensors or pytorch_model.bin), or gpt2 .. gpt2-xl by name (transformers, online or cached). GPT-2's
-    weights come with its tanh GELU, so the logits are Hugging Face's. dropout None keeps the checkpoint's."""
+    """A GPT from this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2
+    folder (config.json and model.safetensors or pytorch_model.bin), or gpt2 .. gpt2-xl by name
+    (transformers, online or cached). GPT-2's weights come with its tanh GELU, so the logits are
+    Hugging Face's. dropout None keeps the checkpoint's."""
     if os.path.isfile(os.path.join(source, "config.json")):  # a Hugging Face folder
         try:
-            config = gpt2_config(json.load(open(os.path.join(source, "config.json"))), source)
-        except ValueError:
-            raise ValueError(f"{source}/config.json is not a GPT-2 config") from None
+            hf_config = json.load(open(os.path.join(source, "config.json")))
+        except json.JSONDecodeError:
+            raise ValueError(f"{source}/config.json is not valid JSON") from None
+        config = gpt2_config(hf_config, source)
         if os.path.isfile(os.path.join(source, "model.safetensors")):
             from safetensors.torch import load_file  # comes with transformers
             state = load_file(os.path.join(source, "model.safetensors"))
@@ -735,13 +835,18 @@ def load_model(source, dropout=None):
     if not os.path.exists(path) and source in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         from transformers import GPT2LMHeadModel  # optional: pip install transformers
         hf = GPT2LMHeadModel.from_pretrained(source)
-        return build_model(gpt2_config(hf.config.to_dict(), source), gpt2_state(hf.state_dict(), True), source, dropout)
+        config = gpt2_config(hf.config.to_dict(), source)
+        return build_model(config, gpt2_state(hf.state_dict(), conv1d=True), source, dropout)
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):  # ours
         return build_model(ckpt["config"], ckpt.get("model"), path, dropout)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict):  # nanoGPT's: GPT-2's names
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict):  # nanoGPT's names
         args = ckpt["model_args"]
-        config = {k: args.get(k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")}
-        config["vocab"] = "gpt2" if (config["vocab_size"] or 0) >= 50257 else ""  # GPT-2's, unless smaller
-        return build_model(config, gpt2_state(ckpt.get("model") or {}, conv1d=False), path, dropout)
-    raise ValueError(f"{path} is neither this project's checkpoint nor nanoGPT's nor a Hugging Face GPT-2 folder")
+        fields = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+        config = {k: args.get(k) for k in fields}
+        gpt2 = (config["vocab_size"] or 0) >= 50257  # GPT-2's tokens, unless smaller
+        config["vocab_id"] = "gpt2" if gpt2 else ""
+        state = gpt2_state(ckpt.get("model") or {}, conv1d=False)
+        return build_model(config, state, path, dropout)
+    raise ValueError(f"{path} is neither this project's checkpoint nor nanoGPT's nor a Hugging "
+                     f"Face GPT-2 folder")

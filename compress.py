@@ -18,23 +18,25 @@ import re
 
 import cherry
 import train
-from tools import guards
+import guards
 
 
-def parse_unroll(text, k):
-    """--unroll -> the schedule (the layer of each application); None keeps cherry.compress's default."""
-    loop = re.fullmatch(r"(\d+)\+(\d+)x(\d+)\+(\d+)", text or "")
-    if text is None or text == "none":
-        return None if text is None else tuple(range(k))
+def parse_unroll(text, layers):
+    """--unroll -> the schedule (the layer of each application); None when it is not given."""
+    if text is None:
+        return None
+    if text == "none":
+        return tuple(range(layers))
+    loop = re.fullmatch(r"(\d+)\+(\d+)x(\d+)\+(\d+)", text)
     if loop:
         prelude, core, loops, coda = map(int, loop.groups())
-        if prelude + core + coda != k or core < 1 or not 1 <= loops <= 64:
-            raise ValueError(f"--unroll {text}: prelude + core + coda must be the {k} layers, core at least 1, "
+        if prelude + core + coda != layers or core < 1 or not 1 <= loops <= 64:
+            raise ValueError(f"--unroll {text}: prelude + core + coda must be the {layers} layers, core at least 1, "
                              f"loops 1 to 64")
         return cherry.loop_schedule(prelude, core, coda, loops)
     repeats = [int(n) for n in text.split(",")] if re.fullmatch(r"\d+(,\d+)*", text) else None
-    if repeats is None or len(repeats) != k or not all(1 <= n <= 64 for n in repeats):
-        raise ValueError(f"--unroll {text!r}: give {k} counts from 1 to 64 (e.g. 1,8,8,8,8,1), P+CxL+D (e.g. "
+    if repeats is None or len(repeats) != layers or not all(1 <= n <= 64 for n in repeats):
+        raise ValueError(f"--unroll {text!r}: give {layers} counts from 1 to 64 (e.g. 1,8,8,8,8,1), P+CxL+D (e.g. "
                          f"1+4x8+1) or none")
     return cherry.repeat_schedule(repeats)
 
@@ -56,31 +58,32 @@ def main(argv=None):
     if os.path.abspath(source) == os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")):
         raise ValueError(f"--out_dir {args.out_dir} would overwrite the model it compresses; choose another --out_dir")
     guards.check_run_folder(args)  # before loading what may be a large model
-    teacher = cherry.load_model(args.init_from).eval()
-    guards.take_shape(args, teacher.config, "--init_from")
-    cfg = teacher.config
+    teacher = cherry.load_model(args.init_from, dropout=args.dropout).eval()  # the compressed model's too
+    cfg = train.model_config(args, teacher.config, "--init_from")
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed or cfg.n_expert:
         raise ValueError(f"{args.init_from} is already compressed or fused; give a dense model")
     if cfg.n_layer % args.layers:
         divisors = ", ".join(str(k) for k in range(1, cfg.n_layer + 1) if cfg.n_layer % k == 0)
         raise ValueError(f"--layers {args.layers} does not divide the model's {cfg.n_layer} layers into equal groups; "
                          f"use one of {divisors}")
+    if schedule is None:  # the paper's form: the ends once, the middle layers group-size times
+        schedule = cherry.paper_schedule(cfg.n_layer, args.layers)
     model = cherry.compress(teacher, args.layers, schedule, not args.no_step_embed,
                             args.lora_rank, coda_from_end=args.coda_from == "last")
     counts = lambda m: {"params": cherry.count_params(m), "training_flops_per_token": cherry.flops_per_token(m.config),
                         "forward_flops_per_token": cherry.flops_per_token(m.config, training=False)}
     info = {"init_from": args.init_from, "layers_before": cfg.n_layer, "layers": args.layers, "lora": args.lora_rank,
-            "schedule": model.schedule, "effective_layers": len(model.schedule), "before": counts(teacher),
+            "schedule": model.applications, "effective_layers": len(model.applications), "before": counts(teacher),
             "after": counts(model)}
-    print(f"compressing {args.init_from}: {cfg.n_layer} -> {args.layers} layers, run as {model.schedule} "
-          f"({len(model.schedule)} applications); parameters {info['before']['params']:,} -> "
+    print(f"compressing {args.init_from}: {cfg.n_layer} -> {args.layers} layers, run as {model.applications} "
+          f"({len(model.applications)} applications); parameters {info['before']['params']:,} -> "
           f"{info['after']['params']:,}; "
           f"forward FLOPs per token {info['before']['forward_flops_per_token'] / 1e6:.1f}M -> "
           f"{info['after']['forward_flops_per_token'] / 1e6:.1f}M (unrolling saves parameters, not compute)")
     # on the held-out windows of every evaluation: each averaged layer run once, unrolled (step embeddings still
     # zero), and the model that recovery starts from (with its LoRA)
     stages = {"original": teacher, "averaged": cherry.compress(teacher, args.layers, tuple(range(args.layers)), False),
-              "unrolled": cherry.compress(teacher, args.layers, model.schedule, False), "start": model}
+              "unrolled": cherry.compress(teacher, args.layers, model.applications, False), "start": model}
     for name, m in stages.items():
         info[f"loss_{name}"] = train.held_out_loss(args, m)["loss"]
         print(f"held-out loss, {name:8s}: {info[f'loss_{name}']:.4f}")

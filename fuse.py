@@ -16,7 +16,9 @@ The held-out `loss` is the next-token loss only (no MTP or router terms): the nu
 
 import cherry
 import train
-from tools import guards
+import guards
+
+MOE_FLAGS = ("experts_per_token", "mtp", "capacity_factor", "mtp_weight", "aux_weight", "z_weight")
 
 
 def main(argv=None):
@@ -25,30 +27,39 @@ def main(argv=None):
     a("--experts", nargs="+", help="models of one shape (anything train.py --init_from takes); a mixture of one "
                                     "expert is that expert, with a router of one output")
     a("--init_from", help="instead of fusing: a fused model (fuse.py's ckpt.pt) to train on, with its own settings")
-    a("--experts_per_token", type=guards.COUNT, default=1, help="experts each token goes to (1: active ~ one expert)")
-    a("--capacity_factor", type=guards.POSITIVE, default=1.25, help="in training an expert takes at most this x its "
-                                                                   "fair share of the tokens; the rest pass through")
-    a("--mtp", type=guards.number(int, "[0, 16]"), default=0, help="multi-token prediction depth D: t+2 .. t+1+D")
-    a("--mtp_weight", type=guards.NON_NEGATIVE, default=0.3, help="lambda in loss = L + lambda * mean(L_k)")
-    a("--aux_weight", type=guards.NON_NEGATIVE, default=0.01, help="Switch load-balancing loss, per mixture-layer call")
-    a("--z_weight", type=guards.NON_NEGATIVE, default=0.0, help="router z-loss (1e-3 is usual; 0: off)")
+    d = cherry.GPTConfig  # the mixture's settings: None is GPTConfig's default, or a fused model's own
+    a("--experts_per_token", type=guards.COUNT,
+      help=f"experts each token goes to (default {d.experts_per_token}: active ~ one expert)")
+    a("--capacity_factor", type=guards.POSITIVE,
+      help=f"in training an expert takes at most this x its fair share of the tokens; the rest pass through "
+           f"(default {d.capacity_factor})")
+    a("--mtp", type=guards.number(int, "[0, 16]"),
+      help=f"multi-token prediction depth D: t+2 .. t+1+D (default {d.mtp})")
+    a("--mtp_weight", type=guards.NON_NEGATIVE,
+      help=f"lambda in loss = L + lambda * mean(L_k) (default {d.mtp_weight})")
+    a("--aux_weight", type=guards.NON_NEGATIVE,
+      help=f"Switch load-balancing loss, per mixture-layer call (default {d.aux_weight})")
+    a("--z_weight", type=guards.NON_NEGATIVE, help=f"router z-loss (1e-3 is usual; default {d.z_weight}: off)")
     p.set_defaults(out_dir="out-fuse")
     args = guards.parse_args(p, argv)
-    if not (args.init_from or args.experts):
-        raise ValueError("give --experts to fuse (or --init_from a fused model to train on)")
-    if args.init_from is None and args.experts_per_token > len(args.experts):
-        raise ValueError(f"--experts_per_token {args.experts_per_token} is more than the {len(args.experts)} experts")
+    moe = {k: getattr(args, k) for k in MOE_FLAGS if getattr(args, k) is not None}
+    if bool(args.init_from) == bool(args.experts):
+        raise ValueError("give --experts to fuse, or --init_from a fused model to train on, not both")
+    if args.experts and moe.get("experts_per_token", 1) > len(args.experts):
+        raise ValueError(f"--experts_per_token {moe['experts_per_token']} is more than the {len(args.experts)} "
+                         f"experts")
     guards.check_run_folder(args)  # before loading anything
     if args.init_from:
-        experts, model = [], cherry.load_model(args.init_from)
+        experts, model = [], cherry.load_model(args.init_from, dropout=args.dropout)
         if not model.config.n_expert:
             raise ValueError(f"{args.init_from} is not a fused model; give --experts to fuse models")
+        differ = [f"--{k}" for k, v in moe.items() if v != getattr(model.config, k)]
+        if differ:
+            raise ValueError(f"{args.init_from} has its own mixture settings; leave out {' '.join(differ)}")
     else:
-        experts = [cherry.load_model(path).eval() for path in args.experts]
-        model = cherry.fuse(experts, args.experts_per_token, args.mtp, capacity_factor=args.capacity_factor,
-                            mtp_weight=args.mtp_weight, aux_weight=args.aux_weight, z_weight=args.z_weight)
-    guards.take_shape(args, model.config, "the experts")
-    cfg = model.config
+        experts = [cherry.load_model(path, dropout=args.dropout).eval() for path in args.experts]
+        model = cherry.fuse(experts, **moe)
+    cfg = train.model_config(args, model.config, "the experts")
     info = {"experts": args.experts, "init_from": args.init_from, "n_expert": cfg.n_expert, "mtp": cfg.mtp,
             "experts_per_token": cfg.experts_per_token, "params_total": cherry.count_params(model),
             "params_active": cherry.count_params(model, active=True), "flops_per_token": cherry.flops_per_token(cfg),

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,8 @@ import fuse
 import train
 from data import prepare as data_prep
 from studies import sgt as sgt_study
-from tools import bench, guards, sample
+import guards
+from tools import bench, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN = ["--batch_size", "8", "--eval_iters", "4", "--log_interval", "1000", "--warmup_iters", "5", "--lr", "3e-3",
@@ -365,8 +367,8 @@ def distinct_layers_model(n_layer=4, seed=0, **kw):
 def test_averaging_is_an_exact_mean_of_every_tensor():
     teacher = distinct_layers_model(n_layer=6)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    small = cherry.compress(teacher, 2, step_embed=False)
-    assert small.config.n_layer == 2 and small.schedule == (0, 0, 0, 1, 1, 1)
+    small = cherry.compress(teacher, 2, cherry.paper_schedule(6, 2), step_embed=False)
+    assert small.config.n_layer == 2 and small.applications == (0, 0, 0, 1, 1, 1)
     for j, group in enumerate(([0, 1, 2], [3, 4, 5])):
         for name, p in small.blocks[j].named_parameters():
             assert close(p, sum(teacher.blocks[i].get_parameter(name) for i in group) / 3, atol=1e-7), name
@@ -375,7 +377,7 @@ def test_averaging_is_an_exact_mean_of_every_tensor():
         assert torch.equal(small.state_dict()[name], teacher.state_dict()[name]), name
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # the original is untouched
     with pytest.raises(ValueError, match="equal groups"):
-        cherry.compress(teacher, 4)
+        cherry.compress(teacher, 4, (0, 1, 2, 3))
 
 
 def test_group_size_unroll_with_full_rank_lora_reproduces_the_original():
@@ -413,7 +415,7 @@ def test_zero_step_embeddings_without_lora_equal_plain_repeated_application():
 
 
 def test_schedules():
-    assert cherry.default_repeats(6, 8) == (1, 8, 8, 8, 8, 1) and sum(cherry.default_repeats(6, 8)) == 34
+    assert cherry.paper_schedule(48, 6) == cherry.repeat_schedule((1, 8, 8, 8, 8, 1)) and len(cherry.paper_schedule(48, 6)) == 34
     assert cherry.repeat_schedule((1, 3, 1)) == (0, 1, 1, 1, 2)
     assert cherry.loop_schedule(1, 2, 1, 3) == (0, 1, 2, 1, 2, 1, 2, 3)
     assert len(compress.parse_unroll("1,8,8,8,8,1", 6)) == 34 and len(compress.parse_unroll("1+4x8+1", 6)) == 34
@@ -429,7 +431,7 @@ def test_params_and_flops_of_an_unrolled_model_by_hand():
     layer = 12 * C * C + 2 * C  # qkv, proj, 4x MLP; two norm gains
     adapter = r * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C)) + 2 * C  # B and A of each matrix; norm offsets
     assert cherry.count_params(model) == V * C + 2 * layer + C + 5 * C + 5 * adapter  # + ln_f, + step embeddings
-    assert cherry.count_params(model, non_embedding=False) == cherry.count_params(model) + T * C
+    assert cherry.count_params(model, non_embedding=True) == cherry.count_params(model) - V * C
     assert cherry.flops_per_token(model.config, training=False) == 5 * (2 * 12 * C * C + 4 * T * C) + 2 * C * V
     assert cherry.flops_per_token(model.config) == 3 * cherry.flops_per_token(tiny_config(n_layer=5), training=False)
 
@@ -485,7 +487,7 @@ def dispatch_by_hand(moe, x):
     """Every expert on its own tokens found one by one, gates applied, summed back (no capacity: no drop)."""
     x = x.reshape(-1, x.size(-1))
     probs = F.linear(x, moe.router.weight).softmax(-1)
-    top_p, chosen = probs.topk(moe.k, dim=-1)
+    top_p, chosen = probs.topk(moe.experts_per_token, dim=-1)
     gates = top_p / top_p.sum(-1, keepdim=True)
     out = torch.zeros_like(x)
     for e, expert in enumerate(moe.experts):
@@ -566,9 +568,9 @@ def test_router_loss_is_per_layer_and_never_pools_experts_across_layers():
             block.mlp.router.weight[layer].fill_(1.0)
     x = torch.randint(0, 96, (2, 16))
     fused(x, x)
-    assert cherry.expert_counts(fused).tolist() == [[32, 0], [0, 32]]
+    assert cherry.expert_counts(fused.moe_layers).tolist() == [[32, 0], [0, 32]]
     # pooled over the two layers the load would look balanced (loss 1); per layer each is fully collapsed (~E = 2)
-    assert cherry.router_loss(fused.moe_layers).item() > 1.9 and cherry.dropped_share(fused).item() == 0
+    assert cherry.router_loss(fused.moe_layers).item() > 1.9 and cherry.dropped_share(fused.moe_layers).item() == 0
 
 
 def test_mtp_targets_are_shifted_and_the_last_positions_masked():
@@ -604,7 +606,7 @@ def test_moee_presets_count_shared_parts_once():
         base, unrolled, two, eight = (cherry.GPT(cherry.GPTConfig(**cherry.PRESETS[name])) for name in
                                       ("cherry-227m", "cherry-227m-x34", "cherry-moee-2", "cherry-moee-8"))
     d, layers = 1248, 6
-    assert len(unrolled.schedule) == 34 and cherry.count_params(unrolled) == cherry.count_params(base) + 34 * d
+    assert len(unrolled.applications) == 34 and cherry.count_params(unrolled) == cherry.count_params(base) + 34 * d
     for model, e in ((two, 2), (eight, 8)):
         extra = layers * (e - 1) * 8 * d * d + layers * d * e  # the other experts' MLPs, the routers
         assert cherry.count_params(model) == cherry.count_params(unrolled) + extra
@@ -751,7 +753,7 @@ def test_sgt_training_lowers_every_held_out_loss_and_writes_the_outputs(tiny_dat
     assert all(r["gamma_batch"] == 8 and {"gamma", "gamma_trunk", "gamma_embedding_head", "gamma_naive"} <= set(r)
                for r in rows)
     assert rows[0]["tokens_per_s"] is None and rows[1]["tokens_per_s"] > 0 and rows[1]["eval_s"] > 0
-    assert summary["best"]["loss"] == min(r["loss"] for r in rows) and summary["config"]["vocab"] == "gpt2"
+    assert summary["best"]["loss"] == min(r["loss"] for r in rows) and summary["config"]["vocab_id"] == "gpt2"
     assert re.search(r"done: held-out loss \S+ \(\S+ (below|ABOVE) the unigram model's", capsys.readouterr().out)
     ckpt = cherry.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter"] == 60 and cherry.build_model(ckpt["config"], ckpt["model"], "ckpt")
@@ -918,6 +920,59 @@ def test_a_run_killed_with_sigkill_resumes_bit_for_bit(tiny_data, tmp_path):
         assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_the_step_reached_and_resumes_bit_for_bit(signum, tiny_data, tmp_path, monkeypatch,
+                                                                         capsys):
+    flags = ["--max_iters", "12", "--eval_interval", "10", "--dropout", "0.1", "--sgt", "0.3"]  # every RNG in play
+    run_train(tiny_data, tmp_path / "straight", *flags)
+    real_step, calls = train.optimizer_step, []
+
+    def interrupted(*args):  # the signal arrives during the 5th step: the loop finishes it, then stops
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signum)
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "optimizer_step", interrupted)
+    name = signal.Signals(signum).name
+    fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "cut"), *TINY, *flags],
+          rf"{name} at step 5: \S+ckpt.pt holds it; the same flags plus --resume continue")
+    assert cherry.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["iter"] == 5
+    monkeypatch.setattr(train, "optimizer_step", real_step)
+    run_train(tiny_data, tmp_path / "cut", *flags, "--resume")
+    timing = ("tokens_per_s", "eval_s", "mfu")
+    rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in timing}
+                        for line in open(out / "metrics.jsonl")]
+    assert rows(tmp_path / "cut") == rows(tmp_path / "straight")
+    a, b = (cherry.load_checkpoint(str(tmp_path / out / "ckpt.pt")) for out in ("straight", "cut"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_compress_and_fuse_honour_dropout(tiny_data, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    dense = cherry.GPT(tiny_config(vocab_size=50304))
+    torch.save({"model": dense.state_dict(), "config": asdict(dense.config)}, tmp_path / "dense.pt")
+    monkeypatch.setattr(train, "train", lambda args, model, summary_extra=None: model)  # the model it would train
+    flags = ["--data", tiny_data, *RUN]
+    small = compress.main([*flags, "--init_from", str(tmp_path / "dense.pt"), "--layers", "1", "--dropout", "0.2",
+                           "--out_dir", str(tmp_path / "c")])
+    torch.save({"model": small.state_dict(), "config": asdict(small.config)}, tmp_path / "small.pt")
+    fused = fuse.main([*flags, "--experts", str(tmp_path / "small.pt"), str(tmp_path / "small.pt"), "--dropout",
+                       "0.3", "--out_dir", str(tmp_path / "f")])
+    for model, p in ((small, 0.2), (fused, 0.3)):
+        dropouts = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        assert model.config.dropout == p and dropouts == {p}
+
+
+def test_bench_times_the_presets_shape_under_its_flags(monkeypatch, capsys):
+    timed = []
+    monkeypatch.setattr(bench, "matmul_gflops", lambda dtype, device: 1.0)
+    monkeypatch.setattr(bench, "bench", lambda model, *args: timed.append(model.config) or (1.0, 1.0))
+    bench.main(["--preset", "gpt2", "--n_layer", "3", "--device", "cpu"])
+    dense = timed[0]
+    assert (dense.n_layer, dense.n_embd, dense.block_size, dense.bias) == (3, 768, 1024, True)
+
+
 def as_nanogpt(ckpt):
     """Our checkpoint in nanoGPT's layout: model_args, transformer.h.N names, torch.compile's prefix."""
     c = ckpt["config"]
@@ -936,9 +991,9 @@ def test_init_from_fine_tunes_our_checkpoint_or_nanogpts_and_takes_its_block_siz
                               "--init_from", str(source), "--max_iters", "10", "--eval_interval", "10"])
         rows = [json.loads(line) for line in open(tmp_path / out / "metrics.jsonl")]
         assert rows[0]["loss"] == pytest.approx(base["final"]["loss"], abs=1e-5)  # it starts where the source ended
-        assert rows[-1]["loss"] < rows[0]["loss"] and summary["args"]["block_size"] == 24  # the model's context
+        assert rows[-1]["loss"] < rows[0]["loss"] and summary["config"]["block_size"] == 24  # the model's context
     fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "x"), "--init_from",
-                            str(tmp_path / "base"), "--n_layer", "3"], "shape comes from --init_from; leave out")
+                            str(tmp_path / "base"), "--n_layer", "3"], "shape comes from --init_from .*; leave out")
 
 
 def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path, capsys):
@@ -955,7 +1010,7 @@ def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path, capsys
     rows = [json.loads(line) for line in open(tmp_path / "small" / "metrics.jsonl")]
     assert rows[0]["loss"] == pytest.approx(info["loss_start"], abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
     rebuilt = cherry.load_model(str(tmp_path / "small"))
-    assert rebuilt.schedule == (0, 0, 1, 1, 1) and len(rebuilt.adapters) == 5
+    assert rebuilt.applications == (0, 0, 1, 1, 1) and len(rebuilt.adapters) == 5
     fresh = ["--out_dir", str(tmp_path / "fresh")]  # argparse keeps the last --out_dir
     for extra, pattern in ((["--layers", "3"], r"does not divide the model's 4 layers .*use one of 1, 2, 4"),
                            (["--n_layer", "2"], "leave out --n_layer"),
@@ -965,6 +1020,8 @@ def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path, capsys
     fails(capsys, "compress", [*flags, "--init_from", str(tmp_path / "dense"), "--out_dir", str(tmp_path / "dense")],
           "would overwrite")
     fails(capsys, "compress", [*flags, "--layers", "2"], r"already holds a run .*--resume")
+    fails(capsys, "compress", [*flags, "--layers", "1", "--lora_rank", "4", "--resume"],
+          "was started with --layers 2, not 1")
     assert not (tmp_path / "fresh").exists()  # no error wrote anything
 
 
@@ -986,7 +1043,7 @@ def test_fuse_end_to_end_from_compress_checkpoints(tiny_data, tmp_path, capsys):
     assert 0 <= rows[-1]["dropped"] < 1
     assert json.load(open(tmp_path / "moe" / "summary.json"))["expert_load"] == summary["expert_load"]
     rebuilt = cherry.load_model(str(tmp_path / "moe"))
-    assert rebuilt.config.n_expert == 2 and rebuilt.schedule == (0, 0, 1, 1)
+    assert rebuilt.config.n_expert == 2 and rebuilt.applications == (0, 0, 1, 1)
     again = fuse.main([*common, "--init_from", str(tmp_path / "moe"), "--out_dir", str(tmp_path / "moe2")])  # train on
     assert again["fuse"]["loss_start"] == pytest.approx(rows[-1]["loss"], abs=1e-5) and again["config"]["mtp"] == 1
     torch.save({"model": cherry.GPT(tiny_config(n_layer=3)).state_dict(), "config": asdict(tiny_config(n_layer=3))},
@@ -1056,7 +1113,7 @@ def test_nanogpt_and_hugging_face_layouts_load(tmp_path):
                                                 "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
                                                 "activation_function": "gelu"}))
     loaded = cherry.load_model(str(hf))
-    assert close(logits_of(loaded, x), logits_of(model, x)) and loaded.config.vocab == "gpt2"
+    assert close(logits_of(loaded, x), logits_of(model, x)) and loaded.config.vocab_id == "gpt2"
 
 
 def test_real_hugging_face_gpt2_gives_its_logits(tmp_path):
@@ -1117,7 +1174,11 @@ BAD_FLAGS = [  # (script, flags, what its one line says)
     ("sample", ["--max_new_tokens", "1000000000"], "--max_new_tokens"), ("sample", ["--top_k", "-1"], "--top_k"),
     ("sample", ["--num_samples", "0"], "--num_samples"), ("bench", ["--steps", "0"], "--steps"),
     ("prepare", ["--val_fraction", "1"], "--val_fraction"), ("prepare", ["--val_fraction", "-0.5"], "--val_fraction"),
-    ("prepare", ["--max_tokens", "0"], "--max_tokens"), ("prepare", ["--tokenizer", "bpe:12"], "between 257"),
+    ("prepare", ["--max_tokens", "0"], "--max_tokens"),
+    ("train", ["--init_from", ""], "--init_from: an empty path"),
+    ("train", ["--sgt_ref", "ref"], "--sgt_ref: only --sgt_select excess"),
+    ("fuse", ["--init_from", "fused"], "give --experts to fuse, or --init_from .* not both"),
+    ("bench", ["--lr", "1"], "unrecognized arguments: --lr"), ("prepare", ["--tokenizer", "bpe:12"], "between 257"),
 ]
 
 
@@ -1191,9 +1252,12 @@ def test_a_run_folder_is_never_lost_mixed_or_shared(tiny_data, tmp_path, capsys)
     fails(capsys, "train", args(), r"already holds a run \(ckpt.pt\); add --resume to continue it, or choose a new")
     fails(capsys, "train", args("--resume", "--n_layer", "3"), r"was started with --n_layer 2, not 3")
     fails(capsys, "train", args("--resume", "--sgt", "0.5"), r"was started with --sgt 1.0, not 0.5")
+    fails(capsys, "train", args("--resume", "--dropout", "0.5"), r"was started with --dropout 0.0, not 0.5")
+    fails(capsys, "train", args("--resume", "--preset", "gpt2"), r"was started with --preset None, not gpt2")
+    fails(capsys, "train", args("--resume", "--init_from", "gpt2"), r"was started with --init_from None, not gpt2")
     compact = str(tmp_path / "c")
     data_prep.prepare([d[:20_000] for d in data_prep.shakespeare_documents()[:2]], compact)
-    fails(capsys, "train", args("--resume", "--data", compact), r"was started with --data")
+    fails(capsys, "train", args("--resume", "--data", compact), r"does not hold the data \S+ was trained on")
     with open(run / ".lock", "w") as lock:  # another training holds the folder
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fails(capsys, "train", args("--resume"), "is in use by another training")
@@ -1205,8 +1269,24 @@ def test_a_run_folder_is_never_lost_mixed_or_shared(tiny_data, tmp_path, capsys)
           "but no ckpt.pt to resume")
     (tmp_path / "a_file").write_text("")
     fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "a_file"), *TINY], "is not a folder")
-    train.main(args("--resume"))  # the same flags: it continues
+    train.main(args("--resume", "--data", os.path.relpath(tiny_data) + "/"))  # the same data, spelled otherwise
     assert json.load(open(run / "summary.json"))["final"]["iter"] == 6
+
+
+def test_a_data_folder_prepared_again_is_refused_on_resume(tiny_data, tmp_path, capsys):
+    data, other = tmp_path / "data", tmp_path / "other"
+    shutil.copytree(tiny_data, data)
+    run_train(str(data), tmp_path / "run", "--max_iters", "2", "--eval_interval", "2")
+    data_prep.prepare([d[:30_000] for d in data_prep.shakespeare_documents()[4:8]], str(other))
+    shutil.rmtree(data)
+    shutil.copytree(other, data)  # the same path, other text
+    fails(capsys, "train", ["--data", str(data), "--out_dir", str(tmp_path / "run"), *TINY, "--max_iters", "4",
+                            "--eval_interval", "2", "--resume"], r"does not hold the data \S+ was trained on")
+    assert json.load(open(tmp_path / "run" / "summary.json"))["final"]["iter"] == 2
+    ckpt = cherry.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    del ckpt["data_fingerprint"]  # a checkpoint from before fingerprints: resumed as it always was
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    run_train(str(data), tmp_path / "run", "--max_iters", "4", "--eval_interval", "2", "--resume")
 
 
 def test_a_full_disk_says_so_and_leaves_the_last_checkpoint_whole(tiny_data, tmp_path, capsys, monkeypatch):

@@ -1,20 +1,23 @@
 """
 Train a GPT with full supervision or with SGT (selective ground-truth token training).
 
-  python train.py --sgt 0.15                        # SGT, 12 x 128 on Shakespeare (minutes on 2 CPU cores)
+  python train.py --sgt 0.15                        # SGT, 12 x 128 on Shakespeare (minutes, CPU)
   python train.py                                   # full supervision, for comparison
   python train.py --sgt 0.15 --sgt_beta 0           # the control: a uniformly random 15%
-  python train.py --sgt 0.15 --sgt_select excess    # Rho-1: where the loss most exceeds the unigram model's
-  python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune GPT-2, nanoGPT's or our ckpt.pt
+  python train.py --sgt 0.15 --sgt_select excess    # Rho-1: the loss most above the unigram's
+  python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune GPT-2, nanoGPT's or ours
   torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --sgt 0.15 --grad_accum 8
 
-Writes <out_dir>/ckpt.pt (everything --resume needs, atomically at every evaluation after the first), metrics.jsonl
-(a line per evaluation) and summary.json. A run killed at any moment continues with the same flags plus --resume and
-ends bit for bit as if never stopped (on the CPU). compress.py and fuse.py build a model, then call train() from here.
+Writes <out_dir>/ckpt.pt (everything --resume needs, whole, at every evaluation after the first and
+on Ctrl-C or SIGTERM), metrics.jsonl (a line per evaluation) and summary.json. A run killed at any
+moment continues with the same flags plus --resume and ends bit for bit as if never stopped (on the
+CPU). compress.py and fuse.py build a model, then call train() from here.
 """
 
 import argparse
 import contextlib
+import hashlib
+import json
 import math
 import os
 import time
@@ -25,37 +28,44 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cherry
+import guards
 from data import prepare as data_prep
-from tools import guards
-from tools.guards import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, number
+from guards import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, number
 
 # ----------------------------------------------------------------------------
 # flags, shared by train.py, compress.py and fuse.py
 
-SHAPE = dict(n_layer=12, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias=False)  # the default model
-DEFAULT_BETA, DEFAULT_MIX = 2.0, 0.0  # chosen by the rule in studies/sgt.py (studies/sgt_defaults.md)
-DEFAULT_WEIGHTS, DEFAULT_FLOOR = "none", 0.0
+DEFAULT_BETA = 2.0  # chosen by the rule in studies/sgt.py (studies/sgt_defaults.md)
+DEFAULT_MIX = 0.0
+DEFAULT_WEIGHTS = "none"
+DEFAULT_FLOOR = 0.0
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias")
 
 
 def training_args(prog, doc=__doc__):
-    p = guards.Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # conflict_handler: a script may say what its own --init_from means
+    p = guards.Parser(prog=prog, description=doc, conflict_handler="resolve",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data", default=data_prep.DEFAULT_DIR, help="folder made by data/prepare.py (the default is made on first use)")
+    a("--data", default=data_prep.DEFAULT_DIR, help="a folder data/prepare.py made")
     a("--out_dir", default="out", help="where ckpt.pt, metrics.jsonl and summary.json go")
-    a("--resume", action="store_true", help="continue <out_dir>/ckpt.pt exactly (with the flags it was started with)")
-    # the model; a model that comes from weights (--init_from, compress.py, fuse.py) has its own shape
-    a("--preset", choices=sorted(cherry.PRESETS), help="a named shape (GPT-2's, the paper's); model flags override it")
-    a("--n_layer", type=number(int, f"[1, {cherry.MAX_DEPTH}]"), help=f"layers (default {SHAPE['n_layer']})")
-    a("--n_head", type=COUNT, help=f"attention heads (default {SHAPE['n_head']})")
-    a("--n_embd", type=COUNT, help=f"residual width (default {SHAPE['n_embd']})")
-    a("--block_size", type=COUNT, help=f"context length in tokens (default {SHAPE['block_size']}, or the model's)")
-    a("--vocab_size", type=COUNT, help="model vocabulary (default: the data's, padded to a multiple of 64)")
-    a("--dropout", type=number(float, "[0, 1)"), help="dropout probability (default 0, or the model's)")
-    a("--bias", action="store_true", default=None, help="biases in linears and LayerNorms (GPT-2 has them)")
+    a("--resume", action="store_true", help="continue <out_dir>/ckpt.pt exactly (same flags)")
+    a("--init_from", help="start from these weights: a ckpt.pt (ours or nanoGPT's, or its folder), "
+                          "a Hugging Face GPT-2 folder, or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    # the model (defaults: cherry.GPTConfig's); a model that comes from weights has its own shape
+    d = cherry.GPTConfig
+    a("--preset", choices=sorted(cherry.PRESETS), help="a named shape; model flags override it")
+    a("--n_layer", type=number(int, f"[1, {cherry.MAX_DEPTH}]"), help=f"layers ({d.n_layer})")
+    a("--n_head", type=COUNT, help=f"attention heads (default {d.n_head})")
+    a("--n_embd", type=COUNT, help=f"residual width (default {d.n_embd})")
+    a("--block_size", type=COUNT, help=f"context in tokens ({d.block_size}, or the model's)")
+    a("--vocab_size", type=COUNT, help="model vocabulary (default: the data's, padded to 64)")
+    a("--dropout", type=number(float, "[0, 1)"), help="dropout (0, or the model's)")
+    a("--bias", action="store_true", default=None, help="biases in linears and norms (GPT-2's)")
     # optimisation: AdamW, linear warm-up, cosine decay
     a("--max_iters", type=COUNT, default=600, help="optimizer steps")
     a("--batch_size", type=COUNT, default=16, help="sequences per micro-batch, per process")
-    a("--grad_accum", type=COUNT, default=1, help="micro-batches per step over all processes (divisible by them)")
+    a("--grad_accum", type=COUNT, default=1, help="micro-batches per step over all processes")
     a("--lr", type=POSITIVE, default=1e-3, help="peak learning rate")
     a("--min_lr", type=NON_NEGATIVE, help="final learning rate (default lr / 10)")
     a("--warmup_iters", type=NATURAL, default=50, help="linear warm-up steps")
@@ -64,48 +74,60 @@ def training_args(prog, doc=__doc__):
     a("--beta2", type=number(float, "[0, 1)"), default=0.99, help="AdamW beta2 (beta1 is 0.9)")
     a("--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm to this (0: off)")
     # SGT
-    a("--sgt", type=number(float, "(0, 1]"), default=1.0, help="fraction of the targets supervised (1: all)")
+    a("--sgt", type=number(float, "(0, 1]"), default=1.0, help="share of the targets supervised")
     a("--sgt_select", default="surprisal", choices=["surprisal", "gradient", "excess"],
-      help="surprisal: a draw tilted towards rare targets (score: unigram surprisal); gradient: towards the "
-           "targets the model still gets wrong (score: 1 - p_y, from a head pass on every position); excess: "
-           "Rho-1's excess loss")
+      help="surprisal: a draw tilted towards rare targets (score: unigram surprisal); gradient: "
+           "towards the targets the model still gets wrong (score: 1 - p_y, from a head pass on "
+           "every position); excess: Rho-1's excess loss")
     a("--sgt_beta", type=number(float, "[0, inf]"), default=DEFAULT_BETA,
-      help=f"the tilt: P(pick) ~ score^beta; 0 uniform, inf the top scores (default {DEFAULT_BETA})")
+      help=f"the tilt: P(pick) ~ score^beta; 0 uniform, inf a top-k (default {DEFAULT_BETA})")
     a("--sgt_mix", type=number(float, "[0, 1]"), default=DEFAULT_MIX,
-      help=f"unweighted only: the share of the picks drawn uniformly instead (default {DEFAULT_MIX:.2f})")
+      help=f"unweighted only: the share of the picks drawn uniformly (default {DEFAULT_MIX:.2f})")
     a("--sgt_weights", choices=["none", "inverse"], default=DEFAULT_WEIGHTS,
-      help="inverse: each pick's loss weighted by 1/pi, its inclusion probability: an unbiased estimate of the "
-           f"full loss for any tilt; none: the plain mean of the picks (default {DEFAULT_WEIGHTS})")
+      help="inverse: each pick's loss weighted by 1/pi, its inclusion probability: an unbiased "
+           f"estimate of the full loss for any tilt; none: the picks' plain mean (default {DEFAULT_WEIGHTS})")
     a("--sgt_floor", type=number(float, "[0, 1]"), default=DEFAULT_FLOOR,
-      help="mix this share of uniform weight into each sequence's draw weights: tames the inverse weights "
-           f"(default {DEFAULT_FLOOR:g})")
+      help="mix this share of uniform weight into each sequence's draw weights: tames the inverse "
+           f"weights (default {DEFAULT_FLOOR:g})")
     a("--sgt_ref", help="excess: a reference model (any --init_from) instead of the unigram model")
-    a("--shuffle_tokens", action="store_true", help="control: permute the tokens within every window (no order)")
+    a("--shuffle_tokens", action="store_true", help="control: permute each window's tokens")
     # evaluation, logging, system
-    a("--eval_interval", type=COUNT, default=100, help="evaluate and checkpoint every this many steps")
-    a("--eval_iters", type=COUNT, default=10, help="held-out batches per evaluation (the same windows every time)")
+    a("--eval_interval", type=COUNT, default=100, help="evaluate and checkpoint every N steps")
+    a("--eval_iters", type=COUNT, default=10, help="held-out batches per evaluation")
     a("--log_interval", type=COUNT, default=10, help="print a progress line every this many steps")
-    a("--seed", type=number(int, f"[0, {2**63 - 1}]"), default=1337, help="initialisation, data order, selection")
+    a("--seed", type=number(int, f"[0, {2**63 - 1}]"), default=1337, help="init, data, selection")
     a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="autocast precision (auto: bfloat16 on a GPU that has it, else float32)")
     a("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler)")
-    a("--grad_checkpoint", action="store_true", help="activation checkpointing: recompute in backward, for big models")
+    a("--grad_checkpoint", action="store_true", help="recompute activations: less memory")
     return p
 
 
-def fill_shape(args):
-    """A fresh model's shape: each flag not given comes from the preset, else from SHAPE."""
-    for k in (*SHAPE, "vocab_size"):
-        if getattr(args, k) is None:
-            setattr(args, k, cherry.PRESETS.get(args.preset, {}).get(k, SHAPE.get(k)))
+def model_config(args, weights=None, source=None, **base):
+    """The model's shape, decided here and nowhere else. A model from weights (their GPTConfig, from
+    source) keeps its shape: a flag that says otherwise is refused; --dropout goes to its loader and
+    --block_size may be shorter (training's windows). A fresh model takes each field from its flag,
+    else from --preset, else from base (the data's vocabulary, a tool's shape), else GPTConfig's."""
+    given = {k: getattr(args, k, None) for k in SHAPE_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if weights is None:
+        return cherry.GPTConfig(**{**base, **cherry.PRESETS.get(args.preset, {}), **given})
+    fixed = [k for k in given if k not in ("dropout", "block_size")]
+    differ = [f"--{k}" for k in fixed if given[k] != getattr(weights, k)]
+    if args.preset and not args.resume:  # a resumed run's --preset was compared with its own
+        differ.append("--preset")
+    if differ:
+        raise ValueError(f"the model's shape comes from {source}; leave out {' '.join(differ)}")
+    if given.get("block_size", 0) > weights.block_size:
+        raise ValueError(f"--block_size {args.block_size} is longer than the model's "
+                         f"{weights.block_size}")
+    return weights
 
 
-def model_from_flags(args, meta):
-    """A fresh GPT of the flags' shape, plus what a preset has no flag for (the unroll, the experts)."""
-    args.vocab_size = args.vocab_size or (meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64: faster matmuls
-    fields = {k: getattr(args, k) for k in (*SHAPE, "vocab_size")} | {"vocab": data_prep.vocab_id(meta)}
-    return cherry.GPT(cherry.GPTConfig(**{**cherry.PRESETS.get(args.preset, {}), **fields}))
+def data_vocabulary(meta):
+    """A fresh model's vocabulary: the data's, its size padded to a multiple of 64 (faster)."""
+    return dict(vocab_size=(meta["vocab_size"] + 63) // 64 * 64, vocab_id=data_prep.vocab_id(meta))
 
 
 # ----------------------------------------------------------------------------
@@ -114,24 +136,34 @@ def model_from_flags(args, meta):
 
 class Data:
     """
-    train.bin / val.bin as memory maps, checked against meta.json; random training windows, fixed held-out ones.
-    shuffle: permute the block_size + 1 tokens of every window by a permutation seeded with the window's start, so a
-    window is always shuffled the same way: its tokens, and every unigram statistic, stay; the order goes.
+    train.bin / val.bin as memory maps, checked against meta.json; random training windows, fixed
+    held-out ones. shuffle: permute the block_size + 1 tokens of every window by a permutation
+    seeded with the window's start, so a window is always shuffled the same way: its tokens, and
+    every unigram statistic, stay; the order goes. fingerprint: the content in a short string,
+    cheap at any size (meta.json counts every token): a run is tied to it, not to the path.
     """
 
     def __init__(self, path, block_size, shuffle=False):
         self.meta, self.train, self.val = data_prep.load(path)
-        self.block_size, self.shuffle = block_size, shuffle
+        self.block_size = block_size
+        self.shuffle = shuffle
         for split, tokens in (("train", self.train), ("val", self.val)):
             if len(tokens) <= block_size + 1:
-                raise ValueError(f"the {split} split of {path} has {len(tokens)} tokens, too few for --block_size "
-                                 f"{block_size}; use a smaller --block_size or more text")
+                raise ValueError(f"the {split} split of {path} has {len(tokens)} tokens, too few "
+                                 f"for --block_size {block_size}; use a smaller one or more text")
+        digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
+        for tokens in (self.train, self.val):
+            digest.update(tokens[:2**19].tobytes() + tokens[-2**19:].tobytes())
+        self.fingerprint = digest.hexdigest()[:16]
 
     def _windows(self, tokens, starts):
-        chunks = torch.stack([torch.from_numpy(tokens[i:i + self.block_size + 1].astype("int64")) for i in starts])
+        T = self.block_size
+        windows = [torch.from_numpy(tokens[i:i + T + 1].astype("int64")) for i in starts]
+        chunks = torch.stack(windows)  # (n, T + 1)
         if self.shuffle:
-            chunks = torch.stack([c[torch.randperm(len(c), generator=torch.Generator().manual_seed(int(i)))]
-                                  for c, i in zip(chunks, starts)])
+            orders = [torch.randperm(len(c), generator=torch.Generator().manual_seed(int(i)))
+                      for c, i in zip(chunks, starts)]
+            chunks = torch.stack([c[order] for c, order in zip(chunks, orders)])
         return chunks[:, :-1], chunks[:, 1:]
 
     def train_batch(self, n, generator):
@@ -139,8 +171,9 @@ class Data:
         return self._windows(self.train, starts)
 
     def eval_batch(self, n):
-        """n windows spread evenly over val: the same tokens at every evaluation and in every run."""
-        return self._windows(self.val, torch.linspace(0, len(self.val) - self.block_size - 1, n).long())
+        """n windows spread evenly over val: the same tokens at every evaluation, in every run."""
+        starts = torch.linspace(0, len(self.val) - self.block_size - 1, n).long()
+        return self._windows(self.val, starts)
 
 
 class Selector:
@@ -310,17 +343,51 @@ class HeldOut:
         for x, _, _ in self.batches:
             with ctx:
                 model.eval().hidden(x)  # the routers record their counts
-            total = total + cherry.expert_counts(model)
+            total = total + cherry.expert_counts(model.moe_layers)
         model.train()
         return (total / total.sum(dim=1, keepdim=True)).tolist()
 
 
 def held_out_loss(args, model):
-    """The evaluation train() makes at step 0 (same windows, same split), for a model trained elsewhere or not yet."""
+    """The evaluation train() makes at step 0 (same windows, same split), for any model."""
     device, _, _, ctx = guards.setup_device(args)
-    data = Data(args.data, args.block_size)
+    data = Data(args.data, args.block_size or model.config.block_size)
     guards.check_vocab(model, data.meta, "the model")
-    return HeldOut(args, data, Selector(args, data.meta, device), device).evaluate(model.to(device), ctx)
+    selector = Selector(args, data.meta, device)
+    return HeldOut(args, data, selector, device).evaluate(model.to(device), ctx)
+
+
+# ----------------------------------------------------------------------------
+# checkpoints: what --resume needs, saved in one place and restored in one
+
+
+def save_checkpoint(path, model, optimizer, scaler, generators, device, args, data, it, best, rows):
+    """<out_dir>/ckpt.pt, written whole (a kill in the middle leaves the previous one)."""
+    cuda = device.startswith("cuda")
+    state = {
+        "model": model.state_dict(), "config": asdict(model.config),
+        "args": vars(args),  # the flags as given: --resume is checked against them
+        "data_fingerprint": data.fingerprint,  # the data's content, whatever its folder's path
+        "iter": it, "best": best, "metrics": rows,  # optimizer steps done, the evaluations so far
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "rng": [g.get_state() for g in generators],  # data order, SGT's draws
+        "torch_rng": torch.get_rng_state(),  # dropout
+        "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
+    }
+    data_prep.atomic_write(path, lambda f: torch.save(state, f))
+
+
+def restore(ckpt, optimizer, scaler, generators, device):
+    """save_checkpoint's inverse for what the model does not hold; returns (step, best, rows)."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    for generator, state in zip(generators, ckpt["rng"]):
+        generator.set_state(state)
+    torch.set_rng_state(ckpt["torch_rng"])
+    if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    return ckpt["iter"], ckpt["best"], ckpt["metrics"]
 
 
 # ----------------------------------------------------------------------------
@@ -328,96 +395,164 @@ def held_out_loss(args, model):
 
 
 def train(args, model=None, summary_extra=None):
-    """The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, train.py --init_from), or None for a fresh
-    one from the flags. With --resume the model, optimizer, RNGs and data position come from <out_dir>/ckpt.pt and the
-    run goes on exactly as if it had never stopped. Returns the summary (also written to summary.json)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    master, ckpt_path = rank == 0, os.path.join(args.out_dir, "ckpt.pt")
+    """The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, --init_from), or None
+    for a fresh one from the flags. With --resume the model, optimizer, RNGs and data position come
+    from <out_dir>/ckpt.pt and the run goes on exactly as if it had never stopped. Returns the
+    summary (also written to summary.json)."""
+    # the processes, the run folder, the device: every check before anything is written
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    master = rank == 0
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.grad_accum % world:
-        raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
-    ckpt = guards.check_run_folder(args)  # every check comes before anything is written
-    if ckpt is None and model is None:
-        fill_shape(args)
+        raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by {world} processes")
+    ckpt = guards.check_run_folder(args)
     device, kind, dtype, ctx = guards.setup_device(args, distributed=world > 1)
-    data = Data(args.data, args.block_size, args.shuffle_tokens)
     torch.manual_seed(args.seed)
+    # the model: the checkpoint's, the one given, or a fresh one of the flags' shape
+    source = f"--init_from {args.init_from}" if args.init_from else "the model given"
     if ckpt is not None:
         model = cherry.build_model(ckpt["config"], ckpt["model"], ckpt_path)
-    model = guards.check_vocab(model or model_from_flags(args, data.meta), data.meta, args.init_from or "it")
-    selector, data_gen, cfg = Selector(args, data.meta, device), torch.Generator().manual_seed(args.seed), model.config
+        source = ckpt_path
+    if model is None:
+        cfg = model_config(args, **data_vocabulary(data_prep.load(args.data)[0]))
+        model = cherry.GPT(cfg)
+    cfg = model_config(args, model.config, source)
+    # the data (the run's own content), the selector, the optimizer, and where the run stands
+    data = Data(args.data, args.block_size or cfg.block_size, args.shuffle_tokens)
+    if ckpt is not None and ckpt.get("data_fingerprint", data.fingerprint) != data.fingerprint:
+        raise ValueError(f"--resume: --data {args.data} does not hold the data {ckpt_path} was "
+                         f"trained on (prepared again?); give the folder it was started with")
+    guards.check_vocab(model, data.meta, source)
+    selector = Selector(args, data.meta, device)
+    data_gen = torch.Generator().manual_seed(args.seed)
+    generators = (data_gen, selector.generator)
     raw_model = model.to(device)
     raw_model.grad_checkpoint = args.grad_checkpoint
     optimizer = raw_model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), kind)
     scaler = torch.amp.GradScaler(kind, enabled=dtype == "float16")
-    state = guards.run_state(ckpt, optimizer, scaler, (data_gen, selector.generator), device) or {}
-    start, best, rows = state.get("iter", 0), state.get("best"), state.get("metrics", [])
+    start, best, rows = 0, None, []
+    if ckpt:
+        start, best, rows = restore(ckpt, optimizer, scaler, generators, device)
+    saved = start if ckpt else None  # the step ckpt.pt holds
     if world > 1:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     model = torch.compile(raw_model) if args.compile else raw_model
-    model = DDP(model, device_ids=[torch.device(device).index] if kind == "cuda" else None) if world > 1 else model
-    held_out, sgt, nan = HeldOut(args, data, selector, device), args.sgt < 1, guards.NanWatch(device, world, ckpt_path)
-    full_head = args.sgt < 1 and args.sgt_select in ("excess", "gradient")
-    flops = cherry.flops_per_token(cfg, args.sgt, full_head_forward=full_head) + (
-        cherry.flops_per_token(selector.reference.config, training=False) if selector.reference else 0)
-    tokens_per_step, peak = args.batch_size * args.grad_accum * args.block_size, guards.peak_flops(device, dtype)
+    if world > 1:
+        model = DDP(model, device_ids=[torch.device(device).index] if kind == "cuda" else None)
+    held_out = HeldOut(args, data, selector, device)
+    nan = guards.NanWatch(device, world, ckpt_path)
+    # what a step costs
+    sgt = args.sgt < 1
+    full_head = sgt and args.sgt_select in ("excess", "gradient")  # a head pass on every position
+    flops = cherry.flops_per_token(cfg, args.sgt, full_head_forward=full_head)
+    if selector.reference:
+        flops += cherry.flops_per_token(selector.reference.config, training=False)
+    tokens_per_step = args.batch_size * args.grad_accum * data.block_size
+    peak = guards.peak_flops(device, dtype)
+    if master and args.resume and not ckpt:
+        print(f"--resume: {args.out_dir} holds no checkpoint yet; starting at step 0")
     if master:
-        print(f"model: {cherry.count_params(raw_model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token for "
-              f"training | {device}, {dtype}, {world} process(es) | {tokens_per_step:,} tokens per step | supervising "
-              f"{describe(args)} | unigram held-out loss {held_out.unigram_loss:.4f}")
-    with guards.locked(args.out_dir) if master else contextlib.nullcontext():
+        print(f"model: {cherry.count_params(raw_model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} "
+              f"MFLOPs/token for training | {device}, {dtype}, {world} process(es) | "
+              f"{tokens_per_step:,} tokens per step | supervising {describe(args)} | "
+              f"unigram held-out loss {held_out.unigram_loss:.4f}")
+        if args.warmup_iters >= args.max_iters:
+            print(f"note: --warmup_iters {args.warmup_iters} is not shorter than --max_iters: the "
+                  f"learning rate ends at {lr_at(args.max_iters - 1, args):.2e}, never at --lr")
+
+    def checkpoint(it):
+        save_checkpoint(ckpt_path, raw_model, optimizer, scaler, generators, device, args, data, it,
+                        best, rows)  # first: it holds the rows
+        guards.save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
+
+    lock = guards.locked(args.out_dir) if master else contextlib.nullcontext()
+    with lock, guards.Interrupt(world == 1) as interrupt:
         t0 = t_steps = time.time()
-        tokens, dropped, clipped = 0, 0.0, 0.0
+        train_s = 0.0  # time in training steps so far, and each evaluation's: for the time left
+        eval_times = []
+        tokens = 0
+        dropped = 0.0
+        clipped = 0.0
         for it in range(start, args.max_iters + 1):
-            if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt is not None and it == start):
-                nan.check(rows)  # a sync: the clock below sees every training step done
-                train_s, t_eval = time.time() - t_steps, time.time()
+            # evaluate and checkpoint (a resumed run has evaluated its first step already)
+            due = it % args.eval_interval == 0 or it == args.max_iters
+            if due and not (ckpt and it == start):
+                if kind == "cuda":
+                    torch.cuda.synchronize()  # the clock sees every training step done
+                interval_s = time.time() - t_steps
+                train_s += interval_s
+                t_eval = time.time()
+                if master:
+                    print(f"step {it}: evaluating ({args.eval_iters} held-out batches)", flush=True)
                 row = {"iter": it, **held_out.evaluate(raw_model, ctx, rank, world)}
-                nan.record(torch.tensor(row["loss"], device=device), it)  # a held-out loss of NaN stops it too
-                nan.check(rows)
+                nan.record(torch.tensor(row["loss"], device=device), it)  # a NaN held-out loss too
+                nan.check(saved)  # the steps' and this evaluation's losses: never save a bad state
                 if sgt and master:
                     row.update(held_out.coupling(raw_model, ctx))
-                row.update(tokens_per_s=tokens / train_s if tokens else None, eval_s=time.time() - t_eval,
-                           lr=lr_at(it, args))
+                row["tokens_per_s"] = tokens / interval_s if tokens else None
+                row["eval_s"] = time.time() - t_eval
+                row["lr"] = lr_at(it, args)
                 if peak and tokens:
                     row["mfu"] = row["tokens_per_s"] * flops / peak / world
                 if cfg.n_expert and tokens:  # the share of expert assignments the capacity dropped
                     row["dropped"] = dropped.item() * tokens_per_step / tokens
-                if tokens:  # the share of steps whose gradient norm was clipped, and SGT's largest weight
+                if tokens:  # the share of steps whose gradient was clipped; SGT's largest weight
                     row["clipped"] = float(clipped) * tokens_per_step / tokens
                     row["max_weight"] = selector.pop_largest()
-                best = dict(row) if best is None or row["loss"] < best["loss"] else best
+                if best is None or row["loss"] < best["loss"]:
+                    best = dict(row)
                 rows.append(row)
-                if master and (it > start or ckpt is not None):  # step 0: the flags' own start, nothing to resume
-                    save = guards.run_state(None, optimizer, scaler, (data_gen, selector.generator), device, iter=it,
-                                            best=best, metrics=rows, model=raw_model.state_dict(),
-                                            config=asdict(cfg), args=vars(args))
-                    data_prep.atomic_write(ckpt_path, lambda f: torch.save(save, f))  # first: it holds the rows
-                    guards.save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
+                if master and (it > start or ckpt):  # step 0: nothing to resume yet
+                    checkpoint(it)
+                    saved = it
                 if master:
-                    print(f"eval {it}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | loss_unsup "
-                          f"{row['loss_unsup']:.4f}" + (f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""))
-                tokens, dropped, clipped, t_steps = 0, 0.0, 0.0, time.time()
+                    gamma = f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""
+                    print(f"eval {it}: loss {row['loss']:.4f} | loss_sup {row['loss_sup']:.4f} | "
+                          f"loss_unsup {row['loss_unsup']:.4f}{gamma}")
+                eval_times.append(time.time() - t_eval)
+                tokens = 0
+                dropped = 0.0
+                clipped = 0.0
+                t_steps = time.time()
+            # a signal: checkpoint the step reached, and stop
+            if interrupt.signal:
+                nan.check(saved)
+                if master:
+                    checkpoint(it)
+                raise KeyboardInterrupt(f"{interrupt.signal} at step {it}: {ckpt_path} holds it; "
+                                        f"the same flags plus --resume continue from there")
             if it == args.max_iters:
                 break
+            # one optimizer step on a global batch (every process draws it; each takes its share)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it, args)
-            x, y = data.train_batch(args.batch_size * args.grad_accum, data_gen)  # the global batch, on every process
-            micro = micro_batches(x, y, selector.draw(y) if sgt else None, selector, args, rank, world, device)
+            x, y = data.train_batch(args.batch_size * args.grad_accum, data_gen)
+            picks = selector.draw(y) if sgt else None
+            micro = micro_batches(x, y, picks, selector, args, rank, world, device)
             loss, was_clipped = optimizer_step(model, optimizer, scaler, micro, ctx, args.grad_clip)
-            clipped = clipped + was_clipped
             nan.record(loss, it + 1)
+            clipped = clipped + was_clipped
             tokens += tokens_per_step
-            dropped = dropped + cherry.dropped_share(raw_model).detach() if cfg.n_expert else dropped
+            if cfg.n_expert:
+                dropped = dropped + cherry.dropped_share(raw_model.moe_layers).detach()
+            # progress
             if (it + 1) % args.log_interval == 0:
-                nan.check(rows)
+                nan.check(saved)  # a sync: the clock below sees the step done
                 if master:
-                    tok_s, elapsed = tokens / (time.time() - t_steps), time.time() - t0
-                    print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr {lr_at(it, args):.2e} | "
-                          f"{tok_s:,.0f} tok/s" + (f" | MFU {tok_s * flops / peak / world:.1%}" if peak else "") +
-                          f" | {elapsed:.0f}s, ~{elapsed / (it + 1 - start) * (args.max_iters - it - 1):.0f}s left")
-        summary = {"final": rows[-1], "best": best, "params": cherry.count_params(raw_model), "flops_per_token": flops,
-                   "tokens_per_step": tokens_per_step, "unigram_loss": held_out.unigram_loss, "device": device,
-                   "dtype": dtype, "processes": world, "wall_s": time.time() - t0, "config": asdict(cfg),
+                    steps_s = time.time() - t_steps
+                    per_step = (train_s + steps_s) / (it + 1 - start)
+                    per_eval = sum(eval_times) / max(1, len(eval_times))
+                    left = per_step * (args.max_iters - it - 1) + per_eval * evals_ahead(it, args)
+                    mfu = f" | MFU {tokens / steps_s * flops / peak / world:.1%}" if peak else ""
+                    print(f"iter {it + 1}/{args.max_iters} | train loss {loss.item():.4f} | lr "
+                          f"{lr_at(it, args):.2e} | {tokens / steps_s:,.0f} tok/s{mfu} | "
+                          f"{time.time() - t0:.0f}s, ~{left:.0f}s left")
+        # the summary
+        summary = {"final": rows[-1], "best": best, "params": cherry.count_params(raw_model),
+                   "flops_per_token": flops, "tokens_per_step": tokens_per_step,
+                   "unigram_loss": held_out.unigram_loss, "device": device, "dtype": dtype,
+                   "processes": world, "wall_s": time.time() - t0, "config": asdict(cfg),
                    "args": vars(args), **(summary_extra or {})}
         if cfg.n_expert:
             summary["expert_load"] = held_out.expert_load(raw_model, ctx)
@@ -428,6 +563,12 @@ def train(args, model=None, summary_extra=None):
         dist.barrier()  # every rank leaves together: none waits on a group the others tore down
         dist.destroy_process_group()
     return summary
+
+
+def evals_ahead(it, args):
+    """How many evaluations the steps after step `it` still hold."""
+    every = args.eval_interval
+    return args.max_iters // every - it // every + (args.max_iters % every > 0)
 
 
 def describe(args):
@@ -447,24 +588,22 @@ def describe(args):
 
 
 def verdict(summary, rows):
-    """The last line: where the run ended, against the unigram model (a table of token frequencies)."""
+    """The last line: where the run ended, against the unigram model (token frequencies alone)."""
     final, best, uni = summary["final"], summary["best"], summary["unigram_loss"]
-    return (f"done: held-out loss {final['loss']:.4f} ({abs(final['loss'] - uni):.3f} "
-            f"{'below' if final['loss'] < uni else 'ABOVE'} the unigram model's {uni:.4f}); best {best['loss']:.4f} at "
-            f"step {best['iter']}; unsupervised targets {rows[0]['loss_unsup']:.3f} -> {final['loss_unsup']:.3f} -> "
+    side = "below" if final["loss"] < uni else "ABOVE"
+    return (f"done: held-out loss {final['loss']:.4f} ({abs(final['loss'] - uni):.3f} {side} the "
+            f"unigram model's {uni:.4f}); best {best['loss']:.4f} at step {best['iter']}; "
+            f"unsupervised targets {rows[0]['loss_unsup']:.3f} -> {final['loss_unsup']:.3f} -> "
             f"{summary['args']['out_dir']}")
 
 
 def main(argv=None):
-    p = training_args("train")
-    p.add_argument("--init_from", help="start from these weights: a ckpt.pt (ours or nanoGPT's; file or folder), "
-                                       "a Hugging Face GPT-2 folder, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl")
-    args = guards.parse_args(p, argv)
+    args = guards.parse_args(training_args("train"), argv)
     model = None
-    if args.init_from and not (args.resume and os.path.exists(os.path.join(args.out_dir, "ckpt.pt"))):
+    resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "ckpt.pt"))
+    if args.init_from and not resuming:
         guards.check_run_folder(args)  # before loading what may be a large model
         model = cherry.load_model(args.init_from, dropout=args.dropout)
-        guards.take_shape(args, model.config, "--init_from")
     return train(args, model)
 
 

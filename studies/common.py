@@ -14,7 +14,7 @@ import time
 
 import torch
 
-import train
+from data import prepare as data_prep
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(os.path.dirname(HERE), "data")
@@ -179,7 +179,7 @@ def report(name, title, command, t0, body):
     """Write studies/<name>, a study's Markdown results: the command, the wall time since t0 and the machine first."""
     path = os.path.join(HERE, name)
     text = f"# {title}\n\n`{command}`: {(time.time() - t0) / 60:.1f} min on {machine()}.\n\n" + "\n".join(body) + "\n"
-    train.data_prep.atomic_write(path, lambda f: f.write(text.encode()))
+    data_prep.atomic_write(path, lambda f: f.write(text.encode()))
     print(f"wrote {path}")
 
 

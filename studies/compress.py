@@ -24,6 +24,7 @@ import torch
 
 import cherry
 import train
+from data import prepare as data_prep
 from studies import common
 
 # The CPU sizes come from pilots (--pilot; studies/compress_pilot.md): at width 128 dense 2 and 5 layers tied; at
@@ -60,7 +61,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     s, t0 = GPU if args.gpu else CPU, time.time()
     data = args.gpu or os.path.join(common.DATA, "shakespeare_char")
-    train.data_prep.load(data)  # made here on first use, not by two runs at once
+    data_prep.load(data)  # made here on first use, not by two runs at once
     seeds = range(1 if args.pilot else args.seeds)
     runs = [jobs(s, seed, args.out_dir, data, args.pilot) for seed in seeds]
     # recovery needs its teacher: the from-scratch runs first
@@ -71,7 +72,7 @@ def main(argv=None):
     for job in runs:
         models = {name: cherry.load_model(common.out_dir(run)) for name, (_, run) in job.items()}
         if not args.pilot:
-            teacher, schedule = models["teacher"], models["recovered"].schedule
+            teacher, schedule = models["teacher"], models["recovered"].applications
             models["averaged"] = cherry.compress(teacher, s["layers"], tuple(range(s["layers"])), step_embed=False)
             models["unrolled"] = cherry.compress(teacher, s["layers"], schedule, step_embed=False)
             models["unrolled+LoRA"] = cherry.compress(teacher, s["layers"], schedule, lora_rank=s["lora"])
@@ -83,7 +84,7 @@ def main(argv=None):
             losses.setdefault(name, []).append(common.window_losses(model, x, y, s["device"]))
             model_of[name] = model
     L = {name: torch.stack(v) for name, v in losses.items()}
-    ps = {name: cherry.count_params(m) - m.wte.weight.numel() for name, m in model_of.items()}  # non-embedding
+    ps = {name: cherry.count_params(m, non_embedding=True) for name, m in model_of.items()}
     small_big, teacher_big = common.seed_diff(L["small"], L["big"]), common.seed_diff(L["teacher"], L["big_at_teacher"])
     ok, gate_lines = common.gate("depth compression", [
         (f"dense {s['layers']} layers minus dense {s['big']} layers: {common.pm(small_big, 3)} "

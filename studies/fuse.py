@@ -24,6 +24,7 @@ import torch
 
 import cherry
 import train
+from data import prepare as data_prep
 from studies import common
 
 CPU = dict(teacher=6, layers=2, width=128, heads=4, teacher_steps=600, expert_steps=300, steps=300, batch=16, block=128,
@@ -39,12 +40,12 @@ def prepare(s):
     if not os.path.exists(os.path.join(folder, "code", "meta.json")):
         docs = {}
         for name in DOMAINS:  # whole documents, in order, until s["chars"] characters
-            texts = train.data_prep.CORPORA[name]()
+            texts = data_prep.CORPORA[name]()
             starts = itertools.accumulate([0, *map(len, texts)])
             docs[name] = [d for d, before in zip(texts, starts) if before < s["chars"]]
-        train.data_prep.prepare(docs["korean"] + docs["code"], os.path.join(folder, "mix"), s["vocab"])
+        data_prep.prepare(docs["korean"] + docs["code"], os.path.join(folder, "mix"), s["vocab"])
         for name in DOMAINS:
-            train.data_prep.prepare(docs[name], os.path.join(folder, name), os.path.join(folder, "mix"))
+            data_prep.prepare(docs[name], os.path.join(folder, name), os.path.join(folder, "mix"))
     return folder
 
 
@@ -75,7 +76,7 @@ def main(argv=None):
                         "--mtp", mtp) for seed in seeds for arm, (e, mtp) in arms.items()], args.gpu)
     # a dense model with MoEE's total (non-embedding) parameters, from scratch, with the FLOPs of MoEE's whole pipeline
     moee, teacher, expert = (cherry.load_model(out(name, 0)) for name in ("korean+code", "teacher", "expert-code"))
-    dense_layers = max(1, round((cherry.count_params(moee) - moee.wte.weight.numel()) / (12 * s["width"] ** 2)))
+    dense_layers = max(1, round(cherry.count_params(moee, non_embedding=True) / (12 * s["width"] ** 2)))
     dense = replace(teacher.config, n_layer=dense_layers)
     f = cherry.flops_per_token
     dense_steps = round((s["teacher_steps"] * f(teacher.config) + 2 * s["expert_steps"] * f(expert.config)

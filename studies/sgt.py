@@ -25,8 +25,9 @@ import time
 import torch
 
 import cherry
+import guards
 import train
-from tools import guards
+from data import prepare as data_prep
 from studies import common
 
 SCALE = ["--n_layer", 4, "--n_head", 4, "--n_embd", 64, "--block_size", 128, "--batch_size", 8, "--max_iters", 400,
@@ -80,8 +81,8 @@ def data_folders(args):
         # text and shuffled text: one folder
         folders[domain] = os.path.join(common.DATA, f"sgt-{corpus}" + ("-gpt2" if args.gpu else ""))
         if not os.path.exists(os.path.join(folders[domain], "meta.json")):
-            docs = train.data_prep.CORPORA[corpus]()
-            train.data_prep.prepare(docs, folders[domain], compact_vocab=not args.gpu, max_tokens=1_500_000)
+            docs = data_prep.CORPORA[corpus]()
+            data_prep.prepare(docs, folders[domain], compact_vocab=not args.gpu, max_tokens=1_500_000)
     return folders
 
 
@@ -145,7 +146,7 @@ def theorem1(out_dir):
     ckpt = cherry.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     args = argparse.Namespace(**ckpt["args"])
     model = cherry.build_model(ckpt["config"], ckpt["model"], out_dir)
-    data = train.Data(args.data, args.block_size, args.shuffle_tokens)
+    data = train.Data(args.data, args.block_size or model.config.block_size, args.shuffle_tokens)
     selector = train.Selector(args, data.meta, "cpu")
     with torch.no_grad():
         held_out = train.HeldOut(args, data, selector, "cpu").masks(model, contextlib.nullcontext())
@@ -181,8 +182,8 @@ def stays_below(rows, unigram):
 
 def defaults(args):
     """Run the default rule (CANDIDATES, above) and write studies/sgt_defaults.md."""
-    folders = {"text": train.data_prep.DEFAULT_DIR, "code": os.path.join(common.DATA, "code")}
-    train.data_prep.load(folders["code"])  # made here on first use, not by two runs at once
+    folders = {"text": data_prep.DEFAULT_DIR, "code": os.path.join(common.DATA, "code")}
+    data_prep.load(folders["code"])  # made here on first use, not by two runs at once
     t0, chosen = time.time(), "No candidate passed."
     lines = common.table("beta", "mix", "data", "seed", "held-out loss: best / final", "unigram",
                          "unsupervised: start -> end", "gamma (end)", "passes")

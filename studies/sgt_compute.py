@@ -12,7 +12,6 @@ loss against training FLOPs and against seconds, and the FLOPs and seconds each 
 loss at 1/4, 1/2 and all of its steps. Finished runs are kept; a study run again reuses them.
 """
 
-import math
 import os
 import statistics
 import time

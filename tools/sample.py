@@ -2,9 +2,9 @@
 Sample text from a model: any checkpoint train.py, compress.py or fuse.py wrote, nanoGPT's, or GPT-2's weights.
 Generation runs through the KV cache; the text goes through the tokenizer of the data the model was trained on.
 
-  python tools/sample.py                                           # out/ckpt.pt, with its data's tokenizer
-  python tools/sample.py --init_from out-korean --prompt "대한민국" --max_new_tokens 100
-  python tools/sample.py --init_from gpt2 --prompt "The meaning of life is"     # needs transformers
+  python -m tools.sample                                           # out/ckpt.pt, with its data's tokenizer
+  python -m tools.sample --init_from out-korean --prompt "대한민국" --max_new_tokens 100
+  python -m tools.sample --init_from gpt2 --prompt "The meaning of life is"     # needs transformers
 
 The tokenizer: --data, else the data folder the checkpoint was trained on, else GPT-2's (for GPT-2's weights).
 A model is refused with data whose ids mean other tokens (a compact vocabulary, another tokenizer).
@@ -12,14 +12,12 @@ A model is refused with data whose ids mean other tokens (a compact vocabulary, 
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cherry  # noqa: E402
-from tools import guards  # noqa: E402
-from data import prepare as data_prep  # noqa: E402
+import cherry
+import guards
+from data import prepare as data_prep
 
 
 def main(argv=None):
@@ -35,12 +33,12 @@ def main(argv=None):
     a("--seed", type=guards.number(int, f"[0, {2**63 - 1}]"), default=1337, help="random seed")
     a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
     a("--no_cache", action="store_true", help="recompute the whole context for every token (slower; for checking)")
-    args = p.parse_args(argv)
-    args.dtype, args.compile = "float32", False
+    p.set_defaults(dtype="float32", compile=False)  # what guards.setup_device reads; no flags for them
+    args = guards.parse_args(p, argv)
     device = guards.setup_device(args)[0]
     model = cherry.load_model(args.init_from, dropout=0.0).eval().to(device)
     data = args.data
-    if data is None and model.config.vocab != "gpt2":  # our checkpoint records the folder it was trained on
+    if data is None and model.config.vocab_id != "gpt2":  # our checkpoint records the folder it was trained on
         path = os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else args.init_from
         data = cherry.load_checkpoint(path).get("args", {}).get("data") if os.path.isfile(path) else None
         if data is None or not os.path.isfile(os.path.join(data, "meta.json")):

@@ -1,7 +1,7 @@
 """
 What keeps a training run safe, kept out of train.py's loop: flag values checked on the way in, a device this machine
-really has, a run folder that is never lost, mixed or shared (the checks, the lock, the state --resume needs, whole-file
-writes), the NaN watch, and the one line a mistake ends a script with. train.py, compress.py and fuse.py use it.
+really has, a run folder that is never lost, mixed or shared (the checks, the lock, whole-file writes), the NaN watch,
+and the one line a mistake ends a script with. train.py, compress.py, fuse.py and the tools use it.
 """
 
 import argparse
@@ -10,6 +10,8 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -45,9 +47,15 @@ POSITIVE, NON_NEGATIVE = number(float, "(0, inf)"), number(float, "[0, inf)")
 
 
 def parse_args(parser, argv=None):
+    """The flags, with what no single flag's type can see refused in one line."""
     args = parser.parse_args(argv)
-    if args.min_lr is not None and args.min_lr > args.lr:
+    if getattr(args, "min_lr", None) is not None and args.min_lr > args.lr:
         parser.error(f"argument --min_lr: {args.min_lr} is above --lr {args.lr}")
+    for flag in ("init_from", "sgt_ref", "data"):
+        if getattr(args, flag, None) == "":  # an unset shell variable: never "start from nothing"
+            parser.error(f"argument --{flag}: an empty path")
+    if getattr(args, "sgt_ref", None) and args.sgt_select != "excess":
+        parser.error("argument --sgt_ref: only --sgt_select excess uses a reference model")
     sgt_weights, sgt_mix, sgt_floor = (getattr(args, k, None) for k in ("sgt_weights", "sgt_mix", "sgt_floor"))
     drawn = getattr(args, "sgt_select", None) != "excess"
     if sgt_weights == "inverse" and not (drawn and args.sgt_beta < float("inf") and not sgt_mix):
@@ -101,33 +109,47 @@ def setup_device(args, distributed=False):
 # ----------------------------------------------------------------------------
 # the run folder (never lost, never mixed, never shared) and the weights a run starts from
 
-SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")  # fixed by the weights a script starts from
-RUN_FLAGS = ("data", *SHAPE_FLAGS, "block_size", "batch_size", "grad_accum", "sgt", "sgt_select", "sgt_beta", "sgt_mix",
-             "sgt_weights", "sgt_floor", "sgt_ref", "shuffle_tokens", "eval_iters", "seed")  # what --resume must be given unchanged
+# what --resume may change: how long, how fast and where it runs; every other flag must be the run's own
+FREE_ON_RESUME = ("resume", "out_dir", "max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters",
+                  "weight_decay", "beta2", "grad_clip", "eval_interval", "log_interval", "device", "dtype",
+                  "compile", "grad_checkpoint")
+FROM_THE_MODEL = ("n_layer", "n_head", "n_embd", "vocab_size", "dropout", "bias")  # None: the model's
 
 
 def check_run_folder(args):
-    """Before anything is written: a folder that holds a run (ckpt.pt, metrics.jsonl, summary.json) is continued only
-    with --resume and the flags it was started with (shape flags left out come from it). Returns the checkpoint to
-    resume from, or None."""
-    out, ckpt_path = args.out_dir, os.path.join(args.out_dir, "ckpt.pt")
+    """Before anything is written: a folder that holds a run (ckpt.pt, metrics.jsonl, summary.json) is
+    continued only with --resume and the flags it was started with (a shape flag left out is the
+    model's; --data is checked by its content, in train.py). Returns the checkpoint to resume, or None."""
+    out = args.out_dir
+    ckpt_path = os.path.join(out, "ckpt.pt")
     if not out or os.path.isfile(out):
         raise ValueError(f"--out_dir {out!r} is not a folder")
     found = [f for f in ("ckpt.pt", "metrics.jsonl", "summary.json") if os.path.exists(os.path.join(out, f))]
     if found and not args.resume:
         raise ValueError(f"--out_dir {out} already holds a run ({found[0]}); add --resume to continue it, "
                          f"or choose a new --out_dir")
-    if found and "ckpt.pt" not in found:
+    if not found:
+        return None
+    if "ckpt.pt" not in found:
         raise ValueError(f"--out_dir {out} has {found[0]} but no ckpt.pt to resume from; choose a new --out_dir")
-    ckpt = cherry.load_checkpoint(ckpt_path) if found else None
+    ckpt = cherry.load_checkpoint(ckpt_path)
     saved = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if found and (not isinstance(saved, dict) or any(k not in ckpt for k in ("model", "config", "optimizer", "rng"))):
-        raise ValueError(f"{ckpt_path} cannot be resumed exactly; start a new --out_dir with --init_from {ckpt_path}")
-    for k in RUN_FLAGS if found else ():
-        if getattr(args, k) is None and k in (*SHAPE_FLAGS, "block_size"):
-            setattr(args, k, saved.get(k))
-        if k in saved and saved[k] != getattr(args, k):
-            raise ValueError(f"--resume: {ckpt_path} was started with --{k} {saved[k]}, not {getattr(args, k)}; "
+    keys = ("model", "config", "optimizer", "rng")
+    if not isinstance(saved, dict) or any(k not in ckpt for k in keys):
+        raise ValueError(f"{ckpt_path} cannot be resumed exactly; start a new --out_dir with --init_from "
+                         f"{ckpt_path}")
+    for k, now in vars(args).items():
+        if k in FREE_ON_RESUME or k == "data" or k not in saved:
+            continue
+        was = saved[k]
+        if k in FROM_THE_MODEL:
+            was = ckpt["config"].get(k)
+        if k == "block_size":
+            was = was or ckpt["config"].get("block_size")
+        if now is None and k in (*FROM_THE_MODEL, "block_size", "preset"):
+            continue
+        if now != was:
+            raise ValueError(f"--resume: {ckpt_path} was started with --{k} {was}, not {now}; "
                              f"give the flags it was started with")
     return ckpt
 
@@ -145,22 +167,27 @@ def locked(out_dir):
         yield
 
 
-def run_state(ckpt, optimizer, scaler, generators, device, **now):
-    """Everything --resume needs. Given a checkpoint: restore the optimizer, the scaler and every random generator in
-    use (data order, SGT's draws, torch's own for dropout) and return it. Given now=...: the state to save."""
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        for generator, state in zip(generators, ckpt["rng"]):
-            generator.set_state(state)
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        return ckpt
-    return {**now, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": [g.get_state() for g in generators], "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+class Interrupt:
+    """SIGINT (Ctrl-C) or SIGTERM while training: the loop finishes its step, checkpoints it and stops.
+    A second signal stops at once. Under torchrun the ranks could stop at different steps: not caught."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal = None
+
+    def __enter__(self):
+        signals = (signal.SIGINT, signal.SIGTERM) if self.enabled else ()
+        self.previous = {s: signal.signal(s, self.handle) for s in signals}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def save_json(obj, path, lines=False):
@@ -179,35 +206,24 @@ class NanWatch:
     def record(self, loss, step):
         self.first = torch.where((self.first == 2**62) & ~torch.isfinite(loss), step, self.first)
 
-    def check(self, rows):
+    def check(self, saved):
+        """saved: the step ckpt.pt holds, or None."""
         first = self.first.clone()
         if self.world > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         if first.item() != 2**62:
-            kept = f"{self.ckpt_path} still holds step {rows[-1]['iter']}, the last good state" \
-                if os.path.exists(self.ckpt_path) else "no checkpoint was written"
+            kept = "no checkpoint was written"
+            if saved is not None:
+                kept = f"{self.ckpt_path} still holds step {saved}, the last good state"
             raise ValueError(f"the loss became NaN or inf at step {int(first.item())}; stopped, {kept}. Lower --lr (or "
                              f"raise --warmup_iters), then continue with --resume")
-
-
-def take_shape(args, config, source):
-    """A model that comes from weights keeps its shape: a shape flag that says otherwise is a mistake. Training may use
-    a shorter context than the model's."""
-    given = [f"--{k}" for k in SHAPE_FLAGS if getattr(args, k) not in (None, getattr(config, k))]
-    if given or args.preset:
-        raise ValueError(f"the model's shape comes from {source}; leave out {' '.join(given or ['--preset'])}")
-    if (args.block_size or 0) > config.block_size:
-        raise ValueError(f"--block_size {args.block_size} is longer than the model's {config.block_size}")
-    for k in SHAPE_FLAGS:
-        setattr(args, k, getattr(config, k))
-    args.block_size, args.dropout = args.block_size or config.block_size, config.dropout
 
 
 def check_vocab(model, meta, source):
     """Weights whose ids mean other tokens than the data's are refused (an unknown vocabulary is let through)."""
     data_vocab = data_prep.vocab_id(meta)
-    if model.config.vocab and model.config.vocab != data_vocab:
-        raise ValueError(f"{source} was trained on the vocabulary {model.config.vocab!r}, the data's is "
+    if model.config.vocab_id and model.config.vocab_id != data_vocab:
+        raise ValueError(f"{source} was trained on the vocabulary {model.config.vocab_id!r}, the data's is "
                          f"{data_vocab!r}: its ids mean other tokens; prepare the data with the model's tokenizer")
     if model.config.vocab_size < meta["vocab_size"]:
         raise ValueError(f"{source} has {model.config.vocab_size} token ids, fewer than the data's "
@@ -227,5 +243,5 @@ def cli(main, prog, argv=None):
         raise SystemExit(f"{prog}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
     except ImportError as e:
         raise SystemExit(f"{prog}: this needs the {e.name} package: pip install {e.name}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(f"{prog}: interrupted; --resume continues from the last checkpoint") from None
+    except KeyboardInterrupt as e:  # train.py's says which step its checkpoint holds
+        raise SystemExit(f"{prog}: {e or 'interrupted'}") from None
