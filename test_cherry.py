@@ -910,8 +910,8 @@ def test_a_run_killed_with_sigkill_resumes_bit_for_bit(tiny_data, tmp_path):
     (tmp_path / "killed" / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill during a save leaves it
     resumed = run(tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    timing = ("tokens_per_s", "eval_s", "mfu")
-    rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in timing}
+    per_interval = ("tokens_per_s", "eval_s", "mfu", "clipped", "max_weight")  # see the test below
+    rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in per_interval}
                         for line in open(out / "metrics.jsonl")]
     assert rows(tmp_path / "killed") == rows(tmp_path / "straight") and len(rows(tmp_path / "straight")) == 13
     a, b = (cherry.load_checkpoint(str(tmp_path / out / "ckpt.pt")) for out in ("straight", "killed"))
@@ -940,8 +940,9 @@ def test_a_signal_checkpoints_the_step_reached_and_resumes_bit_for_bit(signum, t
     assert cherry.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["iter"] == 5
     monkeypatch.setattr(train, "optimizer_step", real_step)
     run_train(tiny_data, tmp_path / "cut", *flags, "--resume")
-    timing = ("tokens_per_s", "eval_s", "mfu")
-    rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in timing}
+    # timing, and the diagnostics of the steps since the last evaluation (after a resume: since it)
+    per_interval = ("tokens_per_s", "eval_s", "mfu", "clipped", "max_weight")
+    rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in per_interval}
                         for line in open(out / "metrics.jsonl")]
     assert rows(tmp_path / "cut") == rows(tmp_path / "straight")
     a, b = (cherry.load_checkpoint(str(tmp_path / out / "ckpt.pt")) for out in ("straight", "cut"))
