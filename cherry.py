@@ -10,7 +10,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -625,9 +625,33 @@ def load_checkpoint(path):
                          f"{path} is corrupt, truncated or not a torch checkpoint; it was not loaded") from None
 
 
+def config_type_error(config):
+    """The first field of a stored config (a dict) whose value is not of its field's type, as 'name value', or None:
+    32.0 where a count belongs, a string for a flag, an infinite float."""
+    for f in fields(GPTConfig):
+        value, default = config.get(f.name, f.default), f.default
+        if isinstance(default, bool):
+            passed = isinstance(value, bool)
+        elif isinstance(default, int):
+            passed = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            passed = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif isinstance(default, str):
+            passed = isinstance(value, str)
+        else:  # schedule: None or the layer of each application (checked by GPTConfig)
+            passed = value is None or isinstance(value, (list, tuple))
+        if not passed:
+            return f"{f.name} {value!r}"
+    return None
+
+
 def build_model(config, state, source, dropout=None):
-    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: modules are counted, the
-    model is built on the meta device, and the stored tensors are assigned to it, not copied."""
+    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: field types, modules are
+    counted, the model is built on the meta device, the stored tensors are assigned to it, not copied, and must be
+    finite (NaN weights would only show as NaN logits)."""
+    wrong = config_type_error(config) if isinstance(config, dict) else "config, not a dict"
+    if wrong:
+        raise ValueError(f"{source} has a config this model cannot build ({wrong} is of the wrong type)")
     try:
         config = GPTConfig(**{**config, **({} if dropout is None else {"dropout": dropout})})
     except (TypeError, ValueError) as e:
@@ -648,6 +672,9 @@ def build_model(config, state, source, dropout=None):
         first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first problem torch lists
         raise ValueError(f"{source} does not fit its config: {first[:300]}") from None
     model.lm_head.weight = model.wte.weight  # assigning replaced both: tie them again
+    broken = next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken:
+        raise ValueError(f"{source} holds NaN or infinite weights ({broken}); nothing can be trained or sampled from it")
     return model
 
 

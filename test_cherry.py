@@ -619,7 +619,7 @@ def test_a_corpus_folder_is_prepared_on_first_use_and_no_other(monkeypatch, tmp_
     for folder in ("korean", "mine", "korean+code"):
         with pytest.raises(FileNotFoundError, match=f"--data .*{re.escape(folder)}: no such folder"):
             data_prep.load(str(tmp_path / folder))
-    assert calls == [["--corpus", "korean"]]
+    assert calls == [["--corpus", "korean", "--overwrite"]]  # what is there lacks a meta.json: never whole
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every process would write it at once; the user is told how
     with pytest.raises(FileNotFoundError, match="no such folder; make it with: python data/prepare.py --corpus code"):
         data_prep.load(str(tmp_path / "code"))
@@ -1011,7 +1011,8 @@ def test_a_data_folder_is_checked_not_trusted(tiny_data, tmp_path, capsys):
                   "has dtype 'uint8'"),
         "count": (broken("count", lambda d: (d / "meta.json").write_text(json.dumps({**meta, "train_tokens": 10}))),
                   r"train.bin holds \d+ bytes where meta.json says 10 uint16 tokens"),
-        "ids": (broken("ids", lambda d: (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100}))),
+        "ids": (broken("ids", lambda d: (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100,
+                "unigram_counts": {k: c for k, c in meta["unigram_counts"].items() if int(k) < 100}}))),
                 r"holds token id \d+, past the vocabulary size 100"),
         "json": (broken("json", lambda d: (d / "meta.json").write_text("{not json")), "meta.json is not valid JSON"),
         "key": (broken("key", lambda d: (d / "meta.json").write_text(json.dumps({"dtype": "uint16"}))),

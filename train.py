@@ -53,8 +53,9 @@ def training_args(prog, doc=__doc__):
     a("--bias", action="store_true", default=None, help="biases in linears and LayerNorms (GPT-2 has them)")
     # optimisation: AdamW, linear warm-up, cosine decay
     a("--max_iters", type=COUNT, default=600, help="optimizer steps")
-    a("--batch_size", type=COUNT, default=16, help="sequences per micro-batch, per process")
-    a("--grad_accum", type=COUNT, default=1, help="micro-batches per step over all processes (divisible by them)")
+    a("--batch_size", type=number(int, "[1, 65536]"), default=16, help="sequences per micro-batch, per process")
+    a("--grad_accum", type=number(int, "[1, 65536]"), default=1,
+      help="micro-batches per step over all processes (divisible by them)")
     a("--lr", type=POSITIVE, default=1e-3, help="peak learning rate")
     a("--min_lr", type=NON_NEGATIVE, help="final learning rate (default lr / 10)")
     a("--warmup_iters", type=NATURAL, default=50, help="linear warm-up steps")
@@ -74,7 +75,8 @@ def training_args(prog, doc=__doc__):
     a("--shuffle_tokens", action="store_true", help="control: permute the tokens within every window (no order)")
     # evaluation, logging, system
     a("--eval_interval", type=COUNT, default=100, help="evaluate and checkpoint every this many steps")
-    a("--eval_iters", type=COUNT, default=10, help="held-out batches per evaluation (the same windows every time)")
+    a("--eval_iters", type=number(int, "[1, 10000]"), default=10,
+      help="held-out batches per evaluation (the same windows every time)")
     a("--log_interval", type=COUNT, default=10, help="print a progress line every this many steps")
     a("--seed", type=number(int, f"[0, {2**63 - 1}]"), default=1337, help="initialisation, data order, selection")
     a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
@@ -92,11 +94,11 @@ def fill_shape(args):
             setattr(args, k, cherry.PRESETS.get(args.preset, {}).get(k, SHAPE.get(k)))
 
 
-def model_from_flags(args, meta):
-    """A fresh GPT of the flags' shape, plus what a preset has no flag for (the unroll, the experts)."""
+def config_from_flags(args, meta):
+    """A fresh GPT's config: the flags' shape, plus what a preset has no flag for (the unroll, the experts)."""
     args.vocab_size = args.vocab_size or (meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64: faster matmuls
     fields = {k: getattr(args, k) for k in (*SHAPE, "vocab_size")} | {"vocab": data_prep.vocab_id(meta)}
-    return cherry.GPT(cherry.GPTConfig(**{**cherry.PRESETS.get(args.preset, {}), **fields}))
+    return cherry.GPTConfig(**{**cherry.PRESETS.get(args.preset, {}), **fields})
 
 
 # ----------------------------------------------------------------------------
@@ -282,10 +284,12 @@ def train(args, model=None, summary_extra=None):
         fill_shape(args)
     device, kind, dtype, ctx = guards.setup_device(args, distributed=world > 1)
     data = Data(args.data, args.block_size, args.shuffle_tokens)
-    torch.manual_seed(args.seed)
     if ckpt is not None:
         model = cherry.build_model(ckpt["config"], ckpt["model"], ckpt_path)
-    model = guards.check_vocab(model or model_from_flags(args, data.meta), data.meta, args.init_from or "it")
+    config = model.config if model is not None else config_from_flags(args, data.meta)
+    guards.check_memory(config, args, device, dtype)  # before the weights, their optimizer and a step take memory
+    torch.manual_seed(args.seed)
+    model = guards.check_vocab(model or cherry.GPT(config), data.meta, args.init_from or "it")
     selector, data_gen, cfg = Selector(args, data.meta, device), torch.Generator().manual_seed(args.seed), model.config
     raw_model = model.to(device)
     raw_model.grad_checkpoint = args.grad_checkpoint

@@ -19,6 +19,7 @@ tokens to val: the split is deterministic and every document (play, file, speech
 
 import argparse
 import base64
+import codecs
 import fnmatch
 import glob
 import hashlib
@@ -42,6 +43,8 @@ GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 EOT = "<|endoftext|>"
 META_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "unigram_counts")
+MAX_VOCAB = 2**24  # token ids: far past any tokenizer (GPT-4's 200k), short of a typo's 10^9 (a 128 GB model)
+PREPARED = ("meta.json", "train.bin", "val.bin")  # a folder holding any of them is never written over unasked
 
 
 def atomic_write(path, write):
@@ -73,6 +76,10 @@ class CharTokenizer:
         self.n_vocab += 1
 
     def encode_ordinary(self, text):
+        unseen = next((c for c in text if c not in self.ids), None)
+        if unseen is not None:
+            raise ValueError(f"the character {unseen!r} is not in this character-level vocabulary of "
+                             f"{len(self.chars)} characters; leave it out of the text")
         return [self.ids[c] for c in text]
 
     def encode_ordinary_batch(self, texts):
@@ -149,9 +156,14 @@ class Codec:
         return [self.compact[t] for t in ids] if self.compact is not None else ids
 
     def decode(self, ids):
+        """The bytes of all the tokens decoded together, so a character that byte-level tokens split stays whole; an
+        incomplete character at the end (a sample cut inside it) is left out rather than shown as U+FFFD."""
         if self.compact is not None:  # ids past the data's vocabulary (the head's padding) were never trained: dropped
             ids = [self.token_ids[i] for i in ids if i < len(self.token_ids)]
-        return self.enc.decode([i for i in ids if i < self.enc.n_vocab])
+        ids = [i for i in ids if i < self.enc.n_vocab]
+        if isinstance(self.enc, CharTokenizer):
+            return self.enc.decode(ids)
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(self.enc.decode_bytes(ids))  # tail held back
 
 
 # ----------------------------------------------------------------------------
@@ -200,6 +212,8 @@ def file_documents(path, pattern="*", max_chars=None, skip=()):
     elif os.path.isdir(path):
         paths = sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files
                        if fnmatch.fnmatch(f, pattern))
+    elif os.path.exists(path):  # a FIFO, a device, a socket: reading it could block or never end
+        raise ValueError(f"--input {path} is not a regular file or a folder")
     else:
         raise FileNotFoundError(f"no such file or folder: {path}")
     skip, seen, docs, chars = tuple(os.path.realpath(s) + os.sep for s in skip), set(), [], 0
@@ -208,6 +222,9 @@ def file_documents(path, pattern="*", max_chars=None, skip=()):
         if real.startswith(skip) or real in seen or (max_chars and chars >= max_chars):
             continue
         seen.add(real)
+        if not os.path.isfile(p):  # a FIFO in the folder would block for ever, a device never end
+            print(f"skipped {p}: not a regular file", file=sys.stderr)
+            continue
         try:
             text = open(p, encoding="utf-8").read()
         except (UnicodeDecodeError, OSError) as e:
@@ -247,13 +264,18 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
         raise ValueError(f"--tokenizer {tokenizer_name}: give bpe:N with N between 257 (the 256 bytes and an end "
                          f"token) and 2^20")
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"tokenizer": tokenizer_name}
+    meta, source = {"tokenizer": tokenizer_name}, None
     if os.path.isfile(os.path.join(tokenizer_name, "meta.json")):  # another folder's tokenizer: one vocabulary for both
-        source = json.load(open(os.path.join(tokenizer_name, "meta.json")))
+        source = read_meta(tokenizer_name, f"--tokenizer {tokenizer_name}: its meta.json")
         meta = {k: v for k, v in source.items() if k.startswith("tokenizer") or k == "chars"}
+        if "tokenizer_file" in meta:  # read before anything is written: the folder may be out_dir itself
+            source = open(os.path.join(tokenizer_name, meta["tokenizer_file"]), "rb").read()
+    if os.path.isfile(os.path.join(out_dir, "meta.json")):  # written over (--overwrite): not whole until the end
+        os.remove(os.path.join(out_dir, "meta.json"))
+    os.makedirs(out_dir, exist_ok=True)
+    if source is not None:
         if "tokenizer_file" in meta:
-            contents = open(os.path.join(tokenizer_name, meta["tokenizer_file"]), "rb").read()
-            atomic_write(os.path.join(out_dir, meta["tokenizer_file"]), lambda f: f.write(contents))
+            atomic_write(os.path.join(out_dir, meta["tokenizer_file"]), lambda f: f.write(source))
         enc = tokenizer(meta, out_dir)
     elif n_bpe:  # trained on the part of every document that will be train
         enc, bpe_meta = train_bpe([d[:len(d) - int(len(d) * val_fraction)] for d in documents], n_bpe, out_dir)
@@ -290,6 +312,62 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
     return meta
 
 
+def meta_problem(meta):
+    """What is wrong with a parsed meta.json, in a few words, or None: every field this project reads, in its type and
+    range (a tokenizer name that is a string, counts that are a dict of ids, the characters of a character level)."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    lacking = [k for k in META_KEYS if k not in meta]
+    name, vocab, counts, ids = meta.get("tokenizer"), meta.get("vocab_size"), meta.get("unigram_counts"), \
+        meta.get("token_ids")
+    integer = lambda v, low=0, high=2**62: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+    token_id = lambda k: isinstance(k, str) and k.isascii() and k.isdigit() and int(k) < vocab
+    checks = {  # field: (passes, what it must be); checked in order, each only once those above it passed
+        "tokenizer": (lambda: isinstance(name, str), "a tokenizer name"),
+        "dtype": (lambda: meta["dtype"] in ("uint16", "uint32"), "uint16 or uint32, what this project writes"),
+        "vocab_size": (lambda: integer(vocab, 1, MAX_VOCAB), f"a count from 1 to {MAX_VOCAB:,}"),
+        "train_tokens": (lambda: integer(meta["train_tokens"]), "a count of tokens"),
+        "val_tokens": (lambda: integer(meta["val_tokens"]), "a count of tokens"),
+        "unigram_counts": (lambda: isinstance(counts, dict) and all(token_id(k) and integer(c)
+                                                                     for k, c in counts.items()),
+                           "{token id: count} with ids below vocab_size"),
+        "token_ids": (lambda: ids is None or isinstance(ids, list) and len(ids) == vocab and all(
+            integer(i) for i in ids) and all(a < b for a, b in zip(ids, ids[1:])),
+                      "vocab_size increasing tokenizer ids (a compact vocabulary)"),
+        "chars": (lambda: name != "char" or isinstance(meta.get("chars"), str) and len(set(meta["chars"])) == len(
+            meta["chars"]) and (ids is not None or vocab == len(meta["chars"]) + 1),
+                  "the vocabulary's distinct characters (vocab_size less the end token)"),
+        "tokenizer_file": (lambda: not name.startswith("bpe:") or isinstance(meta.get("tokenizer_file"), str) and
+                           os.path.basename(meta["tokenizer_file"]) == meta["tokenizer_file"] not in ("", ".", ".."),
+                           "the name of the ranks file in this folder"),
+        "tokenizer_sha256": (lambda: not name.startswith("bpe:") or isinstance(meta.get("tokenizer_sha256"), str) and
+                             re.fullmatch("[0-9a-f]{64}", meta["tokenizer_sha256"]) is not None, "a sha256 in hex"),
+        "tokenizer_pattern": (lambda: not name.startswith("bpe:") or isinstance(meta.get("tokenizer_pattern"), str),
+                              "a regular expression"),
+    }
+    if lacking:
+        return f"has no {lacking[0]}"
+    for field, (passes, should) in checks.items():
+        if not passes() and field not in meta:
+            return f"has no {field} ({should})"
+        if not passes():
+            shown = repr(meta[field])
+            return f"has {field} {shown if len(shown) < 40 else shown[:36] + ' ...'}, not {should}"
+    return None
+
+
+def read_meta(folder, where, hint="prepare it again"):
+    """A folder's meta.json, parsed and checked (meta_problem); a problem is one ValueError naming it."""
+    try:
+        meta = json.load(open(os.path.join(folder, "meta.json"), encoding="utf-8"))
+    except ValueError:
+        raise ValueError(f"{where} is not valid JSON; {hint}") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise ValueError(f"{where} {problem}; {hint}")
+    return meta
+
+
 def load(folder):
     """
     A prepared folder, checked rather than trusted: (meta, train, val), the token arrays as read-only memory maps.
@@ -300,22 +378,14 @@ def load(folder):
     corpus = os.path.relpath(os.path.abspath(folder), HERE)
     if corpus in CORPORA and not os.path.exists(os.path.join(folder, "meta.json")) and "WORLD_SIZE" not in os.environ:
         print(f"preparing data/{corpus} on first use ...")
-        main(["--corpus", corpus])
+        main(["--corpus", corpus, "--overwrite"])  # without a meta.json what is there is an interrupted preparation
     hint = "make it with: python data/prepare.py " + (f"--corpus {corpus}" if corpus in CORPORA else
                                                       f"--input YOUR_TEXT --out_dir {folder}")
     missing = [f for f in ("meta.json", "train.bin", "val.bin") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         what = "no such folder" if not os.path.isdir(folder) else f"no {missing[0]} in it"
         raise FileNotFoundError(f"--data {folder}: {what}; {hint}")
-    try:
-        meta = json.load(open(os.path.join(folder, "meta.json"), encoding="utf-8"))
-    except ValueError:
-        raise ValueError(f"{folder}/meta.json is not valid JSON; {hint}") from None
-    lacking = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
-    if lacking or meta["dtype"] not in ("uint16", "uint32") or not isinstance(meta["vocab_size"], int):
-        what = f"has no {lacking[0]}" if lacking else f"has dtype {meta['dtype']!r} and vocab_size " \
-            f"{meta['vocab_size']!r}; this project writes uint16 or uint32"
-        raise ValueError(f"{folder}/meta.json {what}; {hint}")
+    meta = read_meta(folder, f"{folder}/meta.json", hint)
     splits = []
     for split in ("train", "val"):
         path, n, width = os.path.join(folder, f"{split}.bin"), meta[f"{split}_tokens"], np.dtype(meta["dtype"]).itemsize
@@ -343,6 +413,8 @@ def main(argv=None):
     p.add_argument("--max_tokens", type=int, help="keep only the first this many tokens")
     p.add_argument("--val_fraction", type=float, default=0.1, help="the tail of each document held out (default 0.1)")
     p.add_argument("--compact_vocab", action="store_true", help="keep only the token types that occur, renumbered")
+    p.add_argument("--overwrite", action="store_true", help="replace a prepared --out_dir (models trained on its "
+                                                            "tokens no longer match it)")
     p.error = lambda message: p.exit(2, f"prepare: {message}\n")
     args = p.parse_args(argv)
     if args.input and args.corpus:
@@ -356,6 +428,10 @@ def main(argv=None):
     out_dir = args.out_dir or (os.path.join(HERE, "+".join(names)) if not args.input else None)
     if not out_dir:
         p.error("give --out_dir for an --input")
+    prepared = [f for f in PREPARED if os.path.exists(os.path.join(out_dir, f))]
+    if prepared and not args.overwrite:
+        raise ValueError(f"{out_dir} already holds prepared data ({prepared[0]}); choose another --out_dir, or add "
+                         f"--overwrite to replace it (a model trained on it no longer matches then)")
     name = args.tokenizer or dict(shakespeare_char="char", korean="bpe:8192").get("+".join(names), "gpt2")
     if args.input:
         docs = file_documents(args.input, args.glob, args.max_tokens and 8 * args.max_tokens, skip=[out_dir])
@@ -373,8 +449,19 @@ def main(argv=None):
           f"({meta['tokenizer']}, vocabulary {meta['vocab_size']:,}) in {out_dir}; {per}{trained}")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """python data/prepare.py: a mistake, a full memory or Ctrl-C ends it in one line (tools/guards.cli's rule, kept
+    here so that preparing data needs no torch)."""
     try:
-        main(sys.argv[1:])
+        main(argv)
     except (ValueError, OSError) as e:
-        sys.exit(f"prepare: {str(e).splitlines()[0]}")
+        sys.exit(f"prepare: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
+    except MemoryError:
+        sys.exit("prepare: out of memory; give --max_tokens, or prepare a part of the text")
+    except KeyboardInterrupt:
+        sys.exit("prepare: interrupted; the folder is not usable until it is prepared again (a folder is whole once "
+                 "its meta.json is written)")
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
