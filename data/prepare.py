@@ -116,20 +116,21 @@ def tokenizer(meta, folder):
     return tiktoken.get_encoding(name)
 
 
-def train_bpe(texts, n_tokens, folder):
-    """A byte-level BPE of n_tokens (the last one: end of document) trained with rustbpe; its ranks go into folder."""
+def train_bpe(texts, n_tokens):
+    """A byte-level BPE of n_tokens (the last one: end of document) trained with rustbpe: its encoding, its meta.json
+    fields and the contents of its ranks file (tiktoken's format), which prepare writes with the tokens."""
     try:
         import rustbpe
     except ImportError:
         raise ValueError("--tokenizer bpe:N needs the rustbpe package: pip install -r requirements-data.txt") from None
     t0, bpe = time.time(), rustbpe.Tokenizer()
     bpe.train_from_iterator(iter(texts), n_tokens - 1)
-    text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in bpe.get_mergeable_ranks())
-    atomic_write(os.path.join(folder, "tokenizer.tiktoken"), lambda f: f.write(text.encode()))
+    ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+    text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()).encode()
     meta = {"tokenizer": f"bpe:{n_tokens}", "tokenizer_file": "tokenizer.tiktoken", "tokenizer_seconds":
             round(time.time() - t0, 2), "tokenizer_pattern": bpe.get_pattern(),
-            "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    return tokenizer(meta, folder), meta
+            "tokenizer_sha256": hashlib.sha256(text).hexdigest()}
+    return bpe_encoding(ranks, meta["tokenizer_pattern"]), meta, text
 
 
 def vocab_id(meta):
@@ -263,28 +264,21 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
     if tokenizer_name.startswith("bpe:") and not (n_bpe and 257 <= n_bpe <= 2**20):
         raise ValueError(f"--tokenizer {tokenizer_name}: give bpe:N with N between 257 (the 256 bytes and an end "
                          f"token) and 2^20")
-    os.makedirs(out_dir, exist_ok=True)
-    meta, source = {"tokenizer": tokenizer_name}, None
+    meta, ranks = {"tokenizer": tokenizer_name}, None  # ranks: a BPE's ranks file, written with the tokens
     if os.path.isfile(os.path.join(tokenizer_name, "meta.json")):  # another folder's tokenizer: one vocabulary for both
         source = read_meta(tokenizer_name, f"--tokenizer {tokenizer_name}: its meta.json")
         meta = {k: v for k, v in source.items() if k.startswith("tokenizer") or k == "chars"}
-        if "tokenizer_file" in meta:  # read before anything is written: the folder may be out_dir itself
-            source = open(os.path.join(tokenizer_name, meta["tokenizer_file"]), "rb").read()
-    if os.path.isfile(os.path.join(out_dir, "meta.json")):  # written over (--overwrite): not whole until the end
-        os.remove(os.path.join(out_dir, "meta.json"))
-    os.makedirs(out_dir, exist_ok=True)
-    if source is not None:
+        enc = tokenizer(meta, tokenizer_name)
         if "tokenizer_file" in meta:
-            atomic_write(os.path.join(out_dir, meta["tokenizer_file"]), lambda f: f.write(source))
-        enc = tokenizer(meta, out_dir)
+            ranks = open(os.path.join(tokenizer_name, meta["tokenizer_file"]), "rb").read()
     elif n_bpe:  # trained on the part of every document that will be train
-        enc, bpe_meta = train_bpe([d[:len(d) - int(len(d) * val_fraction)] for d in documents], n_bpe, out_dir)
+        enc, bpe_meta, ranks = train_bpe([d[:len(d) - int(len(d) * val_fraction)] for d in documents], n_bpe)
         meta.update(bpe_meta)
     elif tokenizer_name == "char":
         meta["chars"] = "".join(sorted(set("".join(documents))))
         enc = CharTokenizer(meta["chars"])
     else:
-        enc = tokenizer(meta, out_dir)
+        enc = tokenizer(meta, None)
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     train, val, budget = [], [], max_tokens or float("inf")
     for tokens in enc.encode_ordinary_batch(documents):
@@ -306,6 +300,12 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
     meta.update(vocab_size=vocab_size, dtype=np.dtype(dtype).name, documents=len(documents),
                 train_tokens=int(train.size), val_tokens=int(val.size),
                 unigram_counts={str(i): int(c) for i, c in enumerate(counts) if c})
+    # only now is anything written: a mistake or Ctrl-C before this leaves out_dir as it was
+    if os.path.isfile(os.path.join(out_dir, "meta.json")):  # written over (--overwrite): not whole until the end
+        os.remove(os.path.join(out_dir, "meta.json"))
+    os.makedirs(out_dir, exist_ok=True)
+    if ranks is not None:
+        atomic_write(os.path.join(out_dir, meta["tokenizer_file"]), lambda f: f.write(ranks))
     for name, tokens in (("train.bin", train), ("val.bin", val)):
         atomic_write(os.path.join(out_dir, name), tokens.tofile)
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta).encode()))

@@ -111,19 +111,21 @@ def available_memory(device):
 
 
 def step_memory(config, args, dtype):
-    """An estimate of a training run's peak memory in bytes, by part. Per parameter: fp32 weights, gradients and AdamW's
-    two moments (16 bytes), autocast's low-precision copy (2), and under SGT the evaluation's gradient coupling (two
-    gradients and their float64 sums, 40). Per token of a micro-batch and layer application: 20 fp32 values of width C
-    kept for backward (Korthikanti et al. 2022 count 17 with flash attention, no T x T scores; 20 measured on the CPU,
-    where autocast keeps most in fp32 too), with --grad_checkpoint 2 plus 40 for the layer recomputed (measured); a
-    mixture layer's MLP part (9 values) scaled by its capacity.
-    Logits, their log-softmax, its gradient and a temporary in fp32 (16 bytes per token and vocabulary entry) over every
-    position (evaluation and gamma run the full head even under SGT), again per MTP module. Token ids (int64 inputs and
-    targets, built through a copy) of the global batch and of the held-out windows."""
-    with torch.device("meta"):  # counted without allocating
-        n_params = sum(p.numel() for p in cherry.GPT(config).parameters())
+    """An estimate of a training run's peak memory in bytes, by part. Per parameter (counted from the shape, nothing
+    built): fp32 weights, gradients and AdamW's two moments (16 bytes), autocast's low-precision copy (2), and under
+    SGT the evaluation's gradient coupling (two gradients and their float64 sums, 40). Per token of a micro-batch and
+    layer application: 20 fp32 values of width C kept for backward (Korthikanti et al. 2022 count 17 with flash
+    attention, no T x T scores; 20 measured on the CPU, where autocast keeps most in fp32 too), with --grad_checkpoint
+    2 plus 40 for the layer recomputed (measured); a mixture layer's MLP part (9 values) scaled by its capacity.
+    Logits, their log-softmax, its gradient and a temporary in fp32 (16 bytes per token and vocabulary entry) over
+    every position (evaluation and gamma run the full head even under SGT), again per MTP module. Token ids (int64
+    inputs and targets, built through a copy) of the global batch and of the held-out windows."""
     B, T, C, V = args.batch_size, args.block_size, config.n_embd, config.vocab_size
-    L = len(config.applications())
+    L, E = len(config.applications()), max(1, config.n_expert)
+    # the matrices (vectors are a rounding error): embeddings, attention 4C^2 and each expert's MLP 8C^2 per layer,
+    # each application's LoRA, each MTP module's projection and block
+    n_params = (V + config.block_size) * C + config.n_layer * (4 + 8 * E) * C * C + config.mtp * 14 * C * C + \
+        L * config.lora_rank * (6 + 10 * E) * C
     per_layer = 20 + (9 * (config.capacity_factor * config.experts_per_token - 1) if config.n_expert else 0)
     kept = (2 * L + 2 * per_layer) if args.grad_checkpoint else L * per_layer
     merged = L * 12 * C * C * 4 if config.lora_rank else 0  # each application's merged LoRA weights
