@@ -658,7 +658,10 @@ def build_model(config, state, source, dropout=None):
         raise ValueError(f"{source} has a config this model cannot build ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source} holds no weights of this model")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    integer = next((f"{k}, {v.dtype}" for k, v in state.items() if not v.is_floating_point()), None)
+    if integer:  # every tensor of this model is a float parameter
+        raise ValueError(f"{source} holds a tensor that is not floating point ({integer}) where weights belong")
+    state = {k: v.float() for k, v in state.items()}
     modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)", mtp=r"mtp_modules\.(\d+)")
     for field, pattern in modules.items():
         stored = len({m.group(1) for m in map(re.compile(pattern).search, state) if m})

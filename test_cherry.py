@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -1038,6 +1039,10 @@ class BadInput:
         (self.tmp / "text.txt").write_text("plain letters \U0001f352\n")
         return ["--input", str(self.tmp / "text.txt"), "--tokenizer", str(self.tmp / "char")]
 
+    def text(self):
+        (self.tmp / "text.txt").write_text("Some text to prepare. " * 50)
+        return str(self.tmp / "text.txt")
+
     def fifo(self):
         os.mkfifo(self.tmp / "pipe")
         return ["--input", str(self.tmp / "pipe")]
@@ -1075,6 +1080,12 @@ BAD_INPUTS = [  # (script, the flags that give it a bad input, what its one line
     ("train", lambda b: ["--eval_iters", "100000000"], "--eval_iters: 100000000 is not in"),
     ("sample", lambda b: ["--num_samples", "1000", "--max_new_tokens", "100000"], "100,000,000 tokens; at most"),
     ("prepare", lambda b: b.fifo(), "is not a regular file or a folder"),
+    ("sample", lambda b: ["--prompt", "FILE:/dev/zero"], "--prompt FILE:/dev/zero is not a regular file"),
+    ("sample", lambda b: ["--init_from", b.ckpt(lambda c: c["model"].update({"wpe.weight": torch.zeros(32, 32).long()}))],
+     r"holds a tensor that is not floating point \(wpe.weight, torch.int64\)"),
+    ("train", lambda b: ["--data", b.text()], "is a file; --data takes a folder that data/prepare.py made"),
+    ("prepare", lambda b: ["--input", b.text(), "--out_dir", b.text()], "is a file, not a folder"),
+    ("prepare", lambda b: ["--input", b.text(), "--tokenizer", "gtp2"], "unknown tokenizer 'gtp2': gpt2, bpe:N, char"),
     ("prepare", lambda b: ["--input", b.meta(), "--out_dir", b.data], "already holds prepared data .*--overwrite"),
 ]
 
@@ -1101,12 +1112,20 @@ def test_ctrl_c_and_out_of_memory_are_one_line_in_every_script(monkeypatch, caps
             raise error
         return main
 
-    for prog, then in (("train", "; --resume continues"), ("sample", ""), ("bench", "")):
-        with pytest.raises(SystemExit, match=f"^{prog}: interrupted{then}"):
-            guards.cli(raiser(KeyboardInterrupt()), prog, interrupted="" if prog != "train" else None or
-                       "--resume continues from the last checkpoint")
-    with pytest.raises(SystemExit, match="^train: out of memory; lower --batch_size"):
-        guards.cli(raiser(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12 GiB")), "train")
+    monkeypatch.setattr(cherry, "load_model", raiser(KeyboardInterrupt()))  # Ctrl-C in the middle of each script
+    monkeypatch.setattr(guards, "setup_device", raiser(KeyboardInterrupt()))
+    for script in ("tools/sample.py", "tools/bench.py"):  # run as python runs them: no checkpoint to speak of
+        monkeypatch.setattr(sys, "argv", [script, "--device", "cpu"])
+        with pytest.raises(SystemExit, match=f"^{os.path.basename(script)[:-3]}: interrupted$"):
+            runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+    with pytest.raises(SystemExit, match="^train: interrupted; --resume continues"):
+        guards.cli(raiser(KeyboardInterrupt()), "train")
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12 GiB"), MemoryError(),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")):
+        with pytest.raises(SystemExit, match="^train: out of memory; lower --batch_size"):
+            guards.cli(raiser(error), "train")
+    with pytest.raises(RuntimeError, match="a bug"):  # not the user's: its traceback is the report
+        guards.cli(raiser(RuntimeError("a bug")), "train")
     monkeypatch.setattr(data_prep, "main", raiser(KeyboardInterrupt()))
     with pytest.raises(SystemExit, match="^prepare: interrupted; the folder is not usable until it is prepared again"):
         data_prep.cli([])

@@ -113,6 +113,9 @@ def tokenizer(meta, folder):
         return bpe_encoding(read_ranks(ranks_file, meta["tokenizer_sha256"]), meta["tokenizer_pattern"])
     if name == "char":
         return CharTokenizer(meta["chars"])
+    if name not in tiktoken.list_encoding_names():
+        raise ValueError(f"unknown tokenizer {name!r}: gpt2, bpe:N, char, a data folder (with a meta.json) or one of "
+                         f"tiktoken's: {', '.join(tiktoken.list_encoding_names())}")
     return tiktoken.get_encoding(name)
 
 
@@ -201,12 +204,23 @@ def korean_documents():
     return [clean(text) for (text,) in rows if text and text.strip()]
 
 
+def read_text(path):
+    """A file's text, or None and why not: not a regular file (a FIFO would block for ever), not UTF-8, binary."""
+    if not os.path.isfile(path):
+        return None, "not a regular file"
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (UnicodeDecodeError, OSError) as e:
+        return None, "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
+    return (None, "binary (it holds NUL bytes)") if "\0" in text else (text, None)
+
+
 def file_documents(path, pattern="*", max_chars=None, skip=()):
     """
     One document per file: a single file, or every file under a folder that matches pattern, in sorted order.
     Folders reached through symbolic links are not entered and no file is read twice (by its real path), so a link
-    loop cannot repeat text; skip: folders never read (the output folder). Files that are not UTF-8 text are
-    skipped and named. max_chars: stop reading files past this many characters.
+    loop cannot repeat text; skip: folders never read (the output folder). Files that are not regular files or not
+    UTF-8 text are skipped and named. max_chars: stop reading files past this many characters.
     """
     if os.path.isfile(path):
         paths = [path]
@@ -223,17 +237,11 @@ def file_documents(path, pattern="*", max_chars=None, skip=()):
         if real.startswith(skip) or real in seen or (max_chars and chars >= max_chars):
             continue
         seen.add(real)
-        if not os.path.isfile(p):  # a FIFO in the folder would block for ever, a device never end
-            print(f"skipped {p}: not a regular file", file=sys.stderr)
-            continue
-        try:
-            text = open(p, encoding="utf-8").read()
-        except (UnicodeDecodeError, OSError) as e:
-            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
+        text, why = read_text(p)
+        if why and paths == [path]:
+            raise ValueError(f"--input {path}: {why}")
+        if why:
             print(f"skipped {p}: {why}", file=sys.stderr)
-            continue
-        if "\0" in text:
-            print(f"skipped {p}: binary (it holds NUL bytes)", file=sys.stderr)
             continue
         docs.append(text)
         chars += len(text)
@@ -290,6 +298,9 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
         if budget <= 0:
             break
     train, val = np.concatenate(train), np.concatenate(val)
+    if not train.size:  # a document of n tokens gives its last max(1, n * val_fraction) to val
+        raise ValueError(f"the input is {val.size} tokens, too few for a train split at --val_fraction {val_fraction}; "
+                         f"give more text or a smaller --val_fraction")
     vocab_size = enc.n_vocab
     if compact_vocab:
         token_ids = np.unique(np.concatenate([train, val]))  # the tokenizer ids of the types that occur, sorted
@@ -381,6 +392,9 @@ def load(folder):
         main(["--corpus", corpus, "--overwrite"])  # without a meta.json what is there is an interrupted preparation
     hint = "make it with: python data/prepare.py " + (f"--corpus {corpus}" if corpus in CORPORA else
                                                       f"--input YOUR_TEXT --out_dir {folder}")
+    if os.path.isfile(folder):
+        raise ValueError(f"--data {folder} is a file; --data takes a folder that data/prepare.py made: python "
+                         f"data/prepare.py --input {folder} --out_dir data/NAME")
     missing = [f for f in ("meta.json", "train.bin", "val.bin") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         what = "no such folder" if not os.path.isdir(folder) else f"no {missing[0]} in it"
@@ -428,6 +442,8 @@ def main(argv=None):
     out_dir = args.out_dir or (os.path.join(HERE, "+".join(names)) if not args.input else None)
     if not out_dir:
         p.error("give --out_dir for an --input")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir} is a file, not a folder")
     prepared = [f for f in PREPARED if os.path.exists(os.path.join(out_dir, f))]
     if prepared and not args.overwrite:
         raise ValueError(f"{out_dir} already holds prepared data ({prepared[0]}); choose another --out_dir, or add "

@@ -314,7 +314,9 @@ def cli(main, prog, argv=None, interrupted="--resume continues from the last che
         raise SystemExit(f"{prog}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
     except ImportError as e:
         raise SystemExit(f"{prog}: this needs the {e.name} package: pip install {e.name}") from None
-    except (MemoryError, torch.OutOfMemoryError):  # past the estimate (check_memory): the same advice
+    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator says it in a plain RuntimeError
+        if isinstance(e, RuntimeError) and not any(s in str(e) for s in ("can't allocate memory", "out of memory")):
+            raise  # a bug: its traceback is the report
         raise SystemExit(f"{prog}: out of memory; lower --batch_size or --block_size, or use a smaller model") from None
     except KeyboardInterrupt:
         raise SystemExit(f"{prog}: interrupted" + (f"; {interrupted}" if interrupted else "")) from None

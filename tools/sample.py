@@ -23,6 +23,17 @@ from data import prepare as data_prep  # noqa: E402
 
 
 MAX_TOKENS = 2**20  # generated in all: minutes for the default model on a CPU, not hours
+MAX_PROMPT = 2**24  # bytes of a FILE: prompt; the model reads only its last block_size tokens
+
+
+def read_prompt(path):
+    """A FILE: prompt: a regular file (/dev/zero or a FIFO would be read for ever) of at most MAX_PROMPT bytes."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"--prompt FILE:{path} is not a regular file")
+    if os.path.getsize(path) > MAX_PROMPT:
+        raise ValueError(f"--prompt FILE:{path} is {os.path.getsize(path):,} bytes, past {MAX_PROMPT:,}; the model "
+                         f"reads only its last block_size tokens: give the end of it")
+    return open(path, encoding="utf-8").read()
 
 
 def check_size(model, prompt_tokens, args, device):
@@ -69,7 +80,7 @@ def main(argv=None):
     meta = data_prep.load(data)[0] if data else {"tokenizer": "gpt2", "vocab_size": 50257}
     guards.check_vocab(model, meta, args.init_from)
     codec = data_prep.Codec(meta, data)
-    prompt = open(args.prompt[5:], encoding="utf-8").read() if args.prompt.startswith("FILE:") else args.prompt
+    prompt = read_prompt(args.prompt[5:]) if args.prompt.startswith("FILE:") else args.prompt
     ids = codec.encode(prompt)
     check_size(model, len(ids), args, device)
     torch.manual_seed(args.seed)
