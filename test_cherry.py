@@ -1071,6 +1071,8 @@ BAD_INPUTS = [  # (script, the flags that give it a bad input, what its one line
     ("train", lambda b: b.resume(lambda c: c.update(torch_rng=torch.zeros(3, dtype=torch.uint8))),
      "random state does not fit this run"),
     ("train", lambda b: b.resume(lambda c: c["optimizer"]["param_groups"].pop()), "optimizer or random state does not"),
+    ("train", lambda b: b.resume(lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(3))),
+     r"does not fit this run \(its exp_avg has shape \(3,\), its weight"),
     ("train", lambda b: ["--device", "meta"], "--device meta: this project runs on cpu, cuda, cuda:N or mps"),
     ("sample", lambda b: ["--device", "xpu"], "--device xpu: this project runs on"),
     ("prepare", lambda b: b.char_folder(), "the character '\U0001f352' is not in this character-level vocabulary"),
@@ -1106,14 +1108,13 @@ def test_a_bad_input_is_one_line_and_changes_no_file(prog, make, pattern, tiny_d
     assert data_before == {f: open(os.path.join(tiny_data, f), "rb").read() for f in os.listdir(tiny_data)}
 
 
-def test_ctrl_c_and_out_of_memory_are_one_line_in_every_script(monkeypatch, capsys, tmp_path):
+def test_ctrl_c_and_out_of_memory_are_one_line_in_every_script(monkeypatch):
     def raiser(error):
-        def main(argv=None):
+        def main(*args, **kwargs):
             raise error
         return main
 
-    monkeypatch.setattr(cherry, "load_model", raiser(KeyboardInterrupt()))  # Ctrl-C in the middle of each script
-    monkeypatch.setattr(guards, "setup_device", raiser(KeyboardInterrupt()))
+    monkeypatch.setattr(guards, "setup_device", raiser(KeyboardInterrupt()))  # Ctrl-C as each script starts work
     for script in ("tools/sample.py", "tools/bench.py"):  # run as python runs them: no checkpoint to speak of
         monkeypatch.setattr(sys, "argv", [script, "--device", "cpu"])
         with pytest.raises(SystemExit, match=f"^{os.path.basename(script)[:-3]}: interrupted$"):
@@ -1127,7 +1128,7 @@ def test_ctrl_c_and_out_of_memory_are_one_line_in_every_script(monkeypatch, caps
     with pytest.raises(RuntimeError, match="a bug"):  # not the user's: its traceback is the report
         guards.cli(raiser(RuntimeError("a bug")), "train")
     monkeypatch.setattr(data_prep, "main", raiser(KeyboardInterrupt()))
-    with pytest.raises(SystemExit, match="^prepare: interrupted; the folder is not usable until it is prepared again"):
+    with pytest.raises(SystemExit, match="^prepare: interrupted; nothing is written until the tokens are ready"):
         data_prep.cli([])
 
 

@@ -475,8 +475,8 @@ def cli(argv=None):
     except MemoryError:
         sys.exit("prepare: out of memory; give --max_tokens, or prepare a part of the text")
     except KeyboardInterrupt:
-        sys.exit("prepare: interrupted; the folder is not usable until it is prepared again (a folder is whole once "
-                 "its meta.json is written)")
+        sys.exit("prepare: interrupted; nothing is written until the tokens are ready, and a folder without a "
+                 "meta.json is never used: prepare it again")
 
 
 if __name__ == "__main__":

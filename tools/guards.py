@@ -232,6 +232,11 @@ def run_state(ckpt, optimizer, scaler, generators, device, **now):
     if ckpt is not None:
         try:  # types were checked (check_resume_fields); shapes and contents are torch's to judge
             optimizer.load_state_dict(ckpt["optimizer"])
+            for p, state in optimizer.state.items():  # torch takes moments of any shape, and fails at the next step
+                wrong = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape]
+                if wrong:
+                    raise ValueError(f"its {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, its weight "
+                                     f"{tuple(p.shape)}")
             if scaler.is_enabled() and ckpt["scaler"]:
                 scaler.load_state_dict(ckpt["scaler"])
             for generator, state in zip(generators, ckpt["rng"]):
