@@ -626,8 +626,8 @@ def load_checkpoint(path):
 
 
 def config_type_error(config):
-    """The first field of a stored config (a dict) whose value is not of its field's type, as 'name value', or None:
-    32.0 where a count belongs, a string for a flag, an infinite float."""
+    """The first field of a stored config (a dict) not of its type, as 'name value', or None: 32.0
+    where a count belongs, a string for a flag, an infinite float."""
     for f in fields(GPTConfig):
         value, default = config.get(f.name, f.default), f.default
         if isinstance(default, bool):
@@ -635,7 +635,8 @@ def config_type_error(config):
         elif isinstance(default, int):
             passed = isinstance(value, int) and not isinstance(value, bool)
         elif isinstance(default, float):
-            passed = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            passed = number and math.isfinite(value)
         elif isinstance(default, str):
             passed = isinstance(value, str)
         else:  # schedule: None or the layer of each application (checked by GPTConfig)
@@ -646,12 +647,13 @@ def config_type_error(config):
 
 
 def build_model(config, state, source, dropout=None):
-    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: field types, modules are
-    counted, the model is built on the meta device, the stored tensors are assigned to it, not copied, and must be
-    finite (NaN weights would only show as NaN logits)."""
+    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: field
+    types, modules are counted, the model is built on the meta device, the stored tensors are
+    assigned to it, not copied, and must be finite (NaN weights would only show as NaN logits)."""
     wrong = config_type_error(config) if isinstance(config, dict) else "config, not a dict"
     if wrong:
-        raise ValueError(f"{source} has a config this model cannot build ({wrong} is of the wrong type)")
+        raise ValueError(f"{source} has a config this model cannot build ({wrong} is of the wrong "
+                         f"type)")
     try:
         config = GPTConfig(**{**config, **({} if dropout is None else {"dropout": dropout})})
     except (TypeError, ValueError) as e:
@@ -660,7 +662,8 @@ def build_model(config, state, source, dropout=None):
         raise ValueError(f"{source} holds no weights of this model")
     integer = next((f"{k}, {v.dtype}" for k, v in state.items() if not v.is_floating_point()), None)
     if integer:  # every tensor of this model is a float parameter
-        raise ValueError(f"{source} holds a tensor that is not floating point ({integer}) where weights belong")
+        raise ValueError(f"{source} holds a tensor that is not floating point ({integer}) where "
+                         f"weights belong")
     state = {k: v.float() for k, v in state.items()}
     modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)", mtp=r"mtp_modules\.(\d+)")
     for field, pattern in modules.items():
@@ -675,9 +678,10 @@ def build_model(config, state, source, dropout=None):
         first = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first problem torch lists
         raise ValueError(f"{source} does not fit its config: {first[:300]}") from None
     model.lm_head.weight = model.wte.weight  # assigning replaced both: tie them again
-    broken = next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    broken = next((name for name, t in state.items() if not torch.isfinite(t).all()), None)
     if broken:
-        raise ValueError(f"{source} holds NaN or infinite weights ({broken}); nothing can be trained or sampled from it")
+        raise ValueError(f"{source} holds NaN or infinite weights ({broken}); nothing can be "
+                         f"trained or sampled from it")
     return model
 
 

@@ -53,7 +53,8 @@ def training_args(prog, doc=__doc__):
     a("--bias", action="store_true", default=None, help="biases in linears and LayerNorms (GPT-2 has them)")
     # optimisation: AdamW, linear warm-up, cosine decay
     a("--max_iters", type=COUNT, default=600, help="optimizer steps")
-    a("--batch_size", type=number(int, "[1, 65536]"), default=16, help="sequences per micro-batch, per process")
+    a("--batch_size", type=number(int, "[1, 65536]"), default=16,
+      help="sequences per micro-batch, per process")
     a("--grad_accum", type=number(int, "[1, 65536]"), default=1,
       help="micro-batches per step over all processes (divisible by them)")
     a("--lr", type=POSITIVE, default=1e-3, help="peak learning rate")
@@ -95,7 +96,7 @@ def fill_shape(args):
 
 
 def config_from_flags(args, meta):
-    """A fresh GPT's config: the flags' shape, plus what a preset has no flag for (the unroll, the experts)."""
+    """A fresh GPT's config: the flags' shape, and what a preset has that no flag sets."""
     args.vocab_size = args.vocab_size or (meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64: faster matmuls
     fields = {k: getattr(args, k) for k in (*SHAPE, "vocab_size")} | {"vocab": data_prep.vocab_id(meta)}
     return cherry.GPTConfig(**{**cherry.PRESETS.get(args.preset, {}), **fields})
@@ -287,7 +288,7 @@ def train(args, model=None, summary_extra=None):
     if ckpt is not None:
         model = cherry.build_model(ckpt["config"], ckpt["model"], ckpt_path)
     config = model.config if model is not None else config_from_flags(args, data.meta)
-    guards.check_memory(config, args, device, dtype)  # before the weights, their optimizer and a step take memory
+    guards.check_memory(config, args, device, dtype)  # before the weights and a step take memory
     torch.manual_seed(args.seed)
     model = guards.check_vocab(model or cherry.GPT(config), data.meta, args.init_from or "it")
     selector, data_gen, cfg = Selector(args, data.meta, device), torch.Generator().manual_seed(args.seed), model.config
