@@ -1133,7 +1133,7 @@ def test_ctrl_c_and_out_of_memory_are_one_line_in_every_script(monkeypatch):
         data_prep.cli([])
 
 
-def test_the_memory_estimate_names_what_to_shrink(monkeypatch):
+def test_the_memory_estimate_names_what_to_shrink(monkeypatch, tmp_path):
     args = lambda **kw: argparse.Namespace(**{**dict(batch_size=16, block_size=128, grad_accum=1, eval_iters=10,
                                                      sgt=1.0, grad_checkpoint=False), **kw})
     small = tiny_config(vocab_size=50304, block_size=128, n_layer=8)
@@ -1153,6 +1153,10 @@ def test_the_memory_estimate_names_what_to_shrink(monkeypatch):
         with pytest.raises(ValueError, match=f"needs about .* GB at its peak \\({part}: .*more than the 0.2 GB free "
                                              f"on cpu; {advice}"):
             guards.check_memory(config, flags, "cpu", "float32")
+    monkeypatch.setattr(data_prep, "available_ram", lambda: 10**4)  # tokenizing is bounded too
+    with pytest.raises(ValueError, match="tokenizing 2,200 characters needs about 0.0 GB, more than the 0.0 GB free"):
+        data_prep.prepare(["Some text. " * 200], str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
 
 
 def test_prepare_never_writes_over_a_prepared_folder_unasked(tmp_path, capsys, monkeypatch):
@@ -1364,7 +1368,8 @@ def test_compile_without_a_compiler_is_one_line(tiny_data, tmp_path, capsys, mon
 
 def test_the_scripts_print_one_line_and_no_traceback(tiny_data, tmp_path):
     for argv in (["train.py", "--data", tiny_data, "--sgt", "1.5"], ["train.py", "--data", str(tmp_path / "nope")],
-                 ["data/prepare.py", "--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "x")]):
+                 ["data/prepare.py", "--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "x")],
+                 ["data/prepare.py", "--out_dir", tiny_data]):  # prepared already: refused before the corpus is read
         result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE)
         assert result.returncode in (1, 2) and result.stderr.strip().count("\n") == 0, result.stderr
         assert "Traceback" not in result.stderr and result.stderr.split(":")[0] in ("train", "prepare")

@@ -45,6 +45,7 @@ EOT = "<|endoftext|>"
 META_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "unigram_counts")
 MAX_VOCAB = 2**24  # token ids: far past any tokenizer (GPT-4's 200k), short of a typo's 10^9 (a 128 GB model)
 PREPARED = ("meta.json", "train.bin", "val.bin")  # a folder holding any of them is never written over unasked
+BYTES_PER_CHAR = 16  # tokenizing: the text and its tokens as Python ints (14 measured: GPT-2's BPE, Shakespeare)
 
 
 def atomic_write(path, write):
@@ -61,6 +62,18 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def available_ram():
+    """Bytes of memory free for a new allocation (the kernel's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
 
 
 # ----------------------------------------------------------------------------
@@ -204,12 +217,13 @@ def korean_documents():
     return [clean(text) for (text,) in rows if text and text.strip()]
 
 
-def read_text(path):
-    """A file's text, or None and why not: not a regular file (a FIFO would block for ever), not UTF-8, binary."""
+def read_text(path, limit=-1):
+    """A file's text (its first limit characters), or None and why not: not a regular file (a FIFO would block for
+    ever), not UTF-8, binary."""
     if not os.path.isfile(path):
         return None, "not a regular file"
     try:
-        text = open(path, encoding="utf-8").read()
+        text = open(path, encoding="utf-8").read(limit)
     except (UnicodeDecodeError, OSError) as e:
         return None, "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
     return (None, "binary (it holds NUL bytes)") if "\0" in text else (text, None)
@@ -220,7 +234,7 @@ def file_documents(path, pattern="*", max_chars=None, skip=()):
     One document per file: a single file, or every file under a folder that matches pattern, in sorted order.
     Folders reached through symbolic links are not entered and no file is read twice (by its real path), so a link
     loop cannot repeat text; skip: folders never read (the output folder). Files that are not regular files or not
-    UTF-8 text are skipped and named. max_chars: stop reading files past this many characters.
+    UTF-8 text are skipped and named. max_chars: read no more than this many characters.
     """
     if os.path.isfile(path):
         paths = [path]
@@ -237,7 +251,7 @@ def file_documents(path, pattern="*", max_chars=None, skip=()):
         if real.startswith(skip) or real in seen or (max_chars and chars >= max_chars):
             continue
         seen.add(real)
-        text, why = read_text(p)
+        text, why = read_text(p, max_chars - chars if max_chars else -1)  # a huge file: only what is kept
         if why and paths == [path]:
             raise ValueError(f"--input {path}: {why}")
         if why:
@@ -287,6 +301,10 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
         enc = CharTokenizer(meta["chars"])
     else:
         enc = tokenizer(meta, None)
+    chars, free = sum(map(len, documents)), available_ram()
+    if free is not None and BYTES_PER_CHAR * chars > free:  # tokenizers return lists of Python ints
+        raise ValueError(f"tokenizing {chars:,} characters needs about {BYTES_PER_CHAR * chars / 1e9:.1f} GB, more "
+                         f"than the {free / 1e9:.1f} GB free; prepare less text (--max_tokens with --input)")
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     train, val, budget = [], [], max_tokens or float("inf")
     for tokens in enc.encode_ordinary_batch(documents):

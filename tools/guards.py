@@ -98,16 +98,7 @@ def available_memory(device):
     where unknown (Apple's GPU, a system without /proc)."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(device)[0]
-    if device != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
+    return data_prep.available_ram() if device == "cpu" else None
 
 
 def step_memory(config, args, dtype):
