@@ -367,8 +367,8 @@ def meta_problem(meta):
             meta["chars"]) and (ids is not None or vocab == len(meta["chars"]) + 1),
                   "the vocabulary's distinct characters (vocab_size less the end token)"),
         "tokenizer_file": (lambda: not name.startswith("bpe:") or isinstance(meta.get("tokenizer_file"), str) and
-                           os.path.basename(meta["tokenizer_file"]) == meta["tokenizer_file"] not in ("", ".", ".."),
-                           "the name of the ranks file in this folder"),
+                           os.path.basename(meta["tokenizer_file"]) == meta["tokenizer_file"] and
+                           meta["tokenizer_file"] not in ("", ".", ".."), "the name of the ranks file in this folder"),
         "tokenizer_sha256": (lambda: not name.startswith("bpe:") or isinstance(meta.get("tokenizer_sha256"), str) and
                              re.fullmatch("[0-9a-f]{64}", meta["tokenizer_sha256"]) is not None, "a sha256 in hex"),
         "tokenizer_pattern": (lambda: not name.startswith("bpe:") or isinstance(meta.get("tokenizer_pattern"), str),
@@ -417,7 +417,7 @@ def load(folder):
     if missing:
         what = "no such folder" if not os.path.isdir(folder) else f"no {missing[0]} in it"
         raise FileNotFoundError(f"--data {folder}: {what}; {hint}")
-    meta = read_meta(folder, f"{folder}/meta.json", hint)
+    meta = read_meta(folder, f"{folder}/meta.json", hint + " --overwrite")  # over what is there
     splits = []
     for split in ("train", "val"):
         path, n, width = os.path.join(folder, f"{split}.bin"), meta[f"{split}_tokens"], np.dtype(meta["dtype"]).itemsize
