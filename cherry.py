@@ -10,7 +10,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -751,10 +751,36 @@ def load_checkpoint(path):
                          f"loaded") from None
 
 
+def config_type_error(config):
+    """The first field of a stored config (a dict) not of its type, as 'name value', or None: 32.0
+    where a count belongs, a string for a flag, an infinite float."""
+    for f in fields(GPTConfig):
+        value, default = config.get(f.name, f.default), f.default
+        if isinstance(default, bool):
+            passed = isinstance(value, bool)
+        elif isinstance(default, int):
+            passed = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            passed = number and math.isfinite(value)
+        elif isinstance(default, str):
+            passed = isinstance(value, str)
+        else:  # schedule: None or the layer of each application (checked by GPTConfig)
+            passed = value is None or isinstance(value, (list, tuple))
+        if not passed:
+            return f"{f.name} {value!r}"
+    return None
+
+
 def build_model(config, state, source, dropout=None):
-    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent:
-    modules are counted, the model is built on the meta device, and the stored tensors are assigned
-    to it, not copied. dropout None keeps the config's."""
+    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: field
+    types, modules are counted, the model is built on the meta device, the stored tensors are
+    assigned to it, not copied, and must be finite (NaN weights would only show as NaN logits).
+    dropout None keeps the config's."""
+    wrong = config_type_error(config) if isinstance(config, dict) else "config, not a dict"
+    if wrong:
+        raise ValueError(f"{source} has a config this model cannot build ({wrong} is of the wrong "
+                         f"type)")
     try:
         config = dict(config)
         if "vocab" in config:  # its name in checkpoints written before it was vocab_id
@@ -767,7 +793,11 @@ def build_model(config, state, source, dropout=None):
     tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     if not tensors:
         raise ValueError(f"{source} holds no weights of this model")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    integer = next((f"{k}, {v.dtype}" for k, v in state.items() if not v.is_floating_point()), None)
+    if integer:  # every tensor of this model is a float parameter
+        raise ValueError(f"{source} holds a tensor that is not floating point ({integer}) where "
+                         f"weights belong")
+    state = {k: v.float() for k, v in state.items()}
     modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)",
                    mtp=r"mtp_modules\.(\d+)")
     for field, pattern in modules.items():
@@ -783,6 +813,10 @@ def build_model(config, state, source, dropout=None):
         first = (str(e).splitlines()[1:] or [str(e)])[0].strip()
         raise ValueError(f"{source} does not fit its config: {first[:300]}") from None
     model.lm_head.weight = model.wte.weight  # assigning replaced both: tie them again
+    broken = next((name for name, t in state.items() if not torch.isfinite(t).all()), None)
+    if broken:
+        raise ValueError(f"{source} holds NaN or infinite weights ({broken}); nothing can be "
+                         f"trained or sampled from it")
     return model
 
 

@@ -88,6 +88,8 @@ def setup_device(args, distributed=False):
         kind, index = torch.device(device).type, torch.device(device).index or 0
     except RuntimeError:
         raise ValueError(f"unknown --device {args.device!r}; use cpu, cuda, cuda:N or mps") from None
+    if kind not in ("cpu", "cuda", "mps"):  # meta holds no numbers; xpu, hpu, ...: devices this project never ran on
+        raise ValueError(f"--device {args.device}: this project runs on cpu, cuda, cuda:N or mps")
     if kind == "cuda" and index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
@@ -104,6 +106,58 @@ def setup_device(args, distributed=False):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ctx = contextlib.nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=getattr(torch, dtype))
     return device, kind, dtype, ctx
+
+
+def available_memory(device):
+    """Bytes free for this process: on a GPU what the driver reports free, on the CPU the kernel's MemAvailable; None
+    where unknown (Apple's GPU, a system without /proc)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    return data_prep.available_ram() if device == "cpu" else None
+
+
+def step_memory(config, args, dtype):
+    """An estimate of a training run's peak memory in bytes, by part. Per parameter (counted from the shape, nothing
+    built): fp32 weights, gradients and AdamW's two moments (16 bytes), autocast's low-precision copy (2), and under
+    SGT the evaluation's gradient coupling (two gradients and their float64 sums, 40). Per token of a micro-batch and
+    layer application: 20 fp32 values of width C kept for backward (Korthikanti et al. 2022 count 17 with flash
+    attention, no T x T scores; 20 measured on the CPU, where autocast keeps most in fp32 too), with --grad_checkpoint
+    2 plus 40 for the layer recomputed (measured); a mixture layer's MLP part (9 values) scaled by its capacity.
+    Logits, their log-softmax, its gradient and a temporary in fp32 (16 bytes per token and vocabulary entry) over
+    every position (evaluation and gamma run the full head even under SGT), again per MTP module. Token ids (int64
+    inputs and targets, built through a copy) of the global batch and of the held-out windows."""
+    B, T, C, V = args.batch_size, args.block_size, config.n_embd, config.vocab_size
+    L, E = len(config.applications()), max(1, config.n_expert)
+    # the matrices (vectors are a rounding error): embeddings, attention 4C^2 and each expert's MLP 8C^2 per layer,
+    # each application's LoRA, each MTP module's projection and block
+    n_params = (V + config.block_size) * C + config.n_layer * (4 + 8 * E) * C * C + config.mtp * 14 * C * C + \
+        L * config.lora_rank * (6 + 10 * E) * C
+    per_layer = 20 + (9 * (config.capacity_factor * config.experts_per_token - 1) if config.n_expert else 0)
+    kept = (2 * L + 2 * per_layer) if args.grad_checkpoint else L * per_layer
+    merged = L * 12 * C * C * 4 if config.lora_rank else 0  # each application's merged LoRA weights
+    return {"weights and optimizer state": n_params * (16 + (2 if dtype != "float32" else 0) + 40 * (args.sgt < 1)),
+            "activations": B * T * C * (kept + 20 * config.mtp) * 4 + merged,
+            "logits": 16 * B * T * V * (1 + config.mtp),
+            "training batches": 32 * B * args.grad_accum * (T + 1),
+            "held-out windows": 32 * B * args.eval_iters * (T + 1)}
+
+
+FEWER = {"weights and optimizer state": "use a smaller model (--preset, --n_layer, --n_embd)",
+         "activations": "lower --batch_size (raising --grad_accum keeps the batch) or add --grad_checkpoint",
+         "logits": "lower --batch_size (raising --grad_accum keeps the batch) or --block_size",
+         "training batches": "lower --grad_accum", "held-out windows": "lower --eval_iters"}
+
+
+def check_memory(config, args, device, dtype):
+    """Refuse in one line, before anything is allocated, a run whose estimated peak (step_memory) passes the memory
+    this device has free, with the flag to change; returns the estimate."""
+    free, parts = available_memory(device), step_memory(config, args, dtype)
+    need = sum(parts.values()) * (int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device == "cpu" else 1)
+    largest = max(parts, key=parts.get)
+    if free is not None and need > free:
+        raise ValueError(f"this run needs about {need / 1e9:.1f} GB at its peak ({largest}: {parts[largest] / 1e9:.1f}"
+                         f" GB), more than the {free / 1e9:.1f} GB free on {device}; {FEWER[largest]}")
+    return need
 
 
 # ----------------------------------------------------------------------------
@@ -138,6 +192,7 @@ def check_run_folder(args):
     if not isinstance(saved, dict) or any(k not in ckpt for k in keys):
         raise ValueError(f"{ckpt_path} cannot be resumed exactly; start a new --out_dir with --init_from "
                          f"{ckpt_path}")
+    check_resume_fields(ckpt, ckpt_path)
     for k, now in vars(args).items():
         if k in FREE_ON_RESUME or k == "data" or k not in saved:
             continue
@@ -152,6 +207,29 @@ def check_run_folder(args):
             raise ValueError(f"--resume: {ckpt_path} was started with --{k} {was}, not {now}; "
                              f"give the flags it was started with")
     return ckpt
+
+
+def check_resume_fields(ckpt, path):
+    """The fields --resume reads, in their types: a damaged or hand-edited checkpoint is one line, not a traceback."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_row = lambda r: isinstance(r, dict) and is_int(r.get("iter")) and isinstance(r.get("loss"), (int, float))
+    is_state = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+    saved = ckpt["args"]
+    fields = {"iter": is_int(ckpt.get("iter")) and ckpt["iter"] >= 0,
+              "metrics": isinstance(ckpt.get("metrics"), list) and all(map(is_row, ckpt["metrics"])),
+              "best": ckpt.get("best") is None or is_row(ckpt["best"]),
+              "rng": isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2 and all(map(is_state, ckpt["rng"])),
+              "torch_rng": is_state(ckpt.get("torch_rng")),
+              "optimizer": isinstance(ckpt["optimizer"], dict) and isinstance(ckpt["optimizer"].get("state"), dict)
+              and isinstance(ckpt["optimizer"].get("param_groups"), list),
+              "scaler": isinstance(ckpt.get("scaler"), (dict, type(None))),
+              **{f"args.{k}": saved.get(k) is None or is_int(saved[k]) and saved[k] >= 1
+                 for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")},
+              "args.bias": isinstance(saved.get("bias"), (bool, type(None)))}
+    bad = next((k for k, passed in fields.items() if not passed), None)
+    if bad:
+        raise ValueError(f"{path} cannot be resumed: its {bad} is damaged or of the wrong type; start a new --out_dir "
+                         f"with --init_from {path}")
 
 
 @contextlib.contextmanager
@@ -235,13 +313,18 @@ def check_vocab(model, meta, source):
 # where a script meets its user
 
 
-def cli(main, prog, argv=None):
-    """Where a script meets its user: a mistake ends it with one line '<prog>: <what>' on stderr and exit status 1."""
+def cli(main, prog, argv=None, interrupted=""):
+    """Where a script meets its user: a mistake ends it with one line '<prog>: <what>' on stderr and exit status 1;
+    so do running out of memory and Ctrl-C (then interrupted says what is left)."""
     try:
         return main(argv)
     except (ValueError, OSError) as e:  # ours say what to do; OSError: a missing file, a full disk
         raise SystemExit(f"{prog}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
     except ImportError as e:
         raise SystemExit(f"{prog}: this needs the {e.name} package: pip install {e.name}") from None
+    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator says it in a plain RuntimeError
+        if isinstance(e, RuntimeError) and not any(s in str(e) for s in ("can't allocate memory", "out of memory")):
+            raise  # a bug: its traceback is the report
+        raise SystemExit(f"{prog}: out of memory; lower --batch_size or --block_size, or use a smaller model") from None
     except KeyboardInterrupt as e:  # train.py's says which step its checkpoint holds
-        raise SystemExit(f"{prog}: {e or 'interrupted'}") from None
+        raise SystemExit(f"{prog}: {e or 'interrupted'}" + (f"; {interrupted}" if interrupted else "")) from None

@@ -5,11 +5,13 @@ no network. Two different computations (another matmul shape, a cached path) are
 bit for bit only where the same kernels see the same inputs (resume).
 """
 
+import argparse
 import fcntl
 import json
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -697,7 +699,7 @@ def test_a_corpus_folder_is_prepared_on_first_use_and_no_other(monkeypatch, tmp_
     for folder in ("korean", "mine", "korean+code"):
         with pytest.raises(FileNotFoundError, match=f"--data .*{re.escape(folder)}: no such folder"):
             data_prep.load(str(tmp_path / folder))
-    assert calls == [["--corpus", "korean"]]
+    assert calls == [["--corpus", "korean", "--overwrite"]]  # what is there lacks a meta.json: never whole
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every process would write it at once; the user is told how
     with pytest.raises(FileNotFoundError, match="no such folder; make it with: python data/prepare.py --corpus code"):
         data_prep.load(str(tmp_path / "code"))
@@ -1199,6 +1201,204 @@ def test_a_bad_flag_is_one_line_and_changes_no_file(prog, flags, pattern, tiny_d
     assert not (tmp_path / "new").exists() and {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    """A 2-step run of the tiny model: a checkpoint to sample, resume and damage (copies only)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    run_train(tiny_data, out, "--max_iters", "2", "--eval_interval", "2")
+    return str(out)
+
+
+class BadInput:
+    """Makes one case's damaged input in tmp_path from the tiny data and run, never touching the originals."""
+
+    def __init__(self, tmp_path, data, run):
+        self.tmp, self.data, self.run = tmp_path, data, run
+
+    def meta(self, **edit):
+        folder = self.tmp / "data"
+        shutil.copytree(self.data, folder)
+        meta = json.load(open(folder / "meta.json"))
+        (folder / "meta.json").write_text(json.dumps({k: v for k, v in {**meta, **edit}.items() if v is not None}))
+        return str(folder)
+
+    def ckpt(self, edit, folder="ckpt"):
+        """A copy of the run folder whose ckpt.pt went through edit(ckpt)."""
+        shutil.copytree(self.run, self.tmp / folder)
+        ckpt = cherry.load_checkpoint(str(self.tmp / folder / "ckpt.pt"))
+        edit(ckpt)
+        torch.save(ckpt, self.tmp / folder / "ckpt.pt")
+        return str(self.tmp / folder)
+
+    def config(self, **fields):
+        return self.ckpt(lambda c: c["config"].update(fields))
+
+    def resume(self, edit):
+        return ["--out_dir", self.ckpt(edit, "resume"), "--resume", "--max_iters", "4", "--eval_interval", "2"]
+
+    def nan_weights(self, c):
+        c["model"]["ln_f.weight"][0] = float("nan")
+
+    def char_folder(self):
+        data_prep.prepare(["plain letters and spaces only. " * 20], str(self.tmp / "char"), "char")
+        (self.tmp / "text.txt").write_text("plain letters \U0001f352\n")
+        return ["--input", str(self.tmp / "text.txt"), "--tokenizer", str(self.tmp / "char")]
+
+    def text(self):
+        (self.tmp / "text.txt").write_text("Some text to prepare. " * 50)
+        return str(self.tmp / "text.txt")
+
+    def fifo(self):
+        os.mkfifo(self.tmp / "pipe")
+        return ["--input", str(self.tmp / "pipe")]
+
+
+BAD_INPUTS = [  # (script, the flags that give it a bad input, what its one line says)
+    ("train", lambda b: ["--data", b.meta(tokenizer=5)], "meta.json has tokenizer 5, not a tokenizer name"),
+    ("train", lambda b: ["--data", b.meta(unigram_counts=[3, 1])], r"has unigram_counts \[3, 1\], not \{token id"),
+    ("sample", lambda b: ["--data", b.meta(tokenizer="char")], "has no chars"),
+    ("train", lambda b: ["--data", b.meta(vocab_size=10**9)], "has vocab_size 1000000000, not a count from 1 to"),
+    ("train", lambda b: ["--data", b.meta(tokenizer="bpe:300")], "has no tokenizer_file"),
+    ("train", lambda b: ["--data", b.meta(train_tokens="many")], "has train_tokens 'many', not a count"),
+    ("train", lambda b: ["--data", b.meta(token_ids=[5, 3])], "has token_ids"),
+    ("sample", lambda b: ["--init_from", b.config(n_embd=32.0)], r"cannot build \(n_embd 32.0 is of the wrong type"),
+    ("train", lambda b: ["--init_from", b.config(bias="yes")], r"cannot build \(bias 'yes' is of the wrong type"),
+    ("sample", lambda b: ["--init_from", b.config(capacity_factor=float("inf"))], "capacity_factor inf"),
+    ("sample", lambda b: ["--init_from", b.ckpt(lambda c: c.update(config=[2, 32]))], "neither this project's"),
+    ("sample", lambda b: ["--init_from", b.ckpt(b.nan_weights)], r"holds NaN or infinite weights \(ln_f.weight\)"),
+    ("train", lambda b: ["--init_from", b.ckpt(b.nan_weights)], "holds NaN or infinite weights"),
+    ("sample", lambda b: ["--init_from", b.ckpt(lambda c: (c.update(args=[1]), c["config"].update(vocab="")))],
+     r"needs the data folder it was trained on \(not recorded\) for its tokenizer; give --data"),
+    ("train", lambda b: b.resume(lambda c: c.update(iter="2")), "cannot be resumed: its iter is damaged"),
+    ("train", lambda b: b.resume(lambda c: c.update(metrics={"iter": 2})), "its metrics is damaged"),
+    ("train", lambda b: b.resume(lambda c: c.update(rng=[1, 2])), "its rng is damaged"),
+    ("train", lambda b: b.resume(lambda c: c["args"].update(n_head=2.0)), "its args.n_head is damaged"),
+    ("train", lambda b: b.resume(lambda c: c.update(torch_rng=torch.zeros(3, dtype=torch.uint8))),
+     "random state does not fit this run"),
+    ("train", lambda b: b.resume(lambda c: c["optimizer"]["param_groups"].pop()), "optimizer or random state does not"),
+    ("train", lambda b: b.resume(lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(3))),
+     r"does not fit this run \(its exp_avg has shape \(3,\), its weight"),
+    ("train", lambda b: ["--device", "meta"], "--device meta: this project runs on cpu, cuda, cuda:N or mps"),
+    ("sample", lambda b: ["--device", "xpu"], "--device xpu: this project runs on"),
+    ("prepare", lambda b: b.char_folder(), "the character '\U0001f352' is not in this character-level vocabulary"),
+    ("train", lambda b: ["--batch_size", "65536"], r"needs about \d+\.\d GB at its peak \(logits: .*lower --batch"),
+    ("train", lambda b: ["--batch_size", "100000000"], r"--batch_size: 100000000 is not in \[1, 65536\]"),
+    ("train", lambda b: ["--grad_accum", "100000000"], "--grad_accum: 100000000 is not in"),
+    ("train", lambda b: ["--eval_iters", "100000000"], "--eval_iters: 100000000 is not in"),
+    ("sample", lambda b: ["--num_samples", "1000", "--max_new_tokens", "100000"], "100,000,000 tokens; at most"),
+    ("prepare", lambda b: b.fifo(), "is not a regular file or a folder"),
+    ("sample", lambda b: ["--prompt", "FILE:/dev/zero"], "--prompt FILE:/dev/zero is not a regular file"),
+    ("sample", lambda b: ["--init_from", b.ckpt(
+        lambda c: c["model"].update({"wpe.weight": torch.ones(32, 32).int()}))],
+     r"holds a tensor that is not floating point \(wpe.weight, torch.int32\)"),
+    ("train", lambda b: ["--data", b.text()], "is a file; --data takes a folder that data/prepare.py made"),
+    ("prepare", lambda b: ["--input", b.text(), "--out_dir", b.text()], "is a file, not a folder"),
+    ("prepare", lambda b: ["--input", b.text(), "--tokenizer", "gtp2"], "unknown tokenizer 'gtp2': gpt2, bpe:N, char"),
+    ("prepare", lambda b: ["--input", b.meta(), "--out_dir", b.data], "already holds prepared data .*--overwrite"),
+]
+
+
+@pytest.mark.parametrize("prog, make, pattern", BAD_INPUTS, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(BAD_INPUTS)])
+def test_a_bad_input_is_one_line_and_changes_no_file(prog, make, pattern, tiny_data, tiny_run, tmp_path, capsys):
+    flags = make(BadInput(tmp_path, tiny_data, tiny_run))
+    files = lambda: {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    before, data_before = files(), {f: open(os.path.join(tiny_data, f), "rb").read() for f in os.listdir(tiny_data)}
+    where = {"train": ["--data", tiny_data, "--out_dir", str(tmp_path / "new"), *TINY],
+             "sample": ["--init_from", tiny_run, "--device", "cpu"], "prepare": ["--out_dir", str(tmp_path / "new")]}
+    signal.alarm(60)  # a read that blocks (a FIFO) fails the test instead of hanging it
+    try:
+        fails(capsys, prog, [*where[prog], *flags], pattern)
+    finally:
+        signal.alarm(0)
+    assert files() == before and not (tmp_path / "new").exists()
+    assert data_before == {f: open(os.path.join(tiny_data, f), "rb").read() for f in os.listdir(tiny_data)}
+
+
+def test_ctrl_c_and_out_of_memory_are_one_line_in_every_script(monkeypatch):
+    def raiser(error):
+        def main(*args, **kwargs):
+            raise error
+        return main
+
+    monkeypatch.setattr(guards, "setup_device", raiser(KeyboardInterrupt()))  # Ctrl-C as each script starts work
+    for script in ("tools/sample.py", "tools/bench.py"):  # run as python runs them: no checkpoint to speak of
+        monkeypatch.setattr(sys, "argv", [script, "--device", "cpu"])
+        with pytest.raises(SystemExit, match=f"^{os.path.basename(script)[:-3]}: interrupted$"):
+            runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+    with pytest.raises(SystemExit, match="^train: interrupted; --resume continues"):
+        guards.cli(raiser(KeyboardInterrupt()), "train")
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12 GiB"), MemoryError(),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")):
+        with pytest.raises(SystemExit, match="^train: out of memory; lower --batch_size"):
+            guards.cli(raiser(error), "train")
+    with pytest.raises(RuntimeError, match="a bug"):  # not the user's: its traceback is the report
+        guards.cli(raiser(RuntimeError("a bug")), "train")
+    monkeypatch.setattr(data_prep, "main", raiser(KeyboardInterrupt()))
+    with pytest.raises(SystemExit, match="^prepare: interrupted; nothing is written until the tokens are ready"):
+        data_prep.cli([])
+
+
+def test_the_memory_estimate_names_what_to_shrink(monkeypatch, tmp_path):
+    args = lambda **kw: argparse.Namespace(**{**dict(batch_size=16, block_size=128, grad_accum=1, eval_iters=10,
+                                                     sgt=1.0, grad_checkpoint=False), **kw})
+    small = tiny_config(vocab_size=50304, block_size=128, n_layer=8)
+    parts = guards.step_memory(small, args(), "float32")
+    assert parts["logits"] == 16 * 16 * 128 * 50304 and sum(parts.values()) < 2e9  # the default run
+    assert guards.step_memory(small, args(grad_checkpoint=True), "float32")["activations"] < parts["activations"]
+    for variant in ({}, {"n_expert": 3, "mtp": 1}, {"schedule": (0, 1, 1, 1), "lora_rank": 4, "step_embed": True}):
+        model = tiny_model(n_embd=128, **variant)  # the parameters counted from the shape, to the vectors left out
+        counted = guards.step_memory(model.config, args(), "float32")["weights and optimizer state"] / 16
+        assert 0.97 < counted / cherry.count_params(model, non_embedding=False) <= 1, variant
+    monkeypatch.setattr(guards, "available_memory", lambda device: 2e8)
+    big = cherry.GPTConfig(**{**cherry.PRESETS["cherry-1b"], "block_size": 32})
+    for config, flags, part, advice in (
+            (big, args(batch_size=1, block_size=32), "weights and optimizer state", "use a smaller model"),
+            (small, args(batch_size=2000), "logits", "lower --batch_size"),
+            (small, args(batch_size=1, grad_accum=65536), "training batches", "lower --grad_accum")):
+        with pytest.raises(ValueError, match=f"needs about .* GB at its peak \\({part}: .*more than the 0.2 GB free "
+                                             f"on cpu; {advice}"):
+            guards.check_memory(config, flags, "cpu", "float32")
+    monkeypatch.setattr(data_prep, "available_ram", lambda: 10**4)  # tokenizing is bounded too
+    with pytest.raises(ValueError, match="tokenizing 2,200 characters needs about 0.0 GB, more than the 0.0 GB free"):
+        data_prep.prepare(["Some text. " * 200], str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_prepare_never_writes_over_a_prepared_folder_unasked(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a.txt").write_text("The first text. " * 300)
+    (tmp_path / "b.txt").write_text("Another text, not the same at all! " * 200)
+    out = str(tmp_path / "out")
+    data_prep.main(["--input", str(tmp_path / "a.txt"), "--out_dir", out])
+    first = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    fails(capsys, "prepare", ["--input", str(tmp_path / "b.txt"), "--out_dir", out], r"already holds prepared data "
+          r"\(meta.json\); choose another --out_dir, or add --overwrite")
+    assert first == {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    real_write = data_prep.atomic_write
+
+    def interrupted(path, write):  # Ctrl-C while the new tokens are written: the folder must not pass as whole
+        if path.endswith("val.bin"):
+            raise KeyboardInterrupt
+        real_write(path, write)
+
+    monkeypatch.setattr(data_prep, "atomic_write", interrupted)
+    with pytest.raises(SystemExit, match="^prepare: interrupted"):
+        data_prep.cli(["--input", str(tmp_path / "b.txt"), "--out_dir", out, "--overwrite"])
+    with pytest.raises(FileNotFoundError, match="no meta.json in it"):
+        data_prep.load(out)
+    monkeypatch.setattr(data_prep, "atomic_write", real_write)
+    data_prep.main(["--input", str(tmp_path / "b.txt"), "--out_dir", out, "--overwrite"])
+    meta, train_ids, _ = data_prep.load(out)
+    assert data_prep.Codec(meta, out).decode(train_ids[:3].tolist()) == "Another text,"
+
+
+def test_samples_never_show_half_a_character():
+    codec = data_prep.Codec({"tokenizer": "gpt2"}, None)
+    ids = codec.encode(KOREAN)  # GPT-2's byte-level tokens split most Hangul syllables
+    prefixes = [codec.decode(ids[:n]) for n in range(len(ids) + 1)]
+    assert prefixes[-1] == KOREAN and not any("\ufffd" in p for p in prefixes)
+    assert sum(not KOREAN.startswith(p) for p in prefixes) == 0 and len(set(prefixes)) < len(prefixes)
+
+
 def test_a_data_folder_is_checked_not_trusted(tiny_data, tmp_path, capsys):
     base = ["--out_dir", str(tmp_path / "out"), *TINY]
 
@@ -1217,7 +1417,8 @@ def test_a_data_folder_is_checked_not_trusted(tiny_data, tmp_path, capsys):
                   "has dtype 'uint8'"),
         "count": (broken("count", lambda d: (d / "meta.json").write_text(json.dumps({**meta, "train_tokens": 10}))),
                   r"train.bin holds \d+ bytes where meta.json says 10 uint16 tokens"),
-        "ids": (broken("ids", lambda d: (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100}))),
+        "ids": (broken("ids", lambda d: (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100,
+                "unigram_counts": {k: c for k, c in meta["unigram_counts"].items() if int(k) < 100}}))),
                 r"holds token id \d+, past the vocabulary size 100"),
         "json": (broken("json", lambda d: (d / "meta.json").write_text("{not json")), "meta.json is not valid JSON"),
         "key": (broken("key", lambda d: (d / "meta.json").write_text(json.dumps({"dtype": "uint16"}))),
@@ -1391,7 +1592,8 @@ def test_compile_without_a_compiler_is_one_line(tiny_data, tmp_path, capsys, mon
 
 def test_the_scripts_print_one_line_and_no_traceback(tiny_data, tmp_path):
     for argv in (["train.py", "--data", tiny_data, "--sgt", "1.5"], ["train.py", "--data", str(tmp_path / "nope")],
-                 ["data/prepare.py", "--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "x")]):
+                 ["data/prepare.py", "--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "x")],
+                 ["data/prepare.py", "--out_dir", tiny_data]):  # prepared already: refused before the corpus is read
         result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE)
         assert result.returncode in (1, 2) and result.stderr.strip().count("\n") == 0, result.stderr
         assert "Traceback" not in result.stderr and result.stderr.split(":")[0] in ("train", "prepare")

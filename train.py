@@ -64,8 +64,10 @@ def training_args(prog, doc=__doc__):
     a("--bias", action="store_true", default=None, help="biases in linears and norms (GPT-2's)")
     # optimisation: AdamW, linear warm-up, cosine decay
     a("--max_iters", type=COUNT, default=600, help="optimizer steps")
-    a("--batch_size", type=COUNT, default=16, help="sequences per micro-batch, per process")
-    a("--grad_accum", type=COUNT, default=1, help="micro-batches per step over all processes")
+    a("--batch_size", type=number(int, "[1, 65536]"), default=16,
+      help="sequences per micro-batch, per process")
+    a("--grad_accum", type=number(int, "[1, 65536]"), default=1,
+      help="micro-batches per step over all processes")
     a("--lr", type=POSITIVE, default=1e-3, help="peak learning rate")
     a("--min_lr", type=NON_NEGATIVE, help="final learning rate (default lr / 10)")
     a("--warmup_iters", type=NATURAL, default=50, help="linear warm-up steps")
@@ -93,7 +95,7 @@ def training_args(prog, doc=__doc__):
     a("--shuffle_tokens", action="store_true", help="control: permute each window's tokens")
     # evaluation, logging, system
     a("--eval_interval", type=COUNT, default=100, help="evaluate and checkpoint every N steps")
-    a("--eval_iters", type=COUNT, default=10, help="held-out batches per evaluation")
+    a("--eval_iters", type=number(int, "[1, 10000]"), default=10, help="held-out batches per evaluation")
     a("--log_interval", type=COUNT, default=10, help="print a progress line every this many steps")
     a("--seed", type=number(int, f"[0, {2**63 - 1}]"), default=1337, help="init, data, selection")
     a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
@@ -378,15 +380,26 @@ def save_checkpoint(path, model, optimizer, scaler, generators, device, args, da
 
 
 def restore(ckpt, optimizer, scaler, generators, device):
-    """save_checkpoint's inverse for what the model does not hold; returns (step, best, rows)."""
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler.is_enabled() and ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-    for generator, state in zip(generators, ckpt["rng"]):
-        generator.set_state(state)
-    torch.set_rng_state(ckpt["torch_rng"])
-    if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    """save_checkpoint's inverse for what the model does not hold; returns (step, best, rows).
+    Field types were checked (guards.check_resume_fields); shapes and contents are torch's to judge,
+    said in one line."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for p, state in optimizer.state.items():  # torch takes moments of any shape, then fails
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                    raise ValueError(f"its {k} has shape {tuple(v.shape)}, its weight {tuple(p.shape)}")
+        if scaler.is_enabled() and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        for generator, state in zip(generators, ckpt["rng"]):
+            generator.set_state(state)
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise ValueError(f"the checkpoint's optimizer or random state does not fit this run ({first}); "
+                         f"start a new --out_dir with --init_from the checkpoint") from None
     return ckpt["iter"], ckpt["best"], ckpt["metrics"]
 
 
@@ -416,6 +429,8 @@ def train(args, model=None, summary_extra=None):
         source = ckpt_path
     if model is None:
         cfg = model_config(args, **data_vocabulary(data_prep.load(args.data)[0]))
+        guards.check_memory(cfg, argparse.Namespace(**{**vars(args), "block_size": cfg.block_size}),
+                            device, dtype)  # before the weights and a step take memory
         model = cherry.GPT(cfg)
     cfg = model_config(args, model.config, source)
     # the data (the run's own content), the selector, the optimizer, and where the run stands

@@ -19,6 +19,7 @@ tokens to val: the split is deterministic and every document (play, file, speech
 
 import argparse
 import base64
+import codecs
 import fnmatch
 import glob
 import hashlib
@@ -42,6 +43,9 @@ GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 EOT = "<|endoftext|>"
 META_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "unigram_counts")
+MAX_VOCAB = 2**24  # token ids: far past any tokenizer (GPT-4's 200k), short of a typo's 10^9 (a 128 GB model)
+PREPARED = ("meta.json", "train.bin", "val.bin")  # a folder holding any of them is never written over unasked
+BYTES_PER_CHAR = 16  # tokenizing: the text and its tokens as Python ints (14 measured: GPT-2's BPE, Shakespeare)
 
 
 def atomic_write(path, write):
@@ -60,6 +64,18 @@ def atomic_write(path, write):
         raise
 
 
+def available_ram():
+    """Bytes of memory free for a new allocation (the kernel's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
 # ----------------------------------------------------------------------------
 # tokenizers: GPT-2's (offline), a BPE trained here, characters
 
@@ -73,6 +89,10 @@ class CharTokenizer:
         self.n_vocab += 1
 
     def encode_ordinary(self, text):
+        unseen = next((c for c in text if c not in self.ids), None)
+        if unseen is not None:
+            raise ValueError(f"the character {unseen!r} is not in this character-level vocabulary of "
+                             f"{len(self.chars)} characters; leave it out of the text")
         return [self.ids[c] for c in text]
 
     def encode_ordinary_batch(self, texts):
@@ -106,23 +126,27 @@ def tokenizer(meta, folder):
         return bpe_encoding(read_ranks(ranks_file, meta["tokenizer_sha256"]), meta["tokenizer_pattern"])
     if name == "char":
         return CharTokenizer(meta["chars"])
+    if name not in tiktoken.list_encoding_names():
+        raise ValueError(f"unknown tokenizer {name!r}: gpt2, bpe:N, char, a data folder (with a meta.json) or one of "
+                         f"tiktoken's: {', '.join(tiktoken.list_encoding_names())}")
     return tiktoken.get_encoding(name)
 
 
-def train_bpe(texts, n_tokens, folder):
-    """A byte-level BPE of n_tokens (the last one: end of document) trained with rustbpe; its ranks go into folder."""
+def train_bpe(texts, n_tokens):
+    """A byte-level BPE of n_tokens (the last one: end of document) trained with rustbpe: its encoding, its meta.json
+    fields and the contents of its ranks file (tiktoken's format), which prepare writes with the tokens."""
     try:
         import rustbpe
     except ImportError:
         raise ValueError("--tokenizer bpe:N needs the rustbpe package: pip install -r requirements-data.txt") from None
     t0, bpe = time.time(), rustbpe.Tokenizer()
     bpe.train_from_iterator(iter(texts), n_tokens - 1)
-    text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in bpe.get_mergeable_ranks())
-    atomic_write(os.path.join(folder, "tokenizer.tiktoken"), lambda f: f.write(text.encode()))
+    ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+    text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()).encode()
     meta = {"tokenizer": f"bpe:{n_tokens}", "tokenizer_file": "tokenizer.tiktoken", "tokenizer_seconds":
             round(time.time() - t0, 2), "tokenizer_pattern": bpe.get_pattern(),
-            "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    return tokenizer(meta, folder), meta
+            "tokenizer_sha256": hashlib.sha256(text).hexdigest()}
+    return bpe_encoding(ranks, meta["tokenizer_pattern"]), meta, text
 
 
 def vocab_id(meta):
@@ -149,9 +173,14 @@ class Codec:
         return [self.compact[t] for t in ids] if self.compact is not None else ids
 
     def decode(self, ids):
+        """The bytes of all the tokens decoded together, so a character that byte-level tokens split stays whole; an
+        incomplete character at the end (a sample cut inside it) is left out rather than shown as U+FFFD."""
         if self.compact is not None:  # ids past the data's vocabulary (the head's padding) were never trained: dropped
             ids = [self.token_ids[i] for i in ids if i < len(self.token_ids)]
-        return self.enc.decode([i for i in ids if i < self.enc.n_vocab])
+        ids = [i for i in ids if i < self.enc.n_vocab]
+        if isinstance(self.enc, CharTokenizer):
+            return self.enc.decode(ids)
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(self.enc.decode_bytes(ids))  # tail held back
 
 
 # ----------------------------------------------------------------------------
@@ -188,18 +217,32 @@ def korean_documents():
     return [clean(text) for (text,) in rows if text and text.strip()]
 
 
+def read_text(path, limit=-1):
+    """A file's text (its first limit characters), or None and why not: not a regular file (a FIFO would block for
+    ever), not UTF-8, binary."""
+    if not os.path.isfile(path):
+        return None, "not a regular file"
+    try:
+        text = open(path, encoding="utf-8").read(limit)
+    except (UnicodeDecodeError, OSError) as e:
+        return None, "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
+    return (None, "binary (it holds NUL bytes)") if "\0" in text else (text, None)
+
+
 def file_documents(path, pattern="*", max_chars=None, skip=()):
     """
     One document per file: a single file, or every file under a folder that matches pattern, in sorted order.
     Folders reached through symbolic links are not entered and no file is read twice (by its real path), so a link
-    loop cannot repeat text; skip: folders never read (the output folder). Files that are not UTF-8 text are
-    skipped and named. max_chars: stop reading files past this many characters.
+    loop cannot repeat text; skip: folders never read (the output folder). Files that are not regular files or not
+    UTF-8 text are skipped and named. max_chars: read no more than this many characters.
     """
     if os.path.isfile(path):
         paths = [path]
     elif os.path.isdir(path):
         paths = sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files
                        if fnmatch.fnmatch(f, pattern))
+    elif os.path.exists(path):  # a FIFO, a device, a socket: reading it could block or never end
+        raise ValueError(f"--input {path} is not a regular file or a folder")
     else:
         raise FileNotFoundError(f"no such file or folder: {path}")
     skip, seen, docs, chars = tuple(os.path.realpath(s) + os.sep for s in skip), set(), [], 0
@@ -208,14 +251,11 @@ def file_documents(path, pattern="*", max_chars=None, skip=()):
         if real.startswith(skip) or real in seen or (max_chars and chars >= max_chars):
             continue
         seen.add(real)
-        try:
-            text = open(p, encoding="utf-8").read()
-        except (UnicodeDecodeError, OSError) as e:
-            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
+        text, why = read_text(p, max_chars - chars if max_chars else -1)  # a huge file: only what is kept
+        if why and paths == [path]:
+            raise ValueError(f"--input {path}: {why}")
+        if why:
             print(f"skipped {p}: {why}", file=sys.stderr)
-            continue
-        if "\0" in text:
-            print(f"skipped {p}: binary (it holds NUL bytes)", file=sys.stderr)
             continue
         docs.append(text)
         chars += len(text)
@@ -246,23 +286,25 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
     if tokenizer_name.startswith("bpe:") and not (n_bpe and 257 <= n_bpe <= 2**20):
         raise ValueError(f"--tokenizer {tokenizer_name}: give bpe:N with N between 257 (the 256 bytes and an end "
                          f"token) and 2^20")
-    os.makedirs(out_dir, exist_ok=True)
-    meta = {"tokenizer": tokenizer_name}
+    meta, ranks = {"tokenizer": tokenizer_name}, None  # ranks: a BPE's ranks file, written with the tokens
     if os.path.isfile(os.path.join(tokenizer_name, "meta.json")):  # another folder's tokenizer: one vocabulary for both
-        source = json.load(open(os.path.join(tokenizer_name, "meta.json")))
+        source = read_meta(tokenizer_name, f"--tokenizer {tokenizer_name}: its meta.json")
         meta = {k: v for k, v in source.items() if k.startswith("tokenizer") or k == "chars"}
+        enc = tokenizer(meta, tokenizer_name)
         if "tokenizer_file" in meta:
-            contents = open(os.path.join(tokenizer_name, meta["tokenizer_file"]), "rb").read()
-            atomic_write(os.path.join(out_dir, meta["tokenizer_file"]), lambda f: f.write(contents))
-        enc = tokenizer(meta, out_dir)
+            ranks = open(os.path.join(tokenizer_name, meta["tokenizer_file"]), "rb").read()
     elif n_bpe:  # trained on the part of every document that will be train
-        enc, bpe_meta = train_bpe([d[:len(d) - int(len(d) * val_fraction)] for d in documents], n_bpe, out_dir)
+        enc, bpe_meta, ranks = train_bpe([d[:len(d) - int(len(d) * val_fraction)] for d in documents], n_bpe)
         meta.update(bpe_meta)
     elif tokenizer_name == "char":
         meta["chars"] = "".join(sorted(set("".join(documents))))
         enc = CharTokenizer(meta["chars"])
     else:
-        enc = tokenizer(meta, out_dir)
+        enc = tokenizer(meta, None)
+    chars, free = sum(map(len, documents)), available_ram()
+    if free is not None and BYTES_PER_CHAR * chars > free:  # tokenizers return lists of Python ints
+        raise ValueError(f"tokenizing {chars:,} characters needs about {BYTES_PER_CHAR * chars / 1e9:.1f} GB, more "
+                         f"than the {free / 1e9:.1f} GB free; prepare less text (--max_tokens with --input)")
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     train, val, budget = [], [], max_tokens or float("inf")
     for tokens in enc.encode_ordinary_batch(documents):
@@ -274,6 +316,9 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
         if budget <= 0:
             break
     train, val = np.concatenate(train), np.concatenate(val)
+    if not train.size:  # a document of n tokens gives its last max(1, n * val_fraction) to val
+        raise ValueError(f"the input is {val.size} tokens, too few for a train split at --val_fraction {val_fraction}; "
+                         f"give more text or a smaller --val_fraction")
     vocab_size = enc.n_vocab
     if compact_vocab:
         token_ids = np.unique(np.concatenate([train, val]))  # the tokenizer ids of the types that occur, sorted
@@ -284,9 +329,71 @@ def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact
     meta.update(vocab_size=vocab_size, dtype=np.dtype(dtype).name, documents=len(documents),
                 train_tokens=int(train.size), val_tokens=int(val.size),
                 unigram_counts={str(i): int(c) for i, c in enumerate(counts) if c})
+    # only now is anything written: a mistake or Ctrl-C before this leaves out_dir as it was
+    if os.path.isfile(os.path.join(out_dir, "meta.json")):  # written over (--overwrite): not whole until the end
+        os.remove(os.path.join(out_dir, "meta.json"))
+    os.makedirs(out_dir, exist_ok=True)
+    if ranks is not None:
+        atomic_write(os.path.join(out_dir, meta["tokenizer_file"]), lambda f: f.write(ranks))
     for name, tokens in (("train.bin", train), ("val.bin", val)):
         atomic_write(os.path.join(out_dir, name), tokens.tofile)
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta).encode()))
+    return meta
+
+
+def meta_problem(meta):
+    """What is wrong with a parsed meta.json, in a few words, or None: every field this project reads, in its type and
+    range (a tokenizer name that is a string, counts that are a dict of ids, the characters of a character level)."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    lacking = [k for k in META_KEYS if k not in meta]
+    name, vocab, counts, ids = meta.get("tokenizer"), meta.get("vocab_size"), meta.get("unigram_counts"), \
+        meta.get("token_ids")
+    integer = lambda v, low=0, high=2**62: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+    token_id = lambda k: isinstance(k, str) and k.isascii() and k.isdigit() and int(k) < vocab
+    checks = {  # field: (passes, what it must be); checked in order, each only once those above it passed
+        "tokenizer": (lambda: isinstance(name, str), "a tokenizer name"),
+        "dtype": (lambda: meta["dtype"] in ("uint16", "uint32"), "uint16 or uint32, what this project writes"),
+        "vocab_size": (lambda: integer(vocab, 1, MAX_VOCAB), f"a count from 1 to {MAX_VOCAB:,}"),
+        "train_tokens": (lambda: integer(meta["train_tokens"]), "a count of tokens"),
+        "val_tokens": (lambda: integer(meta["val_tokens"]), "a count of tokens"),
+        "unigram_counts": (lambda: isinstance(counts, dict) and all(token_id(k) and integer(c)
+                                                                     for k, c in counts.items()),
+                           "{token id: count} with ids below vocab_size"),
+        "token_ids": (lambda: ids is None or isinstance(ids, list) and len(ids) == vocab and all(
+            integer(i) for i in ids) and all(a < b for a, b in zip(ids, ids[1:])),
+                      "vocab_size increasing tokenizer ids (a compact vocabulary)"),
+        "chars": (lambda: name != "char" or isinstance(meta.get("chars"), str) and len(set(meta["chars"])) == len(
+            meta["chars"]) and (ids is not None or vocab == len(meta["chars"]) + 1),
+                  "the vocabulary's distinct characters (vocab_size less the end token)"),
+        "tokenizer_file": (lambda: not name.startswith("bpe:") or isinstance(meta.get("tokenizer_file"), str) and
+                           os.path.basename(meta["tokenizer_file"]) == meta["tokenizer_file"] and
+                           meta["tokenizer_file"] not in ("", ".", ".."), "the name of the ranks file in this folder"),
+        "tokenizer_sha256": (lambda: not name.startswith("bpe:") or isinstance(meta.get("tokenizer_sha256"), str) and
+                             re.fullmatch("[0-9a-f]{64}", meta["tokenizer_sha256"]) is not None, "a sha256 in hex"),
+        "tokenizer_pattern": (lambda: not name.startswith("bpe:") or isinstance(meta.get("tokenizer_pattern"), str),
+                              "a regular expression"),
+    }
+    if lacking:
+        return f"has no {lacking[0]}"
+    for field, (passes, should) in checks.items():
+        if not passes() and field not in meta:
+            return f"has no {field} ({should})"
+        if not passes():
+            shown = repr(meta[field])
+            return f"has {field} {shown if len(shown) < 40 else shown[:36] + ' ...'}, not {should}"
+    return None
+
+
+def read_meta(folder, where, hint="prepare it again"):
+    """A folder's meta.json, parsed and checked (meta_problem); a problem is one ValueError naming it."""
+    try:
+        meta = json.load(open(os.path.join(folder, "meta.json"), encoding="utf-8"))
+    except ValueError:
+        raise ValueError(f"{where} is not valid JSON; {hint}") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise ValueError(f"{where} {problem}; {hint}")
     return meta
 
 
@@ -300,22 +407,17 @@ def load(folder):
     corpus = os.path.relpath(os.path.abspath(folder), HERE)
     if corpus in CORPORA and not os.path.exists(os.path.join(folder, "meta.json")) and "WORLD_SIZE" not in os.environ:
         print(f"preparing data/{corpus} on first use ...")
-        main(["--corpus", corpus])
+        main(["--corpus", corpus, "--overwrite"])  # without a meta.json what is there is an interrupted preparation
     hint = "make it with: python data/prepare.py " + (f"--corpus {corpus}" if corpus in CORPORA else
                                                       f"--input YOUR_TEXT --out_dir {folder}")
+    if os.path.isfile(folder):
+        raise ValueError(f"--data {folder} is a file; --data takes a folder that data/prepare.py made: python "
+                         f"data/prepare.py --input {folder} --out_dir data/NAME")
     missing = [f for f in ("meta.json", "train.bin", "val.bin") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         what = "no such folder" if not os.path.isdir(folder) else f"no {missing[0]} in it"
         raise FileNotFoundError(f"--data {folder}: {what}; {hint}")
-    try:
-        meta = json.load(open(os.path.join(folder, "meta.json"), encoding="utf-8"))
-    except ValueError:
-        raise ValueError(f"{folder}/meta.json is not valid JSON; {hint}") from None
-    lacking = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
-    if lacking or meta["dtype"] not in ("uint16", "uint32") or not isinstance(meta["vocab_size"], int):
-        what = f"has no {lacking[0]}" if lacking else f"has dtype {meta['dtype']!r} and vocab_size " \
-            f"{meta['vocab_size']!r}; this project writes uint16 or uint32"
-        raise ValueError(f"{folder}/meta.json {what}; {hint}")
+    meta = read_meta(folder, f"{folder}/meta.json", hint + " --overwrite")  # over what is there
     splits = []
     for split in ("train", "val"):
         path, n, width = os.path.join(folder, f"{split}.bin"), meta[f"{split}_tokens"], np.dtype(meta["dtype"]).itemsize
@@ -343,6 +445,8 @@ def main(argv=None):
     p.add_argument("--max_tokens", type=int, help="keep only the first this many tokens")
     p.add_argument("--val_fraction", type=float, default=0.1, help="the tail of each document held out (default 0.1)")
     p.add_argument("--compact_vocab", action="store_true", help="keep only the token types that occur, renumbered")
+    p.add_argument("--overwrite", action="store_true", help="replace a prepared --out_dir (models trained on its "
+                                                            "tokens no longer match it)")
     p.error = lambda message: p.exit(2, f"prepare: {message}\n")
     args = p.parse_args(argv)
     if args.input and args.corpus:
@@ -356,6 +460,12 @@ def main(argv=None):
     out_dir = args.out_dir or (os.path.join(HERE, "+".join(names)) if not args.input else None)
     if not out_dir:
         p.error("give --out_dir for an --input")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir} is a file, not a folder")
+    prepared = [f for f in PREPARED if os.path.exists(os.path.join(out_dir, f))]
+    if prepared and not args.overwrite:
+        raise ValueError(f"{out_dir} already holds prepared data ({prepared[0]}); choose another --out_dir, or add "
+                         f"--overwrite to replace it (a model trained on it no longer matches then)")
     name = args.tokenizer or dict(shakespeare_char="char", korean="bpe:8192").get("+".join(names), "gpt2")
     if args.input:
         docs = file_documents(args.input, args.glob, args.max_tokens and 8 * args.max_tokens, skip=[out_dir])
@@ -373,8 +483,19 @@ def main(argv=None):
           f"({meta['tokenizer']}, vocabulary {meta['vocab_size']:,}) in {out_dir}; {per}{trained}")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """python data/prepare.py: a mistake, a full memory or Ctrl-C ends it in one line (tools/guards.cli's rule, kept
+    here so that preparing data needs no torch)."""
     try:
-        main(sys.argv[1:])
+        main(argv)
     except (ValueError, OSError) as e:
-        sys.exit(f"prepare: {str(e).splitlines()[0]}")
+        sys.exit(f"prepare: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
+    except MemoryError:
+        sys.exit("prepare: out of memory; give --max_tokens, or prepare a part of the text")
+    except KeyboardInterrupt:
+        sys.exit("prepare: interrupted; nothing is written until the tokens are ready, and a folder without a "
+                 "meta.json is never used: prepare it again")
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -31,7 +31,7 @@ import cherry
 import train
 from data import prepare as data_prep
 from studies import common
-from tools import guards
+import guards
 
 DOMAINS = ("korean", "code")
 VOCAB = 8192

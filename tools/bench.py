@@ -140,4 +140,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    guards.cli(main, "bench")
+    guards.cli(main, "bench", interrupted="")

@@ -20,6 +20,33 @@ import guards
 from data import prepare as data_prep
 
 
+MAX_TOKENS = 2**20  # generated in all: minutes for the default model on a CPU, not hours
+MAX_PROMPT = 2**24  # bytes of a FILE: prompt; the model reads only its last block_size tokens
+
+
+def read_prompt(path):
+    """A FILE: prompt: a regular file (/dev/zero or a FIFO would be read for ever) of at most MAX_PROMPT bytes."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"--prompt FILE:{path} is not a regular file")
+    if os.path.getsize(path) > MAX_PROMPT:
+        raise ValueError(f"--prompt FILE:{path} is {os.path.getsize(path):,} bytes, past {MAX_PROMPT:,}; the model "
+                         f"reads only its last block_size tokens: give the end of it")
+    return open(path, encoding="utf-8").read()
+
+
+def check_size(model, prompt_tokens, args, device):
+    """Refuse in one line a KV cache (keys and values of every application, fp32), token ids (held twice while they
+    grow) and logits larger than this device has free."""
+    n, cfg = args.num_samples, model.config
+    need = n * (2 * len(cfg.applications()) * cfg.block_size * cfg.n_embd * 4 + 16 * (prompt_tokens +
+                args.max_new_tokens) + 8 * cfg.vocab_size)
+    free = guards.available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"--num_samples {n} needs about {need / 1e9:.1f} GB (the KV cache and the prompt of every "
+                         f"sample), more than the {free / 1e9:.1f} GB free on {device}; lower --num_samples or shorten "
+                         f"the prompt")
+
+
 def main(argv=None):
     p = guards.Parser(prog="sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -35,20 +62,25 @@ def main(argv=None):
     a("--no_cache", action="store_true", help="recompute the whole context for every token (slower; for checking)")
     p.set_defaults(dtype="float32", compile=False)  # what guards.setup_device reads; no flags for them
     args = guards.parse_args(p, argv)
+    if args.num_samples * args.max_new_tokens > MAX_TOKENS:  # hours, not minutes
+        p.error(f"--num_samples {args.num_samples} x --max_new_tokens {args.max_new_tokens} asks for "
+                f"{args.num_samples * args.max_new_tokens:,} tokens; at most {MAX_TOKENS:,} in one run")
     device = guards.setup_device(args)[0]
     model = cherry.load_model(args.init_from, dropout=0.0).eval().to(device)
     data = args.data
     if data is None and model.config.vocab_id != "gpt2":  # our checkpoint records the folder it was trained on
         path = os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else args.init_from
-        data = cherry.load_checkpoint(path).get("args", {}).get("data") if os.path.isfile(path) else None
+        saved = cherry.load_checkpoint(path).get("args") if os.path.isfile(path) else None
+        data = saved.get("data") if isinstance(saved, dict) and isinstance(saved.get("data"), str) else None
         if data is None or not os.path.isfile(os.path.join(data, "meta.json")):
             raise ValueError(f"{args.init_from} needs the data folder it was trained on ({data or 'not recorded'}) for "
                              f"its tokenizer; give --data")
     meta = data_prep.load(data)[0] if data else {"tokenizer": "gpt2", "vocab_size": 50257}
     guards.check_vocab(model, meta, args.init_from)
     codec = data_prep.Codec(meta, data)
-    prompt = open(args.prompt[5:], encoding="utf-8").read() if args.prompt.startswith("FILE:") else args.prompt
+    prompt = read_prompt(args.prompt[5:]) if args.prompt.startswith("FILE:") else args.prompt
     ids = codec.encode(prompt)
+    check_size(model, len(ids), args, device)
     torch.manual_seed(args.seed)
     out = model.generate(torch.tensor([ids] * args.num_samples, device=device), args.max_new_tokens, args.temperature,
                          args.top_k or None, use_cache=not args.no_cache)
@@ -59,4 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    guards.cli(main, "sample")
+    guards.cli(main, "sample", interrupted="")
