@@ -360,7 +360,7 @@ def test_theorem1_as_a_test_can_come_out_either_way():
         coupling = cherry.coupling_with_error(*cherry.batch_gradients(model, batches(shared)))  # other batches
         pairs = list(zip(batches(shared), batches(shared)))
         for lr, direction in ((1e-2, None), (1e-4, lambda grads: [g.sign() for g in grads])):  # SGD; Adam-like
-            changes = sgt_study.theorem1_changes(model, pairs, lr, direction)
+            changes, = sgt_study.theorem1_changes(model, pairs, lr, (direction,))
             verdict, change, hits = sgt_study.sign_verdict(coupling["numerator"], coupling["numerator_se"], changes)
             assert math.copysign(1, change.mean) == sign and verdict == "predicted" and hits == 1.0
             lo, hi = change.interval()

@@ -31,7 +31,7 @@ run. Finished runs and finished measurements (sgt_*.json in a run's folder) are 
    trajectory). train.py's own gamma (every evaluation, 4 batches of batch_size) is the cheap reading; the careful one
    is here: from 16 held-out batches of 32 sequences, the numerator E[g_S] . E[g_U] and gamma (cherry.py,
    coupling_with_error), each with a jackknife standard error over the batches, the undefined estimates counted.
-   Theorem 1: over 16 independent pairs (a training batch, a held-out batch of 32 sequences, both apart from the
+   Theorem 1: over 16 independent pairs (a training batch, a held-out batch of 16 sequences, both apart from the
    coupling's batches), the change of L_U (the held-out batch's loss on the targets its selector does not pick) after
    one step on the training batch's g_S, at the run's learning rate of that step: plain SGD, and Adam's step from
    the run's own state without momentum or weight decay (g / (sqrt(v_hat) + eps), v updated with g as Adam does, so a
@@ -232,24 +232,26 @@ def l_u(model, x, y, mask):
     return model.token_losses(x, y)[~mask].double().mean().item()
 
 
-def theorem1_changes(model, pairs, lr, direction=None):
+def theorem1_changes(model, pairs, lr, directions=(None,)):
     """Theorem 1 as a test: for each independent pair (training batch, held-out batch), each (x, y, mask), the change
     of the held-out batch's L_U after one step on the training batch's g_S (the gradient of its picked targets' mean
-    loss): weights -= lr direction(g_S) (None: plain SGD, g_S itself). On the model in place, restored after every
-    pair. To first order the change is -lr g_U . P g_S for a step P g_S."""
+    loss): weights -= lr direction(g_S), for each direction (None: plain SGD, g_S itself). On the model in place,
+    restored after every step. Returns one list of changes per direction. To first order a step P g_S changes L_U by
+    -lr g_U . P g_S."""
     params = [p for p in model.parameters() if p.requires_grad]
-    changes = []
+    changes = [[] for _ in directions]
     for (x, y, mask), (hx, hy, hmask) in pairs:
         g_s = torch.autograd.grad(model.token_losses(x, y)[mask].mean(), params, allow_unused=True)
         g_s = [g if g is not None else torch.zeros_like(p) for g, p in zip(g_s, params)]
         old = [p.detach().clone() for p in params]
         with torch.no_grad():
             before = l_u(model, hx, hy, hmask)
-            for p, d in zip(params, direction(g_s) if direction else g_s):
-                p.sub_(lr * d)
-            changes.append(l_u(model, hx, hy, hmask) - before)
-            for p, o in zip(params, old):
-                p.copy_(o)
+            for direction, out in zip(directions, changes):
+                for p, d in zip(params, direction(g_s) if direction else g_s):
+                    p.sub_(lr * d)
+                out.append(l_u(model, hx, hy, hmask) - before)
+                for p, o in zip(params, old):
+                    p.copy_(o)
     return changes
 
 
@@ -262,11 +264,14 @@ def measure_coupling(job):
         torch.set_num_threads(1)
         ckpt, args, model, data = load_run(out, device)
         selector, generator = train.Selector(args, data.meta, device), torch.Generator().manual_seed(args.seed + 3)
-        x, y = (t.to(device) for t in data.eval_batch((batches + pairs) * sequences))
+        n = batches + pairs  # the coupling's batches of `sequences`, then Theorem 1's of half as many, interleaved
+        x, y = (t.to(device) for t in data.eval_batch(n * sequences))
 
         def with_mask(x, y):
             return x, y, cherry.selection_mask(picks(selector, model, x, y, generator)[0], y.size(1))
-        held = [with_mask(x[i::batches + pairs], y[i::batches + pairs]) for i in range(batches + pairs)]  # interleaved
+        held = [with_mask(x[i::n], y[i::n]) for i in range(batches)]
+        held += [with_mask(x[i::n][:max(1, sequences // 2)], y[i::n][:max(1, sequences // 2)])
+                 for i in range(batches, n)]
         state = adam_state(ckpt, args, model)
         g_s, g_u = cherry.batch_gradients(model, held[:batches])
         plain = cherry.coupling_with_error(g_s, g_u)
@@ -276,10 +281,10 @@ def measure_coupling(job):
         training = [with_mask(*(t.to(device) for t in data.train_batch(args.batch_size, generator)))
                     for _ in range(pairs)]
         lr = train.lr_at(ckpt["iter"], args)  # the rate of the run's next step
-        pairs_ = list(zip(training, held[batches:]))
-        return {"iter": ckpt["iter"], "lr": lr, "coupling": plain, "coupling_adam": adam,
-                "sgd": theorem1_changes(model, pairs_, lr),
-                "adam": theorem1_changes(model, pairs_, lr, adam_direction(state))}
+        sgd, adam_changes = theorem1_changes(model, list(zip(training, held[batches:])), lr,
+                                             (None, adam_direction(state)))
+        return {"iter": ckpt["iter"], "lr": lr, "coupling": plain, "coupling_adam": adam, "sgd": sgd,
+                "adam": adam_changes}
     return cached(out, "sgt_coupling.json", compute)
 
 
