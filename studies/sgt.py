@@ -5,7 +5,7 @@ gradient coupling (Theorem 1) predict what a step on the selected targets does t
 
   python -m studies.sgt             # text, shuffled text, i.i.d. tokens, code; 3 seeds (~90 min, 2 CPU cores)
   python -m studies.sgt --full      # also beta 1, beta 3, beta inf with 2/3 uniform, and code with 3 seeds
-  python -m studies.sgt --smoke     # every step on a tiny model (< 1 min); its report goes to <out_dir>/sgt_smoke.md
+  python -m studies.sgt --smoke     # every step, tiny model (~15 CPU seconds); report: <out_dir>/sgt_smoke.md
   python -m studies.sgt --gpu       # 6 x 384 on GPT-2's whole vocabulary, one run at a time on a GPU
 
 (The rule that picked train.py's default selector: studies/sgt_compute.py.) Flags after -- go to train.py for every
@@ -16,7 +16,7 @@ run. Finished runs and finished measurements (sgt_*.json in a run's folder) are 
 2. Runs. Every setting on text and code; full supervision on i.i.d. unigram tokens (no context at all) and on
    shuffled text (each window's tokens permuted: a bag of tokens, no order), at the first window length where the
    collapse's gate passes, then every selector on shuffled text (and on text) at that length.
-3. De-tilted loss, at the end of every run: a selector whose picks favour some token types teaches q(y|c) ~ p(y|c)
+3. De-tilted loss, at the end of every SGT run: a selector whose picks favour some token types teaches q(y|c) ~ p(y|c)
    pi(y), pi(y) the share of the training loss a target of type y gets. pi_hat(y) is measured on 2048 training
    windows under the run's own selector (gradient and excess: with the run's final model): each target's weight in
    the training loss as a multiple of full supervision's 1/T (T/k for a plain pick, T w for an inverse-weighted one,
@@ -35,7 +35,7 @@ run. Finished runs and finished measurements (sgt_*.json in a run's folder) are 
    coupling's batches), the change of L_U (the held-out batch's loss on the targets its selector does not pick) after
    one step on the training batch's g_S, at the run's learning rate of that step: plain SGD, and Adam's step from
    the run's own state without momentum or weight decay (g / (sqrt(v_hat) + eps), v updated with g as Adam does, so a
-   coordinate with no history moves by at most ~lr). To first order the change is -lr g_U . P g_S, P = 1 / (sqrt(v_hat)
+   coordinate with no history moves by at most lr / sqrt(1 - beta2)). To first order the change is -lr g_U . P g_S, P = 1 / (sqrt(v_hat)
    + eps) (v updated with the coupling batches' mean squared g_S, as a step updates it with its own), so the predicted
    sign is minus the sign of the numerator E[g_S] . P E[g_U] measured on the coupling's batches (P = 1 for SGD).
 
@@ -393,8 +393,11 @@ def main(argv=None):
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
     args.train, args.command = argv[split + 1:], " ".join(["python -m studies.sgt", *argv])
-    args.scale = SMOKE if args.smoke else GPU if args.gpu else SCALE
-    args.sizes = dict(SMOKE_SIZES if args.smoke else GPU_SIZES if args.gpu else SIZES)
+    args.scale, args.sizes = SCALE, dict(SIZES)
+    if args.gpu:
+        args.scale, args.sizes = GPU, dict(GPU_SIZES)
+    if args.smoke:
+        args.scale, args.sizes = SMOKE, dict(SMOKE_SIZES)
     if args.full:
         args.sizes.update(code_seeds=args.sizes["seeds"])
     args.selectors = {**SELECTORS, **(MORE_SELECTORS if args.full else {})}
