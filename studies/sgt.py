@@ -35,9 +35,10 @@ run. Finished runs and finished measurements (sgt_*.json in a run's folder) are 
    coupling's batches), the change of L_U (the held-out batch's loss on the targets its selector does not pick) after
    one step on the training batch's g_S, at the run's learning rate of that step: plain SGD, and Adam's step from
    the run's own state without momentum or weight decay (g / (sqrt(v_hat) + eps), v updated with g as Adam does, so a
-   coordinate with no history moves by at most lr / sqrt(1 - beta2)). To first order the change is -lr g_U . P g_S, P = 1 / (sqrt(v_hat)
-   + eps) (v updated with the coupling batches' mean squared g_S, as a step updates it with its own), so the predicted
-   sign is minus the sign of the numerator E[g_S] . P E[g_U] measured on the coupling's batches (P = 1 for SGD).
+   coordinate with no history moves by at most lr / sqrt(1 - beta2)). To first order the change is -lr g_U . P g_S,
+   P = 1 / (sqrt(v_hat) + eps) (v updated with the coupling batches' mean squared g_S, as a step updates it with its
+   own), so the predicted sign is minus the sign of the numerator E[g_S] . P E[g_U] measured on the coupling's
+   batches (P = 1 for SGD).
 
 Statistics: the seed is the unit of replication (common.Diff: per-seed values, mean ± sd / sqrt(n)); the coupling's
 error is over held-out batches, Theorem 1's over pairs.
