@@ -416,6 +416,40 @@ def gradient_coupling(model, batches):
             for part, (ss, uu, su) in pairs.items()}
 
 
+def batch_gradients(model, batches):
+    """g_S and g_U of each batch [(x, y, mask)], flattened over the model: two (n, P) tensors."""
+    grads = [split_gradients(model, x, y, mask) for x, y, mask in batches]
+    flat = lambda i: torch.stack([torch.cat([g.flatten() for g in pair[i]]) for pair in grads])
+    return flat(0).double(), flat(1).double()
+
+
+def coupling_with_error(g_s, g_u):
+    """The coupling with an error bar, from the gradients (n, P) of n >= 3 independent batches
+    (batch_gradients): the numerator E[g_S] . E[g_U] (the sign Theorem 1 needs), the mean over
+    pairs i != j of g_S^i . g_U^j, and gamma, the ratio of the pooled pair sums (as in
+    gradient_coupling), each with a jackknife standard error over the batches. gamma is undefined
+    where noise makes a pooled like-pair sum non-positive; undefined counts the n + 1 estimates
+    (all batches, then each left out) where it is, and gamma_se is nan if any is."""
+    n = len(g_s)
+    grams = [g_s @ g_s.T, g_u @ g_u.T, g_s @ g_u.T]
+
+    def estimate(keep):  # sum over pairs i != j of the kept batches: the block less its diagonal
+        ss, uu, su = (g[keep][:, keep].sum() - g.diagonal()[keep].sum() for g in grams)
+        gamma = (su / (ss * uu).sqrt()).item() if ss > 0 and uu > 0 else math.nan
+        return (su / (len(keep) * (len(keep) - 1))).item(), gamma
+
+    numerator, gamma = estimate(list(range(n)))
+    left_out = [estimate([j for j in range(n) if j != i]) for i in range(n)]
+
+    def jackknife(values):  # sqrt((n - 1) / n * sum (theta_i - mean)^2)
+        mean = sum(values) / n
+        return math.sqrt((n - 1) / n * sum((v - mean) ** 2 for v in values))
+    undefined = sum(math.isnan(g) for _, g in left_out) + math.isnan(gamma)
+    return {"numerator": numerator, "numerator_se": jackknife([v for v, _ in left_out]),
+            "gamma": gamma, "gamma_se": jackknife([g for _, g in left_out]), "undefined": undefined,
+            "batches": n}
+
+
 # ----------------------------------------------------------------------------
 # 4. Depth compression: average adjacent layers, then unroll the few that are left
 

@@ -317,24 +317,42 @@ def test_gamma_is_the_noise_free_coupling_of_independent_batches():
     assert gamma["all"] > 0.8 > naive
 
 
-def adamw_update(lr):
-    def update(model, grads):
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
-    return update
+def zipf_batches(n, gen, fraction=0.3):
+    """n batches whose targets all come from one skewed distribution, a uniform draw picked: true coupling 1."""
+    zipf = 1 / torch.arange(1.0, 97)
+    batches = []
+    for _ in range(n):
+        x = torch.randint(0, 96, (8, 32), generator=gen)
+        y = torch.multinomial(zipf, 256, True, generator=gen).view(8, 32)
+        batches.append((x, y, cherry.selection_mask(cherry.select_positions(y, fraction, gen)[0], 32)))
+    return batches
 
 
-def test_theorem1_out_of_sample_with_sgd_and_adamw():
+def test_the_coupling_with_an_error_bar_finds_gamma_1_for_a_uniform_draw():
+    model = tiny_model()
+    batches = zipf_batches(16, torch.Generator().manual_seed(1))
+    g_s, g_u = cherry.batch_gradients(model, batches)
+    c = cherry.coupling_with_error(g_s, g_u)
+    assert c["batches"] == 16 and c["undefined"] == 0 and 0 < c["gamma_se"] < 0.5
+    assert abs(c["gamma"] - 1) < 3 * c["gamma_se"]  # the truth, within the estimator's own error
+    assert c["gamma"] == pytest.approx(cherry.gradient_coupling(model, batches)["all"], abs=1e-6)  # the same ratio
+    pairs = [(i, j) for i in range(16) for j in range(16) if i != j]
+    assert c["numerator"] == pytest.approx(sum((g_s[i] @ g_u[j]).item() for i, j in pairs) / len(pairs), rel=1e-9)
+    assert c["numerator"] > 3 * c["numerator_se"] > 0
+    # gradients that cancel between batches: the like-pair sum is negative, gamma undefined and counted
+    s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    undefined = cherry.coupling_with_error(s, s.flip(1))
+    assert math.isnan(undefined["gamma"]) and math.isnan(undefined["gamma_se"]) and undefined["undefined"] >= 1
+
+
+def test_theorem1_as_a_test_can_come_out_either_way():
     model = tiny_model()
     before = [p.clone() for p in model.parameters()]
     gen = torch.Generator().manual_seed(0)
 
     def batches(shared):  # targets: one token (they pull together), or selected and unselected from disjoint sets
         out = []
-        for _ in range(2):
+        for _ in range(8):
             x = torch.randint(0, 96, (4, 32), generator=gen)
             mask = cherry.selection_mask(cherry.select_positions(x, 0.25, gen)[0], 32)
             y = torch.zeros(4, 32, dtype=torch.long) if shared else torch.where(mask, torch.randint(0, 2, (4, 32)),
@@ -342,15 +360,20 @@ def test_theorem1_out_of_sample_with_sgd_and_adamw():
             out.append((x, y, mask))
         return out
 
-    for update, small, big in ((sgt_study.sgd_update, 1e-2, 30.0), (adamw_update, 1e-4, 0.3)):
-        train_b, held_out = batches(True), batches(True)
-        predicted, measured = sgt_study.theorem1_check(model, train_b, held_out, update(small))
-        assert measured < 0 and measured == pytest.approx(predicted, rel=0.05)  # L_U falls on held-out batches
-        p_big, m_big = sgt_study.theorem1_check(model, train_b, held_out, update(big))
-        assert abs(m_big - p_big) > 0.2 * abs(p_big)  # a large step leaves the first order behind
-        predicted, measured = sgt_study.theorem1_check(model, batches(False), batches(False), update(small))
-        assert predicted > 0 and measured == pytest.approx(predicted, rel=0.1)  # opposed targets: L_U rises
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the check works on a copy
+    for shared, sign in ((True, -1), (False, +1)):  # shared targets: L_U must fall; opposed: it must rise
+        coupling = cherry.coupling_with_error(*cherry.batch_gradients(model, batches(shared)))  # other batches
+        pairs = list(zip(batches(shared), batches(shared)))
+        for lr, direction in ((1e-2, None), (1e-4, lambda grads: [g.sign() for g in grads])):  # SGD; Adam-like
+            changes, = sgt_study.theorem1_changes(model, pairs, lr, (direction,))
+            verdict, change, hits = sgt_study.sign_verdict(coupling["numerator"], coupling["numerator_se"], changes)
+            assert math.copysign(1, change.mean) == sign and verdict == "predicted" and hits == 1.0
+            lo, hi = change.interval()
+            assert (hi < 0) if sign < 0 else (lo > 0)
+            # the same changes against a numerator of the other sign: contradicted
+            assert sgt_study.sign_verdict(-coupling["numerator"], coupling["numerator_se"], changes)[0] == \
+                "contradicted"
+    assert sgt_study.sign_verdict(1.0, 1.0, [-1e-3, 1e-3, -2e-3, 2e-3])[0] == "unresolved"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # every step undone
 
 
 # ----------------------------------------------------------------------------
@@ -817,6 +840,21 @@ def test_recovery_figures_and_the_default_rule_from_hand_made_curves():
     assert c["R_ctx"] == pytest.approx((6 - 7) / (6 - 4)) and c["best_iter"] == 30 and c["gamma"] == 0.5
     below = lambda *losses: sgt_study.stays_below(rows(losses), unigram=6.0)
     assert below(10, 7, 5.9, 5.5) and not below(10, 5.9, 6.1, 5.5) and not below(10, 7, 6.5) and below(10, 5.9)
+
+
+def test_the_sgt_study_smoke_runs_every_measurement_and_reuses_what_is_done(tiny_data, tmp_path):
+    out = tmp_path / "study"
+    body = sgt_study.main(["--smoke", "--data", tiny_data, "--out_dir", str(out)])
+    text = (out / "sgt_smoke.md").read_text()
+    for part in ("## Learning rates", "de-tilted R_ctx end", "## Gradient coupling with an error bar",
+                 "Undefined gamma estimates", "**Verdict on Theorem 1's sign**", "**Verdict on the collapse**"):
+        assert part in text, part
+    runs = sorted(out.glob("*/summary.json"))
+    assert len(runs) == 3 * 4 + 4 + 2 * 2 + 3  # the rates, the second seed, the collapse's gate, the snapshots
+    assert len(list(out.glob("*/sgt_detilt.json"))) == 3 * 2 and len(list(out.glob("*/sgt_coupling.json"))) == 3 * 2
+    stamps = [os.path.getmtime(p) for p in runs]
+    assert sgt_study.main(["--smoke", "--data", tiny_data, "--out_dir", str(out)]) == body  # all reused
+    assert stamps == [os.path.getmtime(p) for p in runs]
 
 
 def test_a_study_without_matplotlib_writes_its_tables_and_says_so(monkeypatch, capsys, tmp_path):
