@@ -123,7 +123,7 @@ def load_run(out, device="cpu"):
     ckpt = cherry.load_checkpoint(os.path.join(out, "ckpt.pt"))
     args = argparse.Namespace(**ckpt["args"])
     model = cherry.build_model(ckpt["config"], ckpt["model"], out).to(device).eval()
-    return ckpt, args, model, train.Data(args.data, args.block_size, args.shuffle_tokens)
+    return ckpt, args, model, train.Data(args.data, args.block_size or model.config.block_size, args.shuffle_tokens)
 
 
 def picks(selector, model, x, y, generator):
