@@ -179,9 +179,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden(self, idx, cache=None, residual=False):
+    def hidden(self, idx, cache=None, residual=False, states=None):
         """Final (normed) hidden states (B, T, C); the residual stream before the final norm if residual.
-        With a cache, idx continues the cached positions."""
+        With a cache, idx continues the cached positions. states: a list that gets the residual
+        stream after every application (distillation's hidden-state loss, section 4)."""
         B, T = idx.shape
         start = cache[0][0].size(2) if cache else 0
         if start + T > self.config.block_size:
@@ -196,6 +197,8 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(self.apply_layer, a, x, use_reentrant=False)
             else:
                 x = self.apply_layer(a, x, cache)
+            if states is not None:
+                states.append(x)
         return x if residual else self.ln_f(x)
 
     def apply_layer(self, a, x, cache=None):
@@ -440,6 +443,71 @@ def compress(model, k, schedule=None, step_embed=True, lora_rank=0, coda_from_en
             index = (t + 1) * g // n - 1 if j == k - 1 and coda_from_end else t * g // n
             small.adapters[a].init_from_residue(model.blocks[groups[j][index]], small.blocks[j])
     return small
+
+
+def distill_loss(logits, teacher_logits, temperature=1.0):
+    """KL(teacher || student) of the next-token distributions at temperature T, times T^2 (Hinton:
+    the gradient's scale then does not depend on T); the mean over positions, in fp32. Zero, with
+    zero gradient, for equal logits."""
+    log_p = F.log_softmax(logits.float().flatten(0, -2) / temperature, dim=-1)
+    log_q = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
+
+
+def hidden_loss(states, teacher_states):
+    """The mean over the pairs of ||h - h_teacher||^2 / ||h_teacher||^2 (relative: the same at any
+    width or depth)."""
+    return torch.stack([(h - t).float().square().sum() / t.float().square().sum()
+                        for h, t in zip(states, teacher_states)]).mean()
+
+
+def teacher_layers(schedule, group_size):
+    """For each application of a compressed schedule, the teacher layer whose output its own output
+    should match: the end of the share of its group it stands for. Application t of layer j's n
+    covers group[t g / n .. (t + 1) g / n), so it matches group[ceil((t + 1) g / n) - 1]: with
+    n = g the layer whose residue its LoRA starts from, and the last application of each layer ends
+    where its group ends. A loop (1+4x8+1) revisits layers out of depth order: refused."""
+    if list(schedule) != sorted(schedule):
+        raise ValueError(f"the schedule {tuple(schedule)} is a loop: the hidden-state loss needs "
+                         f"each compressed layer's applications in a row (--unroll n_1,...,n_k)")
+    return [j * group_size + -(-(schedule[:a].count(j) + 1) * group_size // schedule.count(j)) - 1
+            for a, j in enumerate(schedule)]
+
+
+class Distilled(nn.Module):
+    """Recovery by distillation: the student's loss is (1 - weight) x cross-entropy + weight x
+    distill_loss to the frozen teacher's next-token distribution + hidden_weight x hidden_loss of
+    each application's output against its teacher layer (teacher_layers). Called like a GPT in
+    training: (logits, loss). The teacher stays in eval mode, takes no gradient and is no submodule:
+    the student's state_dict never holds it."""
+
+    def __init__(self, student, teacher, weight=1.0, temperature=1.0, hidden_weight=0.0):
+        super().__init__()
+        s, t = student.config, teacher.config
+        if s.n_expert or s.mtp or t.n_layer % s.n_layer:
+            raise ValueError("distillation takes a compressed student of a dense teacher")
+        self.student, self.weight, self.temperature = student, weight, temperature
+        self.teacher = [teacher.eval().requires_grad_(False)]  # a list: not a submodule
+        self.hidden_weight = hidden_weight
+        g = t.n_layer // s.n_layer
+        self.layers = teacher_layers(student.schedule, g) if hidden_weight else None
+
+    def forward(self, idx, targets, selected=None):
+        if selected is not None:
+            raise ValueError("distillation supervises every position, not SGT's selection")
+        states, teacher_states = [], []
+        h = self.student.hidden(idx, states=states if self.hidden_weight else None)
+        logits = self.student.lm_head(h)
+        loss = cross_entropy(logits, targets).mean() * (1 - self.weight)
+        with torch.no_grad():
+            h = self.teacher[0].hidden(idx, states=teacher_states)
+            teacher_logits = self.teacher[0].lm_head(h) if self.weight else None
+        if self.weight:
+            loss = loss + self.weight * distill_loss(logits, teacher_logits, self.temperature)
+        if self.hidden_weight:
+            matched = [teacher_states[i] for i in self.layers]
+            loss = loss + self.hidden_weight * hidden_loss(states, matched)
+        return logits, loss
 
 
 # ----------------------------------------------------------------------------

@@ -269,10 +269,12 @@ def held_out_loss(args, model):
 # training
 
 
-def train(args, model=None, summary_extra=None):
+def train(args, model=None, summary_extra=None, teacher=None):
     """The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, train.py --init_from), or None for a fresh
     one from the flags. With --resume the model, optimizer, RNGs and data position come from <out_dir>/ckpt.pt and the
-    run goes on exactly as if it had never stopped. Returns the summary (also written to summary.json)."""
+    run goes on exactly as if it had never stopped. Returns the summary (also in summary.json).
+    teacher: distil from it (compress.py's --distill, --distill_temp, --distill_hidden in args):
+    frozen, its forward counted in the FLOPs, never saved."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     master, ckpt_path = rank == 0, os.path.join(args.out_dir, "ckpt.pt")
     if args.grad_accum % world:
@@ -295,11 +297,18 @@ def train(args, model=None, summary_extra=None):
     start, best, rows = state.get("iter", 0), state.get("best"), state.get("metrics", [])
     if world > 1:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    model = torch.compile(raw_model) if args.compile else raw_model
+    if teacher is not None:  # distillation: the loss is the wrapper's, the weights raw_model's
+        model = cherry.Distilled(raw_model, teacher.to(device), args.distill, args.distill_temp,
+                                 args.distill_hidden)
+    else:
+        model = raw_model
+    model = torch.compile(model) if args.compile else model
     model = DDP(model, device_ids=[torch.device(device).index] if kind == "cuda" else None) if world > 1 else model
     held_out, sgt, nan = HeldOut(args, data, selector, device), args.sgt < 1, guards.NanWatch(device, world, ckpt_path)
     flops = cherry.flops_per_token(cfg, args.sgt, full_head_forward=args.sgt_select == "excess") + (
         cherry.flops_per_token(selector.reference.config, training=False) if selector.reference else 0)
+    if teacher is not None:  # the teacher's forward; its head only for the KL on the logits
+        flops += cherry.flops_per_token(teacher.config, float(args.distill > 0), training=False)
     tokens_per_step, peak = args.batch_size * args.grad_accum * args.block_size, guards.peak_flops(device, dtype)
     if master:
         print(f"model: {cherry.count_params(raw_model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token for "
@@ -318,7 +327,7 @@ def train(args, model=None, summary_extra=None):
                 if sgt and master:
                     row.update(held_out.coupling(raw_model, ctx))
                 row.update(tokens_per_s=tokens / train_s if tokens else None, eval_s=time.time() - t_eval,
-                           lr=lr_at(it, args))
+                           lr=lr_at(it, args), train_flops=it * tokens_per_step * flops)
                 if peak and tokens:
                     row["mfu"] = row["tokens_per_s"] * flops / peak / world
                 if cfg.n_expert and tokens:  # the share of expert assignments the capacity dropped

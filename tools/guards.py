@@ -96,7 +96,8 @@ def setup_device(args, distributed=False):
 
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")  # fixed by the weights a script starts from
 RUN_FLAGS = ("data", *SHAPE_FLAGS, "block_size", "batch_size", "grad_accum", "sgt", "sgt_select", "sgt_beta", "sgt_mix",
-             "sgt_ref", "shuffle_tokens", "eval_iters", "seed")  # what --resume must be given unchanged
+             "sgt_ref", "shuffle_tokens", "eval_iters", "seed", "distill", "distill_temp",
+             "distill_hidden")  # what --resume must be given unchanged (a script's own flags where it has them)
 
 
 def check_run_folder(args):
@@ -117,9 +118,9 @@ def check_run_folder(args):
     if found and (not isinstance(saved, dict) or any(k not in ckpt for k in ("model", "config", "optimizer", "rng"))):
         raise ValueError(f"{ckpt_path} cannot be resumed exactly; start a new --out_dir with --init_from {ckpt_path}")
     for k in RUN_FLAGS if found else ():
-        if getattr(args, k) is None and k in (*SHAPE_FLAGS, "block_size"):
+        if getattr(args, k, None) is None and k in (*SHAPE_FLAGS, "block_size"):
             setattr(args, k, saved.get(k))
-        if k in saved and saved[k] != getattr(args, k):
+        if k in saved and saved[k] != getattr(args, k, None):
             raise ValueError(f"--resume: {ckpt_path} was started with --{k} {saved[k]}, not {getattr(args, k)}; "
                              f"give the flags it was started with")
     return ckpt
