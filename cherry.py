@@ -234,9 +234,11 @@ class GPT(nn.Module):
         return cross_entropy(self.lm_head(self.hidden(idx)), targets)
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
-        # decay matrices (dim >= 2); leave biases, norms and the step embeddings alone
+        # decay matrices (dim >= 2); leave biases, norms, the step embeddings and the LoRA adapters
+        # alone (decay would pull each application back to the averaged layer)
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        decay = {n for n, p in params.items() if p.dim() >= 2 and n != "step_embed"}
+        own = lambda n: n == "step_embed" or n.startswith("adapters.")
+        decay = {n for n, p in params.items() if p.dim() >= 2 and not own(n)}
         groups = [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
                   {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")

@@ -123,6 +123,11 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() >= 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in plain["params"]) and plain["weight_decay"] == 0.0
     assert sum(p.numel() for g in (decayed, plain) for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    small = cherry.compress(tiny_model(n_layer=4), 2, lora_rank=4)  # adapters and step embeddings: never decayed
+    decayed, plain = small.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu").param_groups
+    own = [p for n, p in small.named_parameters() if n == "step_embed" or n.startswith("adapters.")]
+    assert len(own) > 10 and all(any(p is q for q in plain["params"]) for p in own)
+    assert not any(p is q for p in own for q in decayed["params"]) and len(decayed["params"]) > 4
 
 
 # ----------------------------------------------------------------------------
