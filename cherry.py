@@ -665,15 +665,21 @@ def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=F
     is 3x the forward. SGT's head runs on a fraction of the positions; full_head_forward adds the no-gradient head on
     every position that an excess-loss selector needs. Every application of an unrolled layer pays (unrolling saves
     parameters, not compute; LoRA merges once per batch). A mixture layer pays for its router and experts_per_token
-    experts; in training each MTP module pays for its projection, block and head."""
+    experts at inference (what a token needs); in training for every expert's whole buffer,
+    capacity padding included. In training each MTP module pays for its projection, block and
+    head (with SGT, the head at the picks only)."""
     C, T, V = config.n_embd, config.block_size, config.vocab_size
     attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV
     mlp = 2 * 8 * C * C
-    moe = config.experts_per_token * mlp + 2 * C * config.n_expert if config.n_expert else mlp
+    k = config.experts_per_token
+    # in training each of the E buffers holds capacity_factor x the fair share k N / E (at most N)
+    experts = min(config.n_expert, config.capacity_factor * k) if training else k
+    moe = experts * mlp + 2 * C * config.n_expert if config.n_expert else mlp
     forward = len(config.applications()) * (attention + moe) + 2 * C * V * sgt_fraction
     if not training:
         return forward
-    return 3 * (forward + config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V)) + 2 * C * V * full_head_forward
+    mtp = config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V * sgt_fraction)
+    return 3 * (forward + mtp) + 2 * C * V * full_head_forward
 
 
 # ----------------------------------------------------------------------------

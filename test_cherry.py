@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -500,8 +500,13 @@ def test_top1_active_params_are_one_experts_plus_the_routers():
     attention, mlp_flops = 2 * 4 * C * C + 4 * T * C, 2 * 8 * C * C
     forward = apps * (attention + mlp_flops + 2 * C * E) + 2 * C * V
     assert cherry.flops_per_token(fused.config, training=False) == forward
-    assert cherry.flops_per_token(fused.config) == 3 * (cherry.flops_per_token(fused.config, training=False)
-                                                        + 2 * (4 * C * C + attention + mlp_flops + 2 * C * V))
+    padded = forward + apps * 0.25 * mlp_flops  # in training each expert's buffer is 1.25 x its fair share
+    mtp = 2 * (4 * C * C + attention + mlp_flops)  # two MTP modules: projection and block, then the head
+    assert cherry.flops_per_token(fused.config) == pytest.approx(3 * (padded + mtp + 2 * 2 * C * V))
+    sgt = 3 * (padded - 0.85 * 2 * C * V + mtp + 2 * 0.15 * 2 * C * V)  # SGT: every head at the picks only
+    assert cherry.flops_per_token(fused.config, 0.15) == pytest.approx(sgt)
+    tight = replace(fused.config, capacity_factor=8.0)  # a buffer never holds more than every token: E at most
+    assert cherry.flops_per_token(tight) == pytest.approx(3 * (forward + apps * 3 * mlp_flops + mtp + 2 * 2 * C * V))
 
 
 def test_switch_loss_is_minimal_at_uniform_routing():
