@@ -789,6 +789,32 @@ def test_seed_level_statistics_t_intervals_and_the_equivalence_test():
     assert "1 seed" in common.pm(one) and "95% CI" in common.pm(d)
 
 
+def test_the_compression_and_moee_studies_run_every_arm_at_toy_size_and_keep_finished_runs(tmp_path, monkeypatch):
+    from studies import common, compress as compress_study, fuse as fuse_study
+    texts = [d[:15_000] for d in data_prep.shakespeare_documents()[:2]]
+    code = [d[:15_000] for d in data_prep.file_documents(HERE, "*.py")[:2]]
+    data_prep.prepare(texts + code, str(tmp_path / "d" / "mix"), "char")
+    for name, docs in (("korean", texts), ("code", code)):
+        data_prep.prepare(docs, str(tmp_path / "d" / name), str(tmp_path / "d" / "mix"))
+    gate = common.gate
+    monkeypatch.setattr(common, "gate", lambda name, checks: (True, gate(name, checks)[1]))  # the verdicts' code too
+    compress_study.main(["--smoke", "--data", str(tmp_path / "d" / "mix"), "--out_dir", str(tmp_path / "c")])
+    report = (tmp_path / "c" / "compress_smoke.md").read_text()
+    for arm in ("| ce | equal tokens", "| kd | equal FLOPs", "| kd-hidden | equal tokens", "Coda A/B", "G1:", "G2:"):
+        assert arm in report, arm
+    assert re.search(r"\*\*(holds|fails|inconclusive)\*\*", report) and "95% CI" in report
+    kd = json.load(open(tmp_path / "c" / "kd-s1" / "summary.json"))
+    assert kd["compress"]["distill"]["weight"] == 1 and kd["flops_per_token"] > kd["compress"]["after"][
+        "training_flops_per_token"]  # the teacher's forward
+    fuse_study.main(["--smoke", "--data", str(tmp_path / "d"), "--out_dir", str(tmp_path / "f")])
+    report = (tmp_path / "f" / "fuse_smoke.md").read_text()
+    for arm in ("| soup |", "| code-long |", "equal pipeline FLOPs", "the soup (is routing needed?)", "MTP (D = 1)"):
+        assert arm in report, arm
+    before = os.path.getmtime(tmp_path / "f" / "soup-s0" / "summary.json")
+    fuse_study.main(["--smoke", "--data", str(tmp_path / "d"), "--out_dir", str(tmp_path / "f")])  # all reused
+    assert os.path.getmtime(tmp_path / "f" / "soup-s0" / "summary.json") == before
+
+
 def test_tokens_per_s_times_the_training_steps_only(tiny_data, tmp_path, monkeypatch):
     real = train.HeldOut.evaluate
 
