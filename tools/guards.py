@@ -120,7 +120,7 @@ def check_run_folder(args):
     for k in RUN_FLAGS if found else ():
         if getattr(args, k, None) is None and k in (*SHAPE_FLAGS, "block_size"):
             setattr(args, k, saved.get(k))
-        if k in saved and saved[k] != getattr(args, k, None):
+        if k in saved and hasattr(args, k) and saved[k] != getattr(args, k):
             raise ValueError(f"--resume: {ckpt_path} was started with --{k} {saved[k]}, not {getattr(args, k)}; "
                              f"give the flags it was started with")
     return ckpt
