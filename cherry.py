@@ -193,9 +193,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden(self, idx, cache=None, residual=False):
+    def hidden(self, idx, cache=None, residual=False, states=None):
         """Final (normed) hidden states (B, T, C); the residual stream before the final norm if
-        residual. With a cache, idx continues the cached positions."""
+        residual. With a cache, idx continues the cached positions. states: a list that gets the
+        residual stream after every application (distillation's hidden-state loss, section 4)."""
         B, T = idx.shape
         start = cached_positions(cache)
         if start + T > self.config.block_size:
@@ -212,6 +213,8 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(self.apply_layer, a, x, use_reentrant=False)
             else:
                 x = self.apply_layer(a, x, cache)
+            if states is not None:
+                states.append(x)
         return x if residual else self.ln_f(x)
 
     def apply_layer(self, a, x, cache=None):
@@ -254,9 +257,11 @@ class GPT(nn.Module):
         return cross_entropy(self.lm_head(self.hidden(idx)), targets)
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
-        # decay matrices (dim >= 2); leave biases, norms and the step embeddings alone
+        # decay matrices (dim >= 2); leave biases, norms, the step embeddings and the LoRA adapters
+        # alone (decay would pull each application back to the averaged layer)
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        decay = {n for n, p in params.items() if p.dim() >= 2 and n != "step_embed"}
+        own = lambda n: n == "step_embed" or n.startswith("adapters.")
+        decay = {n for n, p in params.items() if p.dim() >= 2 and not own(n)}
         decayed = [p for n, p in params.items() if n in decay]
         kept = [p for n, p in params.items() if n not in decay]
         groups = [{"params": decayed, "weight_decay": weight_decay},
@@ -561,6 +566,74 @@ def compress(model, layers, schedule, step_embed=True, lora_rank=0, coda_from_en
     return small
 
 
+def distill_loss(logits, teacher_logits, temperature=1.0):
+    """KL(teacher || student) of the next-token distributions at temperature T, times T^2 (Hinton:
+    the gradient's scale then does not depend on T); the mean over positions, in fp32. Zero, with
+    zero gradient, for equal logits."""
+    with torch.no_grad():
+        q = F.softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+        entropy = torch.special.entr(q).sum() / len(q)
+    # KL(q || p) = H(q, p) - H(q): a cross-entropy with soft targets, fewer passes over the vocabulary
+    p_logits = logits.float().flatten(0, -2) / temperature
+    return (F.cross_entropy(p_logits, q) - entropy) * temperature**2
+
+
+def hidden_loss(states, teacher_states):
+    """The mean over the pairs of ||h - h_teacher||^2 / ||h_teacher||^2 (relative: the same at any
+    width or depth)."""
+    return torch.stack([(h - t).float().square().sum() / t.float().square().sum()
+                        for h, t in zip(states, teacher_states)]).mean()
+
+
+def teacher_layers(schedule, group_size):
+    """For each application of a compressed schedule, the teacher layer whose output its own output
+    should match: the end of the share of its group it stands for. Application t of layer j's n
+    covers group[t g / n .. (t + 1) g / n), so it matches group[ceil((t + 1) g / n) - 1]: with
+    n = g the layer whose residue its LoRA starts from, and the last application of each layer ends
+    where its group ends. A loop (1+4x8+1) revisits layers out of depth order: refused."""
+    if list(schedule) != sorted(schedule):
+        raise ValueError(f"the schedule {tuple(schedule)} is a loop: the hidden-state loss needs "
+                         f"each compressed layer's applications in a row (--unroll n_1,...,n_k)")
+    return [j * group_size + -(-(schedule[:a].count(j) + 1) * group_size // schedule.count(j)) - 1
+            for a, j in enumerate(schedule)]
+
+
+class Distilled(nn.Module):
+    """Recovery by distillation: the student's loss is (1 - weight) x cross-entropy + weight x
+    distill_loss to the frozen teacher's next-token distribution + hidden_weight x hidden_loss of
+    each application's output against its teacher layer (teacher_layers). Called like a GPT in
+    training: (logits, loss). The teacher stays in eval mode, takes no gradient and is no submodule:
+    the student's state_dict never holds it."""
+
+    def __init__(self, student, teacher, weight=1.0, temperature=1.0, hidden_weight=0.0):
+        super().__init__()
+        s, t = student.config, teacher.config
+        if s.n_expert or s.mtp or t.n_layer % s.n_layer:
+            raise ValueError("distillation takes a compressed student of a dense teacher")
+        self.student, self.weight, self.temperature = student, weight, temperature
+        self.teacher = [teacher.eval().requires_grad_(False)]  # a list: not a submodule
+        self.hidden_weight = hidden_weight
+        g = t.n_layer // s.n_layer
+        self.layers = teacher_layers(student.applications, g) if hidden_weight else None
+
+    def forward(self, idx, targets, positions=None, weights=None, choose=None):
+        if positions is not None or choose is not None:
+            raise ValueError("distillation supervises every position, not SGT's picks")
+        states, teacher_states = [], []
+        h = self.student.hidden(idx, states=states if self.hidden_weight else None)
+        logits = self.student.lm_head(h)
+        loss = cross_entropy(logits, targets).mean() * (1 - self.weight)
+        with torch.no_grad():
+            h = self.teacher[0].hidden(idx, states=teacher_states)
+            teacher_logits = self.teacher[0].lm_head(h) if self.weight else None
+        if self.weight:
+            loss = loss + self.weight * distill_loss(logits, teacher_logits, self.temperature)
+        if self.hidden_weight:
+            matched = [teacher_states[i] for i in self.layers]
+            loss = loss + self.hidden_weight * hidden_loss(states, matched)
+        return logits, loss
+
+
 # ----------------------------------------------------------------------------
 # 5. MoEE: Mixture of Efficient Experts, and multi-token prediction
 
@@ -743,16 +816,21 @@ def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=F
     in PaLM); training is 3x the forward. SGT's head runs on a fraction of the positions;
     full_head_forward adds the no-gradient head on every position that the excess and gradient
     selectors need. Every application of an unrolled layer pays (unrolling saves parameters, not
-    compute; LoRA merges once per batch); a mixture layer its router and experts_per_token experts;
-    in training each MTP module its projection, block and head."""
+    compute; LoRA merges once per batch). A mixture layer pays for its router and experts_per_token
+    experts at inference (what a token needs); in training for every expert's whole buffer,
+    capacity padding included. In training each MTP module pays for its projection, block and
+    head (with SGT, the head at the picks only)."""
     C, T, V = config.n_embd, config.block_size, config.vocab_size
     attention = 2 * (3 * C * C + C * C) + 2 * 2 * T * C  # qkv, proj; QK^T and AV
     mlp = 2 * 8 * C * C
-    moe = config.experts_per_token * mlp + 2 * C * config.n_expert if config.n_expert else mlp
+    k = config.experts_per_token
+    # in training each of the E buffers holds capacity_factor x the fair share k N / E (at most N)
+    experts = min(config.n_expert, config.capacity_factor * k) if training else k
+    moe = experts * mlp + 2 * C * config.n_expert if config.n_expert else mlp
     forward = len(config.applications()) * (attention + moe) + 2 * C * V * sgt_fraction
     if not training:
         return forward
-    mtp = config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V)  # projection, block, head
+    mtp = config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V * sgt_fraction)  # proj, block, head
     return 3 * (forward + mtp) + 2 * C * V * full_head_forward
 
 

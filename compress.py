@@ -9,6 +9,9 @@ model, its few layers unrolled, to recover the loss (train.py's loop).
 --unroll: "1,8,8,8,8,1" runs compressed layer j n_j times in a row; "1+4x8+1" runs a prelude of 1 layer, a core of 4
 looped 8 times and a coda of 1 (Huginn); "none" runs each layer once. Default: the two ends once, the middle layers
 group-size times (1,8,8,8,8,1 for 48 -> 6). The shape comes from --init_from; every training flag is train.py's.
+--distill A: recover by distillation from the uncompressed model, (1 - A) x cross-entropy + A x KL to its next-token
+distribution at --distill_temp; --distill_hidden W adds W x a hidden-state loss per application. Its forward pass is
+counted in the run's FLOPs.
 Writes what train.py writes into --out_dir; summary.json adds the parameters, effective layers and FLOPs per token
 before and after, and the held-out loss of the original, right after averaging, and at the start of recovery.
 """
@@ -51,9 +54,20 @@ def main(argv=None):
     a("--no_step_embed", action="store_true", help="no step embedding per application")
     a("--coda_from", choices=["last", "first"], default="last",
       help="the last compressed layer's LoRA starts from its group's last layer (the original's final) or first")
+    a("--distill", type=guards.number(float, "[0, 1]"), default=0.0,
+      help="weight of the KL to the teacher's (--init_from's) next-token distribution: 1 KL only, 0 cross-entropy only")
+    a("--distill_temp", type=guards.POSITIVE, default=1.0, help="the temperature of the distillation KL")
+    a("--distill_hidden", type=guards.NON_NEGATIVE, default=0.0,
+      help="weight of a hidden-state loss: each application's output against the end of its teacher layers")
     p.set_defaults(out_dir="out-compress")
     args = guards.parse_args(p, argv)
     schedule = parse_unroll(args.unroll, args.layers)  # a mistake in it is said before anything is loaded
+    distill = args.distill > 0 or args.distill_hidden > 0
+    if distill and args.sgt < 1:
+        raise ValueError("--distill and --distill_hidden supervise every position; leave out --sgt")
+    if args.distill_hidden and schedule is not None and list(schedule) != sorted(schedule):
+        raise ValueError(f"--distill_hidden needs each layer's applications in a row (--unroll n_1,...,n_k), not a "
+                         f"loop ({args.unroll})")
     source = os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else args.init_from
     if os.path.abspath(source) == os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")):
         raise ValueError(f"--out_dir {args.out_dir} would overwrite the model it compresses; choose another --out_dir")
@@ -87,8 +101,12 @@ def main(argv=None):
     for name, m in stages.items():
         info[f"loss_{name}"] = train.held_out_loss(args, m)["loss"]
         print(f"held-out loss, {name:8s}: {info[f'loss_{name}']:.4f}")
-    del teacher, stages
-    return train.train(args, model, summary_extra={"compress": info})
+    if distill:  # the teacher stays, frozen (on --resume it is loaded again from --init_from)
+        info["distill"] = {"weight": args.distill, "temperature": args.distill_temp, "hidden": args.distill_hidden,
+                           "teacher_flops_per_token": cherry.flops_per_token(cfg, float(args.distill > 0), False)}
+    teacher = teacher if distill else None
+    del stages
+    return train.train(args, model, summary_extra={"compress": info}, teacher=teacher)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -127,6 +127,11 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() >= 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in plain["params"]) and plain["weight_decay"] == 0.0
     assert sum(p.numel() for g in (decayed, plain) for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    small = cherry.compress(tiny_model(n_layer=4), 2, (0, 1, 1), lora_rank=4)  # adapters and step embeddings: never decayed
+    decayed, plain = small.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu").param_groups
+    own = [p for n, p in small.named_parameters() if n == "step_embed" or n.startswith("adapters.")]
+    assert len(own) > 10 and all(any(p is q for q in plain["params"]) for p in own)
+    assert not any(p is q for p in own for q in decayed["params"]) and len(decayed["params"]) > 4
 
 
 # ----------------------------------------------------------------------------
@@ -424,6 +429,37 @@ def test_a_once_run_coda_starts_from_the_originals_final_layer():
             assert close(weights[name], p, atol=1e-5), (coda_from_end, name)
 
 
+def test_distillation_from_an_identical_teacher_gives_zero_kl_and_zero_gradient():
+    teacher = distinct_layers_model(n_layer=4)
+    x, y = torch.randint(0, 96, (2, 24)), torch.randint(0, 96, (2, 24))
+    student = cherry.compress(teacher, 2, cherry.repeat_schedule([2, 2]), lora_rank=32).train()  # the teacher again
+    for temperature in (1.0, 2.0):
+        logits, loss = cherry.Distilled(student, teacher, 1.0, temperature, hidden_weight=1.0)(x, y)
+        assert abs(loss.item()) < 1e-5  # KL and the hidden-state loss are both zero
+        loss.backward()
+        assert all(p.grad is None or p.grad.abs().max() < 1e-5 for p in student.parameters())
+        student.zero_grad()
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert not any("teacher" in k for k in cherry.Distilled(student, teacher).state_dict())  # the student's only
+    other = cherry.compress(teacher, 2, cherry.repeat_schedule([2, 2]))  # no LoRA: another model
+    logits, loss = cherry.Distilled(other, teacher, 0.5, 1.0)(x, y)
+    ce = cherry.cross_entropy(logits, y).mean()
+    kl = cherry.distill_loss(logits, logits_of(teacher, x))
+    assert kl > 0.01 and close(loss, 0.5 * ce + 0.5 * kl)
+    logits = torch.randn(3, 5, 7, requires_grad=True)
+    kl = cherry.distill_loss(logits, logits.detach() + 1.0)  # a shift changes no distribution
+    kl.backward()
+    assert abs(kl.item()) < 1e-6 and logits.grad.abs().max() < 1e-6
+
+
+def test_each_application_is_distilled_against_the_end_of_its_teacher_layers():
+    assert cherry.teacher_layers(cherry.repeat_schedule((4, 4)), 4) == list(range(8))  # n = g: one layer each
+    assert cherry.teacher_layers(cherry.repeat_schedule((1, 2, 2, 2, 2, 1)), 2) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]
+    assert cherry.teacher_layers(cherry.repeat_schedule((4, 1)), 2) == [0, 0, 1, 1, 3]  # n > g: ends at its share
+    with pytest.raises(ValueError, match="is a loop"):
+        cherry.teacher_layers(cherry.loop_schedule(0, 2, 0, 2), 2)
+
+
 def test_zero_step_embeddings_without_lora_equal_plain_repeated_application():
     teacher = distinct_layers_model(n_layer=4)
     x = torch.randint(0, 96, (2, 20))
@@ -567,8 +603,13 @@ def test_top1_active_params_are_one_experts_plus_the_routers():
     attention, mlp_flops = 2 * 4 * C * C + 4 * T * C, 2 * 8 * C * C
     forward = apps * (attention + mlp_flops + 2 * C * E) + 2 * C * V
     assert cherry.flops_per_token(fused.config, training=False) == forward
-    assert cherry.flops_per_token(fused.config) == 3 * (cherry.flops_per_token(fused.config, training=False)
-                                                        + 2 * (4 * C * C + attention + mlp_flops + 2 * C * V))
+    padded = forward + apps * 0.25 * mlp_flops  # in training each expert's buffer is 1.25 x its fair share
+    mtp = 2 * (4 * C * C + attention + mlp_flops)  # two MTP modules: projection and block, then the head
+    assert cherry.flops_per_token(fused.config) == pytest.approx(3 * (padded + mtp + 2 * 2 * C * V))
+    sgt = 3 * (padded - 0.85 * 2 * C * V + mtp + 2 * 0.15 * 2 * C * V)  # SGT: every head at the picks only
+    assert cherry.flops_per_token(fused.config, 0.15) == pytest.approx(sgt)
+    tight = replace(fused.config, capacity_factor=8.0)  # a buffer never holds more than every token: E at most
+    assert cherry.flops_per_token(tight) == pytest.approx(3 * (forward + apps * 3 * mlp_flops + mtp + 2 * 2 * C * V))
 
 
 def test_switch_loss_is_minimal_at_uniform_routing():
@@ -908,6 +949,32 @@ def test_seed_level_statistics_t_intervals_and_the_equivalence_test():
     assert "1 seed" in common.pm(one) and "95% CI" in common.pm(d)
 
 
+def test_the_compression_and_moee_studies_run_every_arm_at_toy_size_and_keep_finished_runs(tmp_path, monkeypatch):
+    from studies import common, compress as compress_study, fuse as fuse_study
+    texts = [d[:15_000] for d in data_prep.shakespeare_documents()[:2]]
+    code = [d[:15_000] for d in data_prep.file_documents(HERE, "*.py")[:2]]
+    data_prep.prepare(texts + code, str(tmp_path / "d" / "mix"), "char")
+    for name, docs in (("korean", texts), ("code", code)):
+        data_prep.prepare(docs, str(tmp_path / "d" / name), str(tmp_path / "d" / "mix"))
+    gate = common.gate
+    monkeypatch.setattr(common, "gate", lambda name, checks: (True, gate(name, checks)[1]))  # the verdicts' code too
+    compress_study.main(["--smoke", "--data", str(tmp_path / "d" / "mix"), "--out_dir", str(tmp_path / "c")])
+    report = (tmp_path / "c" / "compress_smoke.md").read_text()
+    for arm in ("| ce | equal tokens", "| kd | equal FLOPs", "| kd-hidden | equal tokens", "Coda A/B", "G1:", "G2:"):
+        assert arm in report, arm
+    assert re.search(r"\*\*(holds|fails|inconclusive)\*\*", report) and "95% CI" in report
+    kd = json.load(open(tmp_path / "c" / "kd-s1" / "summary.json"))
+    assert kd["compress"]["distill"]["weight"] == 1 and kd["flops_per_token"] > kd["compress"]["after"][
+        "training_flops_per_token"]  # the teacher's forward
+    fuse_study.main(["--smoke", "--data", str(tmp_path / "d"), "--out_dir", str(tmp_path / "f")])
+    report = (tmp_path / "f" / "fuse_smoke.md").read_text()
+    for arm in ("| soup |", "| code-long |", "equal pipeline FLOPs", "the soup (is routing needed?)", "MTP (D = 1)"):
+        assert arm in report, arm
+    before = os.path.getmtime(tmp_path / "f" / "soup-s0" / "summary.json")
+    fuse_study.main(["--smoke", "--data", str(tmp_path / "d"), "--out_dir", str(tmp_path / "f")])  # all reused
+    assert os.path.getmtime(tmp_path / "f" / "soup-s0" / "summary.json") == before
+
+
 def test_tokens_per_s_times_the_training_steps_only(tiny_data, tmp_path, monkeypatch):
     real = train.HeldOut.evaluate
 
@@ -1066,6 +1133,30 @@ def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path, capsys
     assert not (tmp_path / "fresh").exists()  # no error wrote anything
 
 
+def test_compress_distils_counts_the_teacher_and_resumes_exactly(tiny_data, tmp_path, capsys):
+    run_train(tiny_data, tmp_path / "dense", "--n_layer", "4", "--max_iters", "6", "--eval_interval", "6")
+    flags = ["--data", tiny_data, "--init_from", str(tmp_path / "dense"), *RUN, "--layers", "2", "--unroll", "2,2",
+             "--lora_rank", "4", "--distill", "1", "--distill_temp", "2", "--distill_hidden", "0.5",
+             "--eval_interval", "4", "--lr_decay_iters", "8"]
+    straight = compress.main([*flags, "--max_iters", "8", "--out_dir", str(tmp_path / "straight")])
+    compress.main([*flags, "--max_iters", "4", "--out_dir", str(tmp_path / "split")])
+    compress.main([*flags, "--max_iters", "8", "--out_dir", str(tmp_path / "split"), "--resume"])
+    a, b = (cherry.load_checkpoint(str(tmp_path / run / "ckpt.pt")) for run in ("straight", "split"))
+    assert a["model"].keys() == cherry.load_model(str(tmp_path / "split")).state_dict().keys()  # no teacher in it
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    teacher, student = cherry.load_model(str(tmp_path / "dense")).config, cherry.GPTConfig(**straight["config"])
+    teacher_forward = cherry.flops_per_token(teacher, training=False)
+    assert straight["flops_per_token"] == cherry.flops_per_token(student) + teacher_forward
+    assert straight["compress"]["distill"]["teacher_flops_per_token"] == teacher_forward
+    rows = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert rows[-1]["train_flops"] == 8 * 8 * 32 * straight["flops_per_token"] and rows[-1]["loss"] < rows[0]["loss"]
+    hidden_only = compress.main([*flags, "--distill", "0", "--max_iters", "2", "--out_dir", str(tmp_path / "h")])
+    assert hidden_only["flops_per_token"] == cherry.flops_per_token(student) + cherry.flops_per_token(
+        teacher, 0.0, training=False)  # no KL: the teacher's head does not run
+    fails(capsys, "compress", [*flags, "--distill", "0.5", "--max_iters", "8", "--out_dir", str(tmp_path / "split"),
+                               "--resume"], "was started with --distill 1.0, not 0.5")
+
+
 def test_fuse_end_to_end_from_compress_checkpoints(tiny_data, tmp_path, capsys):
     run_train(tiny_data, tmp_path / "dense", "--n_layer", "4", "--max_iters", "6", "--eval_interval", "6")
     common = ["--data", tiny_data, "--batch_size", "8", "--eval_iters", "4", "--log_interval", "1000", "--warmup_iters",
@@ -1210,6 +1301,12 @@ BAD_FLAGS = [  # (script, flags, what its one line says)
     ("train", ["--out_dir", ""], "--out_dir '' is not a folder"), ("train", ["--grad_accum", "0"], "--grad_accum"),
     ("compress", ["--unroll", "1,100000000"], r"--unroll '1,100000000': give \d+ counts from 1 to 64"),
     ("compress", ["--layers", "0"], "--layers"), ("compress", ["--lora_rank", "-1"], "--lora_rank"),
+    ("compress", ["--distill", "1.5"], r"--distill: 1.5 is not in \[0, 1\]"),
+    ("compress", ["--distill", "nan"], "--distill"),
+    ("compress", ["--distill_temp", "0"], "--distill_temp"), ("compress", ["--distill_temp", "inf"], "--distill_temp"),
+    ("compress", ["--distill_hidden", "-1"], "--distill_hidden"),
+    ("compress", ["--distill", "1", "--sgt", "0.5"], "supervise every position; leave out --sgt"),
+    ("compress", ["--distill_hidden", "1", "--layers", "2", "--unroll", "0+2x3+0"], "not a loop"),
     ("fuse", ["--mtp", "-1"], "--mtp"), ("fuse", ["--experts_per_token", "0"], "--experts_per_token"),
     ("fuse", ["--capacity_factor", "0"], "--capacity_factor"), ("sample", ["--temperature", "nan"], "--temperature"),
     ("sample", ["--max_new_tokens", "1000000000"], "--max_new_tokens"), ("sample", ["--top_k", "-1"], "--top_k"),

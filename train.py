@@ -407,11 +407,12 @@ def restore(ckpt, optimizer, scaler, generators, device):
 # training
 
 
-def train(args, model=None, summary_extra=None):
+def train(args, model=None, summary_extra=None, teacher=None):
     """The training loop. model: a prebuilt cherry.GPT (compress.py, fuse.py, --init_from), or None
     for a fresh one from the flags. With --resume the model, optimizer, RNGs and data position come
     from <out_dir>/ckpt.pt and the run goes on exactly as if it had never stopped. Returns the
-    summary (also written to summary.json)."""
+    summary (also written to summary.json). teacher: distil from it (compress.py's --distill,
+    --distill_temp, --distill_hidden in args): frozen, its forward counted in the FLOPs, never saved."""
     # the processes, the run folder, the device: every check before anything is written
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -452,7 +453,11 @@ def train(args, model=None, summary_extra=None):
     saved = start if ckpt else None  # the step ckpt.pt holds
     if world > 1:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    model = torch.compile(raw_model) if args.compile else raw_model
+    model = raw_model
+    if teacher is not None:  # distillation: the loss is the wrapper's, the weights raw_model's
+        model = cherry.Distilled(raw_model, teacher.to(device), args.distill, args.distill_temp,
+                                 args.distill_hidden)
+    model = torch.compile(model) if args.compile else model
     if world > 1:
         model = DDP(model, device_ids=[torch.device(device).index] if kind == "cuda" else None)
     held_out = HeldOut(args, data, selector, device)
@@ -463,6 +468,8 @@ def train(args, model=None, summary_extra=None):
     flops = cherry.flops_per_token(cfg, args.sgt, full_head_forward=full_head)
     if selector.reference:
         flops += cherry.flops_per_token(selector.reference.config, training=False)
+    if teacher is not None:  # the teacher's forward; its head only for the KL on the logits
+        flops += cherry.flops_per_token(teacher.config, float(args.distill > 0), training=False)
     tokens_per_step = args.batch_size * args.grad_accum * data.block_size
     peak = guards.peak_flops(device, dtype)
     if master and args.resume and not ckpt:
@@ -508,6 +515,7 @@ def train(args, model=None, summary_extra=None):
                 row["tokens_per_s"] = tokens / interval_s if tokens else None
                 row["eval_s"] = time.time() - t_eval
                 row["lr"] = lr_at(it, args)
+                row["train_flops"] = it * tokens_per_step * flops
                 if peak and tokens:
                     row["mfu"] = row["tokens_per_s"] * flops / peak / world
                 if cfg.n_expert and tokens:  # the share of expert assignments the capacity dropped

@@ -54,8 +54,9 @@ def run_one(job):
 
 
 def run_all(jobs, gpu=False):
-    """[(module, argv)] runs, one at a time on a GPU; on the CPU two at a time with one torch thread each: one thread
-    per run and one run per core is fastest (OpenMP threads stall whenever another process takes their core)."""
+    """[(module, argv)] runs, one at a time in this process on a GPU (or gpu=True: a toy run); on the CPU two at a time
+    with one torch thread each: one thread per run and one run per core is fastest (OpenMP threads stall whenever
+    another process takes their core)."""
     t0 = time.time()
     with contextlib.nullcontext() if gpu else multiprocessing.get_context("spawn").Pool(2) as pool:
         done = (pool.imap_unordered if pool else map)(run_one, jobs)
