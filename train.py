@@ -1,9 +1,10 @@
 """
 Train a GPT with full supervision or with SGT (selective ground-truth token training).
 
-  python train.py --sgt 0.15                        # SGT, 12 x 128 on Shakespeare (minutes, CPU)
+  python train.py --sgt 0.15                        # SGT: a uniformly random 15%, 12 x 128, Shakespeare
   python train.py                                   # full supervision, for comparison
-  python train.py --sgt 0.15 --sgt_beta 0           # the control: a uniformly random 15%
+  python train.py --sgt 0.15 --sgt_beta 2 --sgt_weights inverse --sgt_floor 0.1   # rare targets, unbiased
+  python train.py --sgt 0.15 --sgt_select gradient --sgt_beta 1 --sgt_weights inverse --sgt_floor 0.1
   python train.py --sgt 0.15 --sgt_select excess    # Rho-1: the loss most above the unigram's
   python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune GPT-2, nanoGPT's or ours
   torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --sgt 0.15 --grad_accum 8
@@ -35,7 +36,9 @@ from guards import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, number
 # ----------------------------------------------------------------------------
 # flags, shared by train.py, compress.py and fuse.py
 
-DEFAULT_BETA = 2.0  # chosen by the rule in studies/sgt.py (studies/sgt_defaults.md)
+# SGT's default draw: uniform, the first finalist of the rule in studies/sgt_compute.py
+# (studies/sgt_defaults.md); a uniform draw's plain mean is already unbiased
+DEFAULT_BETA = 0.0
 DEFAULT_MIX = 0.0
 DEFAULT_WEIGHTS = "none"
 DEFAULT_FLOOR = 0.0
@@ -602,6 +605,8 @@ def describe(args):
         return f"{args.sgt:.0%}: Rho-1's excess loss over {args.sgt_ref or 'the unigram model'}"
     score = "surprisal" if args.sgt_select == "surprisal" else "(1 - p_y)"
     text = f"{args.sgt:.0%}: drawn ~ {score}^{args.sgt_beta:g}"
+    if args.sgt_beta == 0:
+        text = f"{args.sgt:.0%}: drawn uniformly"
     if args.sgt_floor:
         text += f", floor {args.sgt_floor:g}"
     if args.sgt_mix:

@@ -14,6 +14,7 @@ loss at 1/4, 1/2 and all of its steps. Finished runs are kept; a study run again
 
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -214,8 +215,9 @@ def main(argv=None):
     p = common.parser(__doc__, "sgt-compute")
     p.add_argument("--small", action="store_true", help="the small-scale runs only")
     p.add_argument("--timing", action="store_true", help="also time each arm's step, one run at a time")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    args.command = " ".join(["python -m studies.sgt_compute", *(argv or [])])
+    args.command = " ".join(["python -m studies.sgt_compute", *argv])
     t0 = time.time()
     small = run_scale(args, "small", ARMS)
     ranked = sorted((a for a in CANDIDATES if qualifies(small, a)), key=lambda a: mean_final(small, a))
@@ -241,7 +243,9 @@ def write_defaults(args, t0, small, default, ranked, finalists):
               + (", ".join(f"{a} ({mean_final(small, a):.4f})" for a in ranked) or "none")]
     winners = [a for a in finalists if default and qualifies(default, a)]
     if not default:
-        lines.append("Default size not run: no winner yet.")
+        lines.append("The default-size runs are not done yet (a later invocation reuses every finished run). Until "
+                     f"they are, train.py's default is the first finalist, {finalists[0] if finalists else 'none'}: "
+                     "an interim choice that the rule's last stage confirms or replaces.")
     elif not winners:
         lines.append("No finalist qualifies at the default size: the default stays as it is.")
     else:
