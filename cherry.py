@@ -51,21 +51,34 @@ class GPTConfig:
     mtp_weight: float = 0.3  # lambda: loss = L + lambda * mean(L_k)
 
     def __post_init__(self):
-        """Refuse a shape that cannot be built, before any memory is spent."""
-        self.schedule = None if self.schedule is None else tuple(self.schedule)
+        """Refuse a shape that cannot be built (a checkpoint's config), before memory is spent."""
+        if self.schedule is not None:
+            self.schedule = tuple(self.schedule)
         if not (self.n_head >= 1 and self.n_embd % self.n_head == 0):
-            raise ValueError(f"n_head {self.n_head} must be at least 1 and divide n_embd {self.n_embd}")
-        ok = dict(block_size=self.block_size >= 1, vocab_size=self.vocab_size >= 1, n_embd=self.n_embd >= 1,
-                  n_layer=1 <= self.n_layer <= MAX_DEPTH, dropout=0 <= self.dropout < 1, lora_rank=self.lora_rank >= 0,
-                  gelu_approximate=self.gelu_approximate in ("none", "tanh"), n_expert=self.n_expert >= 0,
-                  schedule=self.schedule is None or 0 < len(self.schedule) <= MAX_DEPTH and
-                  all(isinstance(i, int) and 0 <= i < self.n_layer for i in self.schedule),
-                  experts_per_token=1 <= self.experts_per_token <= max(1, self.n_expert), mtp=0 <= self.mtp <= 16,
-                  capacity_factor=self.capacity_factor > 0, aux_weight=self.aux_weight >= 0,
-                  z_weight=self.z_weight >= 0, mtp_weight=self.mtp_weight >= 0)
-        bad = next((name for name, passed in ok.items() if not passed), None)
-        if bad:
-            raise ValueError(f"{bad} {getattr(self, bad)!r} is out of range")
+            raise ValueError(f"n_head {self.n_head} must be at least 1 and divide n_embd "
+                             f"{self.n_embd}")
+        runs = self.schedule or ()
+        in_range = {  # field: its value is in range
+            "block_size": self.block_size >= 1,
+            "vocab_size": self.vocab_size >= 1,
+            "n_embd": self.n_embd >= 1,
+            "n_layer": 1 <= self.n_layer <= MAX_DEPTH,
+            "dropout": 0 <= self.dropout < 1,
+            "gelu_approximate": self.gelu_approximate in ("none", "tanh"),
+            "schedule": self.schedule is None or 0 < len(runs) <= MAX_DEPTH and all(
+                isinstance(i, int) and 0 <= i < self.n_layer for i in runs),
+            "lora_rank": self.lora_rank >= 0,
+            "n_expert": self.n_expert >= 0,
+            "experts_per_token": 1 <= self.experts_per_token <= max(1, self.n_expert),
+            "capacity_factor": self.capacity_factor > 0,
+            "aux_weight": self.aux_weight >= 0,
+            "z_weight": self.z_weight >= 0,
+            "mtp": 0 <= self.mtp <= 16,
+            "mtp_weight": self.mtp_weight >= 0,
+        }
+        for name, ok in in_range.items():
+            if not ok:
+                raise ValueError(f"{name} {getattr(self, name)!r} is out of range")
 
     def applications(self):
         """The layer index of every application in order: the schedule, or each layer once."""
@@ -225,12 +238,13 @@ class GPT(nn.Module):
         return torch.func.functional_call(block, self.adapters[a].weights(block), (x, cache, a))
 
     def forward(self, idx, targets=None, positions=None, weights=None, choose=None):
-        """targets None: the last position's logits (inference). Full supervision: the mean cross-entropy of all
-        B*T targets. SGT: positions (B, k), the targets supervised in each sequence, the head run on their hidden
-        states only; weights (B, k) each pick's share of its sequence's loss (None: the plain mean over the picks);
-        or choose, a function from the per-position losses (B, T) of a head pass without gradient to
-        (positions, weights) (Rho-1's excess loss, --sgt_select gradient). The routers' and multi-token prediction
-        losses are added when the model has them (section 5)."""
+        """targets None: the last position's logits (inference). Full supervision: the mean
+        cross-entropy of all B*T targets. SGT: positions (B, k), the targets supervised in each
+        sequence, the head run on their hidden states only; weights (B, k) each pick's share of its
+        sequence's loss (None: the plain mean over the picks); or choose, a function from the
+        per-position losses (B, T) of a head pass without gradient to (positions, weights) (Rho-1's
+        excess loss, --sgt_select gradient). The routers' and multi-token prediction losses are
+        added when the model has them (section 5)."""
         x = self.hidden(idx, residual=True)  # (B, T, C)
         h = self.ln_f(x)
         if targets is None:
@@ -323,21 +337,25 @@ def surprisal_table(unigram_counts, vocab_size):
 
 
 def select_positions(targets, fraction, generator, surprisal=None, beta=0.0, mix=0.0, floor=0.0):
-    """SGT's draw on unigram surprisal: the k = ceil(fraction * T) targets of each sequence to supervise, scored by
-    their surprisal s(y) (None: every target alike, a uniform draw). Returns draw_positions(...)."""
+    """SGT's draw on unigram surprisal: the k = ceil(fraction * T) targets of each sequence to
+    supervise, scored by their surprisal s(y) (None: every target alike, a uniform draw). Returns
+    draw_positions(...)."""
     scores = torch.ones(targets.shape) if surprisal is None else surprisal[targets]
-    return draw_positions(scores, math.ceil(fraction * targets.size(1)), generator, beta, mix, floor)
+    k = math.ceil(fraction * targets.size(1))
+    return draw_positions(scores, k, generator, beta, mix, floor)
 
 
 def draw_positions(scores, k, generator, beta=0.0, mix=0.0, floor=0.0):
-    """k positions per sequence, drawn without replacement with probability ~ w = score^beta (Gumbel top-k on log w):
-    beta 0 is a uniform draw, beta inf the k top scores; mix: that share of the k drawn uniformly from the rest.
-    floor F mixes uniform weight into each sequence's w, (1 - F) w / mean(w) + F: the inverse weights' tail shrinks.
-    Returns (positions (B, k), inclusion (B, k)), sorted by position: inclusion is each pick's probability of being
-    picked given the (k+1)-th largest key tau, pi = 1 - exp(-w exp(-tau)) (rank conditioning, Cohen and Kaplan's
-    bottom-k estimator), so E[1{picked} / pi] = 1 at every position; None where it has no such form (beta inf, mix).
-    The tilt's cost without weights: SGT's optimum is q(y|c) ~ p(y|c) pi(y, c), an extra loss of
-    log E_p[pi] - E_p[log pi], unbounded where pi is 0 (top-k never supervises frequent tokens)."""
+    """k positions per sequence, drawn without replacement with probability ~ w = score^beta (Gumbel
+    top-k on log w): beta 0 is a uniform draw, beta inf the k top scores; mix: that share of the k
+    drawn uniformly from the rest. floor F mixes uniform weight into each sequence's w, (1 - F) w /
+    mean(w) + F: the inverse weights' tail shrinks. Returns (positions (B, k), inclusion (B, k)),
+    sorted by position: inclusion is each pick's probability of being picked given the (k+1)-th
+    largest key tau, pi = 1 - exp(-w exp(-tau)) (rank conditioning, Cohen and Kaplan's bottom-k
+    estimator), so E[1{picked} / pi] = 1 at every position; None where it has no such form (beta
+    inf, mix). The tilt's cost without weights: SGT's optimum is q(y|c) ~ p(y|c) pi(y, c), an extra
+    loss of log E_p[pi] - E_p[log pi], unbounded where pi is 0 (top-k never supervises frequent
+    tokens)."""
     B, T = scores.shape
     k_uniform = round(mix * k)
     gumbel = lambda: -torch.empty(B, T).exponential_(generator=generator).log().to(scores.device)
@@ -356,51 +374,63 @@ def draw_positions(scores, k, generator, beta=0.0, mix=0.0, floor=0.0):
     inclusion = None
     if weighted:
         tau = top.values[:, k:] if k < T else torch.full((B, 1), -math.inf, device=scores.device)
-        inclusion = -torch.expm1(-(log_w.gather(1, picked) - tau).exp())  # 1 - exp(-w e^-tau), exact near 0
+        # 1 - exp(-w e^-tau), exact near 0
+        inclusion = -torch.expm1(-(log_w.gather(1, picked) - tau).exp())
     if k_uniform:
-        picked = torch.cat([picked, gumbel().scatter(1, picked, -math.inf).topk(k_uniform, dim=1).indices], dim=1)
+        rest = gumbel().scatter(1, picked, -math.inf)  # the tilted picks are out of this draw
+        picked = torch.cat([picked, rest.topk(k_uniform, dim=1).indices], dim=1)
     picked, order = picked.sort(dim=1)
     return picked, None if inclusion is None else inclusion.gather(1, order)
 
 
 def inverse_weights(inclusion, T):
-    """Each pick's weight 1 / (T pi): the weighted sum of the picks' losses estimates the mean loss of all T targets
-    without bias (Horvitz-Thompson), and its gradient the full gradient, for any tilt."""
+    """Each pick's weight 1 / (T pi): the weighted sum of the picks' losses estimates the mean loss
+    of all T targets without bias (Horvitz-Thompson), and its gradient the full gradient, for any
+    tilt."""
     return 1 / (T * inclusion)
 
 
 def gradient_scores(losses):
-    """--sgt_select gradient: 1 - p_y, the size of a target's gradient at the logits (where the model can still learn),
-    from the per-position losses -log p_y of a head pass without gradient; kept above 0 so every target can be drawn."""
+    """--sgt_select gradient: 1 - p_y, the size of a target's gradient at the logits (where the
+    model can still learn), from the per-position losses -log p_y of a head pass without gradient;
+    kept above 0 so every target can be drawn."""
     return (-torch.expm1(-losses)).clamp(min=1e-6)
 
 
 def excess_selector(k, reference_losses):
-    """Rho-1: a function of the model's per-position losses (B, T) that picks, in each sequence, the k positions where
-    they most exceed the reference's (the unigram model's by default), all weighted alike."""
-    return lambda losses: ((losses - reference_losses).topk(k, dim=1).indices.sort(dim=1).values, None)
+    """Rho-1: a function of the model's per-position losses (B, T) that picks, in each sequence, the
+    k positions where they most exceed the reference's (the unigram model's by default), all
+    weighted alike."""
+    def choose(losses):
+        positions = (losses - reference_losses).topk(k, dim=1).indices
+        return positions.sort(dim=1).values, None
+    return choose
 
 
 def selection_mask(selected, T):
     """Boolean (B, T) mask from selected positions (B, k)."""
-    return torch.zeros(selected.size(0), T, dtype=torch.bool, device=selected.device).scatter_(1, selected, True)
+    mask = torch.zeros(selected.size(0), T, dtype=torch.bool, device=selected.device)
+    return mask.scatter_(1, selected, True)
 
 
 def split_gradients(model, x, y, mask):
-    """g_S and g_U: the gradients of the mean loss of the selected targets (mask) and of the others."""
+    """g_S and g_U: the gradients of the mean loss of the selected targets (mask) and of the others.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     losses = model.token_losses(x, y)
     grads = [torch.autograd.grad(losses[part].mean(), params, retain_graph=keep, allow_unused=True)
              for part, keep in ((mask, True), (~mask, False))]
-    return [[g if g is not None else torch.zeros_like(p) for g, p in zip(gs, params)] for gs in grads]
+    zeros_where_unused = lambda gs: [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+    return [zeros_where_unused(gs) for gs in grads]
 
 
 def gradient_coupling(model, batches):
-    """gamma, the coupling of g_S with g_U without batch noise, from independent batches [(x, y, mask)]:
-    mean_{i != j} g_S^i . g_U^j / sqrt(mean_{i != j} g_S^i . g_S^j x mean_{i != j} g_U^i . g_U^j), since two independent
-    batches' product estimates the expected gradients' product without bias (one batch's cosine is pulled to 0 by its
-    noise). gamma > 0: a step on the selected targets lowers the others' loss to first order. For the whole model, the
-    trunk (the blocks) and embedding + head (the rest), nan where noise leaves it undefined; naive: batch 0's cosine."""
+    """gamma, the coupling of g_S with g_U without batch noise, from independent batches [(x, y,
+    mask)]: mean_{i != j} g_S^i . g_U^j / sqrt(mean_{i != j} g_S^i . g_S^j x mean_{i != j} g_U^i .
+    g_U^j), since two independent batches' product estimates the expected gradients' product without
+    bias (one batch's cosine is pulled to 0 by its noise). gamma > 0: a step on the selected targets
+    lowers the others' loss to first order. For the whole model, the trunk (the blocks) and
+    embedding + head (the rest), nan where noise leaves it undefined; naive: batch 0's cosine."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     trunk = [n.startswith(("blocks.", "adapters.", "step_embed")) for n in names]
     parts = {"trunk": trunk, "embedding+head": [not t for t in trunk]}
@@ -408,7 +438,8 @@ def gradient_coupling(model, batches):
     for i, (x, y, mask) in enumerate(batches):
         g_s, g_u = split_gradients(model, x, y, mask)
         for part, keep in parts.items():
-            s, u = (torch.cat([g.flatten().double() for g, k in zip(grads, keep) if k]) for grads in (g_s, g_u))
+            flat = lambda grads: torch.cat([g.flatten().double() for g, k in zip(grads, keep) if k])
+            s, u = flat(g_s), flat(g_u)
             for key, value in dict(s=s, u=u, ss=s @ s, uu=u @ u, su=s @ u).items():
                 sums[part][key] = sums[part][key] + value
         if i == 0:
@@ -573,7 +604,8 @@ def distill_loss(logits, teacher_logits, temperature=1.0):
     with torch.no_grad():
         q = F.softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
         entropy = torch.special.entr(q).sum() / len(q)
-    # KL(q || p) = H(q, p) - H(q): a cross-entropy with soft targets, fewer passes over the vocabulary
+    # KL(q || p) = H(q, p) - H(q): a cross-entropy with soft targets, fewer passes over the
+    # vocabulary
     p_logits = logits.float().flatten(0, -2) / temperature
     return (F.cross_entropy(p_logits, q) - entropy) * temperature**2
 
@@ -746,8 +778,8 @@ def mtp_loss(model, x, targets, positions=None, weights=None):
     hidden state at position i with the embedding of t(i+d) and predicts t(i+d+1) through the shared
     ln_f and head; the mean of the D losses. targets[:, i] is t(i+1), so depth d reads targets
     shifted by d-1 and predicts them shifted by d. With SGT only the picked targets supervise, each
-    with its weight: target j is predicted at position j - d, depth d's head runs there only, and its
-    loss is the weighted mean over the picks that have such a position."""
+    with its weight: target j is predicted at position j - d, depth d's head runs there only, and
+    its loss is the weighted mean over the picks that have such a position."""
     losses = []
     for d, module in enumerate(model.mtp_modules, start=1):
         x = module(x, model.wte(shift_left(targets, d - 1, fill=0)))
@@ -830,7 +862,8 @@ def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=F
     forward = len(config.applications()) * (attention + moe) + 2 * C * V * sgt_fraction
     if not training:
         return forward
-    mtp = config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V * sgt_fraction)  # proj, block, head
+    # each MTP depth: its projection, block and head
+    mtp = config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V * sgt_fraction)
     return 3 * (forward + mtp) + 2 * C * V * full_head_forward
 
 

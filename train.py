@@ -1,10 +1,10 @@
 """
 Train a GPT with full supervision or with SGT (selective ground-truth token training).
 
-  python train.py --sgt 0.15                        # SGT: a uniformly random 15%, 12 x 128, Shakespeare
+  python train.py --sgt 0.15                        # SGT: a uniform 15%, 12 x 128, Shakespeare
   python train.py                                   # full supervision, for comparison
-  python train.py --sgt 0.15 --sgt_beta 2 --sgt_weights inverse --sgt_floor 0.1   # rare targets, unbiased
-  python train.py --sgt 0.15 --sgt_select gradient --sgt_beta 1 --sgt_weights inverse --sgt_floor 0.1
+  python train.py --sgt 0.15 --sgt_beta 2 --sgt_weights inverse --sgt_floor 0.1    # rare, unbiased
+  python train.py --sgt 0.15 --sgt_select gradient --sgt_beta 1 --sgt_weights inverse
   python train.py --sgt 0.15 --sgt_select excess    # Rho-1: the loss most above the unigram's
   python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune GPT-2, nanoGPT's or ours
   torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --sgt 0.15 --grad_accum 8
@@ -90,7 +90,8 @@ def training_args(prog, doc=__doc__):
       help=f"unweighted only: the share of the picks drawn uniformly (default {DEFAULT_MIX:.2f})")
     a("--sgt_weights", choices=["none", "inverse"], default=DEFAULT_WEIGHTS,
       help="inverse: each pick's loss weighted by 1/pi, its inclusion probability: an unbiased "
-           f"estimate of the full loss for any tilt; none: the picks' plain mean (default {DEFAULT_WEIGHTS})")
+           "estimate of the full loss for any tilt; none: the picks' plain mean "
+           f"(default {DEFAULT_WEIGHTS})")
     a("--sgt_floor", type=number(float, "[0, 1]"), default=DEFAULT_FLOOR,
       help="mix this share of uniform weight into each sequence's draw weights: tames the inverse "
            f"weights (default {DEFAULT_FLOOR:g})")
@@ -98,7 +99,8 @@ def training_args(prog, doc=__doc__):
     a("--shuffle_tokens", action="store_true", help="control: permute each window's tokens")
     # evaluation, logging, system
     a("--eval_interval", type=COUNT, default=100, help="evaluate and checkpoint every N steps")
-    a("--eval_iters", type=number(int, "[1, 10000]"), default=10, help="held-out batches per evaluation")
+    a("--eval_iters", type=number(int, "[1, 10000]"), default=10,
+      help="held-out batches per evaluation")
     a("--log_interval", type=COUNT, default=10, help="print a progress line every this many steps")
     a("--seed", type=number(int, f"[0, {2**63 - 1}]"), default=1337, help="init, data, selection")
     a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
@@ -182,9 +184,9 @@ class Data:
 
 
 class Selector:
-    """Which targets SGT supervises and with what weight; evaluation splits the held-out loss by the same rule (full
-    supervision at 15%). surprisal draws on the CPU before the step; gradient and excess pick inside the model's
-    forward, from its own per-position losses."""
+    """Which targets SGT supervises and with what weight; evaluation splits the held-out loss by the
+    same rule (full supervision at 15%). surprisal draws on the CPU before the step; gradient and
+    excess pick inside the model's forward, from its own per-position losses."""
 
     def __init__(self, args, meta, device):
         self.args = args
@@ -193,11 +195,13 @@ class Selector:
         self.generator = torch.Generator().manual_seed(args.seed + 1)
         self.reference = None  # Rho-1's reference model (frozen), else the unigram model
         if args.sgt_ref:
-            self.reference = guards.check_vocab(cherry.load_model(args.sgt_ref), meta, "--sgt_ref").to(device).eval()
-        self.largest = None  # the largest weight since the last evaluation, as a multiple of the plain mean's
+            reference = cherry.load_model(args.sgt_ref)
+            self.reference = guards.check_vocab(reference, meta, "--sgt_ref").to(device).eval()
+        self.largest = None  # the largest weight since the last evaluation, x the plain mean's
 
     def weights(self, inclusion, T, track=True):
-        """Each pick's weight, 1 / (T pi) with --sgt_weights inverse; None: the plain mean of the picks."""
+        """Each pick's weight, 1 / (T pi) with --sgt_weights inverse; None: the plain mean of the
+        picks."""
         if self.args.sgt_weights == "none":
             return None
         weights = cherry.inverse_weights(inclusion, T)
@@ -207,29 +211,35 @@ class Selector:
         return weights
 
     def draw(self, targets, generator=None):
-        """GPT.forward's SGT arguments for a batch drawn on the CPU: {positions, weights}; None for the selectors
-        that pick inside the forward (see chooser)."""
+        """GPT.forward's SGT arguments for a batch drawn on the CPU: {positions, weights}; None for
+        the selectors that pick inside the forward (see chooser)."""
         a = self.args
         if a.sgt_select != "surprisal":
             return None
-        positions, inclusion = cherry.select_positions(targets, self.fraction, generator or self.generator,
-                                                       self.surprisal, a.sgt_beta, a.sgt_mix, a.sgt_floor)
+        draws = generator or self.generator
+        positions, inclusion = cherry.select_positions(
+            targets, self.fraction, draws, self.surprisal, a.sgt_beta, a.sgt_mix, a.sgt_floor)
         return {"positions": positions, "weights": self.weights(inclusion, targets.size(1))}
 
     def chooser(self, x, y, generator=None):
-        """gradient and excess, for a batch on the device: a function from the model's per-position losses (B, T)
-        to (positions, weights). generator: the held-out picks' own (their weights are not tracked)."""
+        """gradient and excess, for a batch on the device: a function from the model's per-position
+        losses (B, T) to (positions, weights). generator: the held-out picks' own (their weights are
+        not tracked)."""
         a = self.args
         k = math.ceil(self.fraction * y.size(1))
         if a.sgt_select == "excess":  # where the model's loss most exceeds the reference's
             with torch.no_grad():
-                reference = self.reference.token_losses(x, y) if self.reference else self.surprisal.to(y.device)[y]
+                if self.reference:
+                    reference = self.reference.token_losses(x, y)
+                else:
+                    reference = self.surprisal.to(y.device)[y]
             return cherry.excess_selector(k, reference)
         draws = generator or self.generator
 
         def choose(losses):  # drawn ~ (1 - p_y)^beta
             scores = cherry.gradient_scores(losses)
-            positions, inclusion = cherry.draw_positions(scores, k, draws, a.sgt_beta, a.sgt_mix, a.sgt_floor)
+            positions, inclusion = cherry.draw_positions(
+                scores, k, draws, a.sgt_beta, a.sgt_mix, a.sgt_floor)
             return positions, self.weights(inclusion, y.size(1), track=generator is None)
         return choose
 
@@ -245,7 +255,8 @@ class Selector:
 
 def lr_at(it, args):
     """Linear warm-up, then cosine decay to min_lr."""
-    decay_iters, min_lr = args.lr_decay_iters or args.max_iters, args.lr / 10 if args.min_lr is None else args.min_lr
+    decay_iters = args.lr_decay_iters or args.max_iters
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     if it < args.warmup_iters:
         return args.lr * (it + 1) / (args.warmup_iters + 1)
     ratio = min(1.0, (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters))
@@ -253,8 +264,9 @@ def lr_at(it, args):
 
 
 def micro_batches(x, y, picks, selector, args, rank, world, device):
-    """This process's micro-batches of a global batch: [(x, y, sgt)], sgt GPT.forward's SGT arguments: {} for full
-    supervision, {positions, weights} from picks (the global batch's draw), or {choose} for gradient and excess."""
+    """This process's micro-batches of a global batch: [(x, y, sgt)], sgt GPT.forward's SGT
+    arguments: {} for full supervision, {positions, weights} from picks (the global batch's draw),
+    or {choose} for gradient and excess."""
     out = []
     for m in range(rank * (args.grad_accum // world), (rank + 1) * (args.grad_accum // world)):
         part = slice(m * args.batch_size, (m + 1) * args.batch_size)
@@ -270,12 +282,14 @@ def micro_batches(x, y, picks, selector, args, rank, world, device):
 
 
 def optimizer_step(model, optimizer, scaler, micro, ctx, grad_clip):
-    """One optimizer step over micro-batches [(x, y, sgt)]. Returns their mean loss and whether the gradient was
-    clipped (tensors on the device: no sync)."""
+    """One optimizer step over micro-batches [(x, y, sgt)]. Returns their mean loss and whether the
+    gradient was clipped (tensors on the device: no sync)."""
     total = 0.0
     for i, (x, y, sgt) in enumerate(micro):
         # under DDP, all-reduce the gradients only once, on the last micro-batch
-        with (model.no_sync() if isinstance(model, DDP) and i < len(micro) - 1 else contextlib.nullcontext()), ctx:
+        last = i == len(micro) - 1
+        no_sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
+        with no_sync, ctx:
             _, loss = model(x, y, **sgt)
         scaler.scale(loss / len(micro)).backward()
         total = total + loss.detach() / len(micro)
@@ -291,9 +305,10 @@ def optimizer_step(model, optimizer, scaler, micro, ctx, grad_clip):
 
 
 class HeldOut:
-    """The held-out windows of every evaluation, in batches, with the positions the selector picks in them (from a
-    generator of their own, so they never depend on training); excess picks by the model's losses of the moment."""
-    GAMMA_BATCHES = 4  # gamma's cost: a forward and two backward passes through the full head per batch
+    """The held-out windows of every evaluation, in batches, with the positions the selector picks
+    in them (from a generator of their own, so they never depend on training); excess picks by the
+    model's losses of the moment."""
+    GAMMA_BATCHES = 4  # gamma's cost: a forward and two backward passes through the full head each
 
     def __init__(self, args, data, selector, device):
         x, y = data.eval_batch(args.eval_iters * args.batch_size)
@@ -309,10 +324,11 @@ class HeldOut:
 
     @torch.no_grad()
     def masks(self, model, ctx, rank=0, world=1):
-        """[(x, y, mask (B, T) on the picked targets, per-position losses)] of this process's batches."""
+        """[(x, y, mask (B, T) on the picked targets, per-position losses)] of this process's
+        batches."""
         model.eval()
         out = []
-        generator = torch.Generator().manual_seed(self.seed)  # gradient's picks: the same draws every time
+        generator = torch.Generator().manual_seed(self.seed)  # gradient's picks: the same draws
         for x, y, positions in self.batches[rank::world]:
             with ctx:
                 losses = model.token_losses(x, y).double()
@@ -323,7 +339,8 @@ class HeldOut:
         return out
 
     def evaluate(self, model, ctx, rank=0, world=1):
-        """Held-out loss on all targets, on the selected ones and on the rest (summed over processes)."""
+        """Held-out loss on all targets, on the selected ones and on the rest (summed over
+        processes)."""
         sums = torch.zeros(3, 2, dtype=torch.float64, device=self.batches[0][0].device)
         for x, y, mask, losses in self.masks(model, ctx, rank, world):
             for i, part in enumerate((torch.ones_like(mask), mask, ~mask)):
@@ -333,17 +350,21 @@ class HeldOut:
         return dict(zip(("loss", "loss_sup", "loss_unsup"), (sums[:, 0] / sums[:, 1]).tolist()))
 
     def coupling(self, model, ctx):
-        """gamma without batch noise (cherry.gradient_coupling) on held-out batches, and the naive one-batch cosine."""
+        """gamma without batch noise (cherry.gradient_coupling) on held-out batches, and the naive
+        one-batch cosine."""
         batches = [(x, y, mask) for x, y, mask, _ in self.masks(model, ctx)[:self.GAMMA_BATCHES]]
         with ctx:
-            gamma = cherry.gradient_coupling(model.eval(), batches)  # no dropout: gradients of the model itself
+            # no dropout: the gradients of the model itself
+            gamma = cherry.gradient_coupling(model.eval(), batches)
         model.train()
-        return {"gamma": gamma["all"], "gamma_trunk": gamma["trunk"], "gamma_embedding_head": gamma["embedding+head"],
+        return {"gamma": gamma["all"], "gamma_trunk": gamma["trunk"],
+                "gamma_embedding_head": gamma["embedding+head"],
                 "gamma_naive": gamma["naive"], "gamma_batch": len(batches[0][0])}
 
     @torch.no_grad()
     def expert_load(self, model, ctx):
-        """The share of the held-out tokens each expert gets, per layer (every application of an unrolled layer)."""
+        """The share of the held-out tokens each expert gets, per layer (every application of an
+        unrolled layer)."""
         total = 0
         for x, _, _ in self.batches:
             with ctx:
@@ -391,7 +412,8 @@ def restore(ckpt, optimizer, scaler, generators, device):
         for p, state in optimizer.state.items():  # torch takes moments of any shape, then fails
             for k, v in state.items():
                 if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
-                    raise ValueError(f"its {k} has shape {tuple(v.shape)}, its weight {tuple(p.shape)}")
+                    raise ValueError(f"its {k} has shape {tuple(v.shape)}, its weight "
+                                     f"{tuple(p.shape)}")
         if scaler.is_enabled() and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         for generator, state in zip(generators, ckpt["rng"]):
@@ -401,7 +423,8 @@ def restore(ckpt, optimizer, scaler, generators, device):
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
-        raise ValueError(f"the checkpoint's optimizer or random state does not fit this run ({first}); "
+        raise ValueError(f"the checkpoint's optimizer or random state does not fit this run "
+                         f"({first}); "
                          f"start a new --out_dir with --init_from the checkpoint") from None
     return ckpt["iter"], ckpt["best"], ckpt["metrics"]
 
@@ -415,7 +438,8 @@ def train(args, model=None, summary_extra=None, teacher=None):
     for a fresh one from the flags. With --resume the model, optimizer, RNGs and data position come
     from <out_dir>/ckpt.pt and the run goes on exactly as if it had never stopped. Returns the
     summary (also written to summary.json). teacher: distil from it (compress.py's --distill,
-    --distill_temp, --distill_hidden in args): frozen, its forward counted in the FLOPs, never saved."""
+    --distill_temp, --distill_hidden in args): frozen, its forward counted in the FLOPs, never
+    saved."""
     # the processes, the run folder, the device: every check before anything is written
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
