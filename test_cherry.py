@@ -1069,7 +1069,7 @@ def test_compress_and_fuse_honour_dropout(tiny_data, tmp_path, monkeypatch):
     torch.manual_seed(0)
     dense = cherry.GPT(tiny_config(vocab_size=50304))
     torch.save({"model": dense.state_dict(), "config": asdict(dense.config)}, tmp_path / "dense.pt")
-    monkeypatch.setattr(train, "train", lambda args, model, summary_extra=None: model)  # the model it would train
+    monkeypatch.setattr(train, "train", lambda args, model, summary_extra=None, teacher=None: model)  # the model it would train
     flags = ["--data", tiny_data, *RUN]
     small = compress.main([*flags, "--init_from", str(tmp_path / "dense.pt"), "--layers", "1", "--dropout", "0.2",
                            "--out_dir", str(tmp_path / "c")])
