@@ -327,4 +327,5 @@ def cli(main, prog, argv=None, interrupted=""):
             raise  # a bug: its traceback is the report
         raise SystemExit(f"{prog}: out of memory; lower --batch_size or --block_size, or use a smaller model") from None
     except KeyboardInterrupt as e:  # train.py's says which step its checkpoint holds
-        raise SystemExit(f"{prog}: {e or 'interrupted'}" + (f"; {interrupted}" if interrupted else "")) from None
+        said = str(e) or "interrupted"
+        raise SystemExit(f"{prog}: {said}" + (f"; {interrupted}" if interrupted else "")) from None

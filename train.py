@@ -450,19 +450,22 @@ def train(args, model=None, summary_extra=None, teacher=None):
     ckpt = guards.check_run_folder(args)
     device, kind, dtype, ctx = guards.setup_device(args, distributed=world > 1)
     torch.manual_seed(args.seed)
-    # the model: the checkpoint's, the one given, or a fresh one of the flags' shape
+    # the model's shape: the checkpoint's, the one given, or a fresh one of the flags' shape
     source = f"--init_from {args.init_from}" if args.init_from else "the model given"
     if ckpt is not None:
         model = cherry.build_model(ckpt["config"], ckpt["model"], ckpt_path)
         source = ckpt_path
     if model is None:
         cfg = model_config(args, **data_vocabulary(data_prep.load(args.data)[0]))
-        guards.check_memory(cfg, argparse.Namespace(**{**vars(args), "block_size": cfg.block_size}),
-                            device, dtype)  # before the weights and a step take memory
-        model = cherry.GPT(cfg)
-    cfg = model_config(args, model.config, source)
-    # the data (the run's own content), the selector, the optimizer, and where the run stands
+    else:
+        cfg = model_config(args, model.config, source)
+    # the data (the run's own content), then a fresh model, once its memory is known to fit
     data = Data(args.data, args.block_size or cfg.block_size, args.shuffle_tokens)
+    if model is None:
+        step = argparse.Namespace(**{**vars(args), "block_size": data.block_size})
+        guards.check_memory(cfg, step, device, dtype)  # before the weights and a step take memory
+        model = cherry.GPT(cfg)
+    # the selector, the optimizer, and where the run stands
     if ckpt is not None and ckpt.get("data_fingerprint", data.fingerprint) != data.fingerprint:
         raise ValueError(f"--resume: --data {args.data} does not hold the data {ckpt_path} was "
                          f"trained on (prepared again?); give the folder it was started with")
