@@ -825,6 +825,17 @@ def fuse(experts, experts_per_token=1, mtp=0, **moe_config):
     return fused
 
 
+@torch.no_grad()
+def soup(models):
+    """fuse's control: N models of one shape averaged tensor by tensor (MLPs too) into one model of
+    that shape, no router. Is the mixture's routing needed, or is the average as good? A new GPT."""
+    out = GPT(models[0].config)
+    states = [m.state_dict() for m in models]
+    mean = lambda k: torch.stack([state[k].float() for state in states]).mean(dim=0)
+    out.load_state_dict({k: mean(k) for k in states[0]})
+    return out
+
+
 # ----------------------------------------------------------------------------
 # 6. Counts: parameters and FLOPs
 

@@ -589,6 +589,17 @@ def test_the_whole_moee_model_traces_as_one_graph():
         assert explained.graph_count == 1 and explained.graph_break_count == 0
 
 
+def test_a_soup_is_every_tensor_averaged_and_of_one_model_that_model():
+    a, b = tiny_model(), tiny_model(seed=1)
+    torch.nn.init.normal_(b.blocks[0].mlp.c_fc.weight)
+    souped = cherry.soup([a, b])
+    for name, p in souped.named_parameters():
+        assert close(p, (a.get_parameter(name) + b.get_parameter(name)) / 2, atol=1e-6), name
+    assert souped.lm_head.weight is souped.wte.weight
+    x = torch.randint(0, 96, (2, 16))
+    assert close(cherry.soup([a])(x)[0], a(x)[0], atol=1e-6)
+
+
 def test_top1_active_params_are_one_experts_plus_the_routers():
     expert = compressed_model()
     fused = cherry.fuse([expert] * 4, experts_per_token=1, mtp=2)

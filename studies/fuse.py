@@ -58,10 +58,10 @@ def prepare(s):
 
 def soup(experts, path):
     """The experts' tensors averaged into one model of their shape (every tensor, MLPs too), saved for --init_from."""
-    models = [cherry.load_model(e) for e in experts]
-    state = {k: torch.stack([m.state_dict()[k].float() for m in models]).mean(dim=0) for k in models[0].state_dict()}
+    souped = cherry.soup([cherry.load_model(e) for e in experts])
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    data_prep.atomic_write(path, lambda f: torch.save({"model": state, "config": asdict(models[0].config)}, f))
+    state = {"model": souped.state_dict(), "config": asdict(souped.config)}
+    data_prep.atomic_write(path, lambda f: torch.save(state, f))
 
 
 def verdict(d):

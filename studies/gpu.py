@@ -375,15 +375,6 @@ def compression_phase(run):
     scratch("compress/dense 3, pipeline FLOPs", "small")
 
 
-@torch.no_grad()
-def soup(models):
-    """The experts' tensors averaged into one model of their shape, no router: is routing needed at all?"""
-    out = copy.deepcopy(models[0])
-    for name, p in out.named_parameters():
-        p.copy_(torch.stack([m.get_parameter(name) for m in models]).mean(dim=0))
-    return out
-
-
 def moee_phase(run):
     """Korean and code experts recovered from the compressed teacher, fused (cherry.fuse, top-1); against each single
     expert at equal steps and at equal pipeline FLOPs, the soup, MoEE + MTP and dense 8 with the pipeline's FLOPs."""
@@ -400,7 +391,9 @@ def moee_phase(run):
     fit(run, "moee/MoEE", fused(0), lr, both, both)
     for d, model in zip(DOMAINS, copies()):
         fit(run, f"moee/single {d}", model, lr, both, both)
-    fit(run, "moee/soup", soup(experts) if ready else None, lr, both, both)
+    with torch.device(run.device):
+        souped = cherry.soup(experts) if ready else None
+    fit(run, "moee/soup", souped, lr, both, both)
     fit(run, "moee/MoEE + MTP", fused(1), lr, both, both)
     for d, model in zip(DOMAINS, copies()):
         fit(run, f"moee/single {d}, pipeline FLOPs", model, lr, both, both)
