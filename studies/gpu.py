@@ -255,8 +255,10 @@ def step(run, model, opt, x, y, selector=None, teacher=None):
                 target = teacher.lm_head(teacher.hidden(x))
             loss = DISTILL(logits, target)
         else:
-            picks = selector and (selector.draw(y) or {"choose": selector.chooser(x, y)})
-            _, loss = model(x, y, **(picks or {}))
+            picks = {}  # full supervision
+            if selector is not None:  # drawn on the CPU, or picked inside the forward (gradient)
+                picks = selector.draw(y) or {"choose": selector.chooser(x, y)}
+            _, loss = model(x, y, **picks)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
