@@ -81,7 +81,7 @@ def run_scale(args, scale, arms):
     """Train every arm on every corpus at this scale (finished runs are kept); {(corpus, arm, seed): out_dir}."""
     flags, seeds = SCALES[scale]
     folders = data_folders(scale)
-    runs = {(c, a, s): out_dir(args, scale, c, a, s) for c in CORPORA for a in arms for s in seeds}
+    runs = {(c, a, s): out_dir(args, scale, c, a, s) for a in arms for c in CORPORA for s in seeds}
     jobs = [("train", ["--data", folders[c], "--seed", s, *flags, *ARMS[a], "--out_dir", out])
             for (c, a, s), out in runs.items()]
     common.run_all(jobs)
@@ -222,11 +222,14 @@ def main(argv=None):
     small = run_scale(args, "small", ARMS)
     ranked = sorted((a for a in CANDIDATES if qualifies(small, a)), key=lambda a: mean_final(small, a))
     finalists = ranked[:FINALISTS]
-    default = run_scale(args, "default", ["full", *finalists]) if finalists and not args.small else {}
+    # the rule's own runs first, so that the default is decided before the full-supervision curves are run
+    default = run_scale(args, "default", finalists) if finalists and not args.small else {}
+    write_defaults(args, t0, small, default, ranked, finalists)
+    if default:
+        default.update(run_scale(args, "default", ["full"]))
     times = {}
     if args.timing:
         times = {scale: seconds_per_step(args, scale, data_folders(scale)) for scale in ("small", "default")}
-    write_defaults(args, t0, small, default, ranked, finalists)
     write_compute(args, t0, {"small": small, "default": default}, times)
 
 
