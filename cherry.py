@@ -2,15 +2,13 @@
 CHERRY in one file: a GPT (nanoGPT-style) and the paper's three techniques, in the paper's order.
   1. Config and presets                4. Depth compression: average adjacent layers, unroll, LoRA
   2. Transformer (with a KV cache)     5. MoEE: a router over the experts' MLPs, fusion, MTP
-  3. SGT: which targets to supervise   6. Counts: parameters and FLOPs     Appendix: loading weights
+  3. SGT: which targets to supervise   6. Counts: parameters and FLOPs
+Loading and saving weights (this project's, nanoGPT's, Hugging Face's) is checkpoint.py's.
 """
 
-import json
 import math
-import os
 import re
-import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -51,34 +49,11 @@ class GPTConfig:
     mtp_weight: float = 0.3  # lambda: loss = L + lambda * mean(L_k)
 
     def __post_init__(self):
-        """Refuse a shape that cannot be built (a checkpoint's config), before memory is spent."""
-        if self.schedule is not None:
+        if self.schedule is not None:  # a checkpoint stores it as a list
             self.schedule = tuple(self.schedule)
         if not (self.n_head >= 1 and self.n_embd % self.n_head == 0):
             raise ValueError(f"n_head {self.n_head} must be at least 1 and divide n_embd "
                              f"{self.n_embd}")
-        runs = self.schedule or ()
-        in_range = {  # field: its value is in range
-            "block_size": self.block_size >= 1,
-            "vocab_size": self.vocab_size >= 1,
-            "n_embd": self.n_embd >= 1,
-            "n_layer": 1 <= self.n_layer <= MAX_DEPTH,
-            "dropout": 0 <= self.dropout < 1,
-            "gelu_approximate": self.gelu_approximate in ("none", "tanh"),
-            "schedule": self.schedule is None or 0 < len(runs) <= MAX_DEPTH and all(
-                isinstance(i, int) and 0 <= i < self.n_layer for i in runs),
-            "lora_rank": self.lora_rank >= 0,
-            "n_expert": self.n_expert >= 0,
-            "experts_per_token": 1 <= self.experts_per_token <= max(1, self.n_expert),
-            "capacity_factor": self.capacity_factor > 0,
-            "aux_weight": self.aux_weight >= 0,
-            "z_weight": self.z_weight >= 0,
-            "mtp": 0 <= self.mtp <= 16,
-            "mtp_weight": self.mtp_weight >= 0,
-        }
-        for name, ok in in_range.items():
-            if not ok:
-                raise ValueError(f"{name} {getattr(self, name)!r} is out of range")
 
     def applications(self):
         """The layer index of every application in order: the schedule, or each layer once."""
@@ -411,79 +386,6 @@ def selection_mask(selected, T):
     """Boolean (B, T) mask from selected positions (B, k)."""
     mask = torch.zeros(selected.size(0), T, dtype=torch.bool, device=selected.device)
     return mask.scatter_(1, selected, True)
-
-
-def split_gradients(model, x, y, mask):
-    """g_S and g_U: the gradients of the mean loss of the selected targets (mask) and of the others.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    losses = model.token_losses(x, y)
-    grads = [torch.autograd.grad(losses[part].mean(), params, retain_graph=keep, allow_unused=True)
-             for part, keep in ((mask, True), (~mask, False))]
-    zeros_where_unused = lambda gs: [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
-    return [zeros_where_unused(gs) for gs in grads]
-
-
-def gradient_coupling(model, batches):
-    """gamma, the coupling of g_S with g_U without batch noise, from independent batches [(x, y,
-    mask)]: mean_{i != j} g_S^i . g_U^j / sqrt(mean_{i != j} g_S^i . g_S^j x mean_{i != j} g_U^i .
-    g_U^j), since two independent batches' product estimates the expected gradients' product without
-    bias (one batch's cosine is pulled to 0 by its noise). gamma > 0: a step on the selected targets
-    lowers the others' loss to first order. For the whole model, the trunk (the blocks) and
-    embedding + head (the rest), nan where noise leaves it undefined; naive: batch 0's cosine."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    trunk = [n.startswith(("blocks.", "adapters.", "step_embed")) for n in names]
-    parts = {"trunk": trunk, "embedding+head": [not t for t in trunk]}
-    sums = {part: dict(s=0, u=0, ss=0, uu=0, su=0) for part in parts}  # sums over the batches
-    for i, (x, y, mask) in enumerate(batches):
-        g_s, g_u = split_gradients(model, x, y, mask)
-        for part, keep in parts.items():
-            flat = lambda grads: torch.cat([g.flatten().double() for g, k in zip(grads, keep) if k])
-            s, u = flat(g_s), flat(g_u)
-            for key, value in dict(s=s, u=u, ss=s @ s, uu=u @ u, su=s @ u).items():
-                sums[part][key] = sums[part][key] + value
-        if i == 0:
-            naive = [sum(sums[part][key] for part in parts) for key in ("ss", "uu", "su")]
-    # over the pairs i != j: sum a^i . b^j = (sum_i a^i) . (sum_j b^j) - sum_i a^i . b^i
-    pairs = {part: (a["s"] @ a["s"] - a["ss"], a["u"] @ a["u"] - a["uu"], a["s"] @ a["u"] - a["su"])
-             for part, a in sums.items()}
-    pairs.update(all=[sum(pairs[part][i] for part in parts) for i in range(3)], naive=naive)
-    return {part: (su / (ss * uu).sqrt()).item() if ss > 0 and uu > 0 else math.nan
-            for part, (ss, uu, su) in pairs.items()}
-
-
-def batch_gradients(model, batches):
-    """g_S and g_U of each batch [(x, y, mask)], flattened over the model: two (n, P) tensors."""
-    grads = [split_gradients(model, x, y, mask) for x, y, mask in batches]
-    flat = lambda i: torch.stack([torch.cat([g.flatten() for g in pair[i]]) for pair in grads])
-    return flat(0).double(), flat(1).double()
-
-
-def coupling_with_error(g_s, g_u):
-    """The coupling with an error bar, from the gradients (n, P) of n >= 3 independent batches
-    (batch_gradients): the numerator E[g_S] . E[g_U] (the sign Theorem 1 needs), the mean over
-    pairs i != j of g_S^i . g_U^j, and gamma, the ratio of the pooled pair sums (as in
-    gradient_coupling), each with a jackknife standard error over the batches. gamma is undefined
-    where noise makes a pooled like-pair sum non-positive; undefined counts the n + 1 estimates
-    (all batches, then each left out) where it is, and gamma_se is nan if any is."""
-    n = len(g_s)
-    grams = [g_s @ g_s.T, g_u @ g_u.T, g_s @ g_u.T]
-
-    def estimate(keep):  # sum over pairs i != j of the kept batches: the block less its diagonal
-        ss, uu, su = (g[keep][:, keep].sum() - g.diagonal()[keep].sum() for g in grams)
-        gamma = (su / (ss * uu).sqrt()).item() if ss > 0 and uu > 0 else math.nan
-        return (su / (len(keep) * (len(keep) - 1))).item(), gamma
-
-    numerator, gamma = estimate(list(range(n)))
-    left_out = [estimate([j for j in range(n) if j != i]) for i in range(n)]
-
-    def jackknife(values):  # sqrt((n - 1) / n * sum (theta_i - mean)^2)
-        mean = sum(values) / n
-        return math.sqrt((n - 1) / n * sum((v - mean) ** 2 for v in values))
-    undefined = sum(math.isnan(g) for _, g in left_out) + math.isnan(gamma)
-    return {"numerator": numerator, "numerator_se": jackknife([v for v, _ in left_out]),
-            "gamma": gamma, "gamma_se": jackknife([g for _, g in left_out]), "undefined": undefined,
-            "batches": n}
 
 
 # ----------------------------------------------------------------------------
@@ -876,167 +778,3 @@ def flops_per_token(config, sgt_fraction=1.0, training=True, full_head_forward=F
     # each MTP depth: its projection, block and head
     mtp = config.mtp * (2 * 2 * C * C + attention + mlp + 2 * C * V * sgt_fraction)
     return 3 * (forward + mtp) + 2 * C * V * full_head_forward
-
-
-# ----------------------------------------------------------------------------
-# Appendix: loading weights. A .pt or .bin file is read by torch.load(weights_only=True): plain
-# data, never pickled code. A .safetensors file holds tensors only; GPT-2 by name comes through
-# transformers.
-
-
-def load_checkpoint(path):
-    """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is
-    refused, not run. An OSError (no permission, a folder) is torch's own line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with warnings.catch_warnings():  # a damaged file makes torch warn before it fails
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception:  # torch's own message is many lines of advice: say what happened in one
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read, never run
-        except Exception:
-            unsafe = []
-        if unsafe:
-            raise ValueError(f"{path} holds a pickled Python object ({unsafe[0]}) that loading "
-                             f"would have to run; refused, nothing was executed") from None
-        raise ValueError(f"{path} is corrupt, truncated or not a torch checkpoint; it was not "
-                         f"loaded") from None
-
-
-def config_type_error(config):
-    """The first field of a stored config (a dict) not of its type, as 'name value', or None: 32.0
-    where a count belongs, a string for a flag, an infinite float."""
-    for f in fields(GPTConfig):
-        value, default = config.get(f.name, f.default), f.default
-        if isinstance(default, bool):
-            passed = isinstance(value, bool)
-        elif isinstance(default, int):
-            passed = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            passed = number and math.isfinite(value)
-        elif isinstance(default, str):
-            passed = isinstance(value, str)
-        else:  # schedule: None or the layer of each application (checked by GPTConfig)
-            passed = value is None or isinstance(value, (list, tuple))
-        if not passed:
-            return f"{f.name} {value!r}"
-    return None
-
-
-def build_model(config, state, source, dropout=None):
-    """A GPT of config (a dict) holding the tensors of state, checked before memory is spent: field
-    types, modules are counted, the model is built on the meta device, the stored tensors are
-    assigned to it, not copied, and must be finite (NaN weights would only show as NaN logits).
-    dropout None keeps the config's."""
-    wrong = config_type_error(config) if isinstance(config, dict) else "config, not a dict"
-    if wrong:
-        raise ValueError(f"{source} has a config this model cannot build ({wrong} is of the wrong "
-                         f"type)")
-    try:
-        config = dict(config)
-        if "vocab" in config:  # its name in checkpoints written before it was vocab_id
-            config["vocab_id"] = config.pop("vocab")
-        if dropout is not None:
-            config["dropout"] = dropout
-        config = GPTConfig(**config)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source} has a config this model cannot build ({e})") from None
-    tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
-    if not tensors:
-        raise ValueError(f"{source} holds no weights of this model")
-    integer = next((f"{k}, {v.dtype}" for k, v in state.items() if not v.is_floating_point()), None)
-    if integer:  # every tensor of this model is a float parameter
-        raise ValueError(f"{source} holds a tensor that is not floating point ({integer}) where "
-                         f"weights belong")
-    state = {k: v.float() for k, v in state.items()}
-    modules = dict(n_layer=r"blocks\.(\d+)\.", n_expert=r"experts\.(\d+)",
-                   mtp=r"mtp_modules\.(\d+)")
-    for field, pattern in modules.items():
-        stored = len({m.group(1) for m in map(re.compile(pattern).search, state) if m})
-        if stored != getattr(config, field):
-            declared = getattr(config, field)
-            raise ValueError(f"{source} declares {field} {declared} but stores {stored}")
-    with torch.device("meta"):
-        model = GPT(config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)  # names and shapes, strictly
-    except RuntimeError as e:  # a header line, then one line per problem: the first problem
-        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()
-        raise ValueError(f"{source} does not fit its config: {first[:300]}") from None
-    model.lm_head.weight = model.wte.weight  # assigning replaced both: tie them again
-    broken = next((name for name, t in state.items() if not torch.isfinite(t).all()), None)
-    if broken:
-        raise ValueError(f"{source} holds NaN or infinite weights ({broken}); nothing can be "
-                         f"trained or sampled from it")
-    return model
-
-
-def gpt2_config(c, source):
-    """Hugging Face's GPT2Config (a dict) -> ours; GPT-2's "gelu_new" is the tanh GELU."""
-    c = c if isinstance(c, dict) else {}
-    gelus = dict(gelu_new="tanh", gelu_pytorch_tanh="tanh", gelu="none")
-    gelu = gelus.get(c.get("activation_function", "gelu_new"))
-    plain_mlp = c.get("n_inner") in (None, 4 * c.get("n_embd", 0))
-    if c.get("model_type", "gpt2") != "gpt2" or gelu is None or not plain_mlp:
-        raise ValueError(f"{source} is not a GPT-2 this model can run (model_type "
-                         f"{c.get('model_type')!r})")
-    return dict(block_size=c.get("n_positions"), vocab_size=c.get("vocab_size"),
-                n_layer=c.get("n_layer"), n_head=c.get("n_head"), n_embd=c.get("n_embd"), bias=True,
-                gelu_approximate=gelu, vocab_id="gpt2")
-
-
-def gpt2_state(state, conv1d):
-    """GPT-2's parameter names (nanoGPT's, Hugging Face's) -> ours; Hugging Face's Conv1D stores
-    matrices transposed."""
-    out = {}
-    for name, t in state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):  # mask buffers, not weights
-            continue
-        if conv1d and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            t = t.t()
-        name = name.removeprefix("_orig_mod.").removeprefix("transformer.")
-        out[re.sub(r"^h\.", "blocks.", name)] = t
-    return {"lm_head.weight": out.get("wte.weight"), **out}  # tied; some files leave it out
-
-
-def load_model(source, dropout=None):
-    """A GPT from this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2
-    folder (config.json and model.safetensors or pytorch_model.bin), or gpt2 .. gpt2-xl by name
-    (transformers, online or cached). GPT-2's weights come with its tanh GELU, so the logits are
-    Hugging Face's. dropout None keeps the checkpoint's."""
-    if os.path.isfile(os.path.join(source, "config.json")):  # a Hugging Face folder
-        try:
-            hf_config = json.load(open(os.path.join(source, "config.json")))
-        except json.JSONDecodeError:
-            raise ValueError(f"{source}/config.json is not valid JSON") from None
-        config = gpt2_config(hf_config, source)
-        if os.path.isfile(os.path.join(source, "model.safetensors")):
-            from safetensors.torch import load_file  # comes with transformers
-            state = load_file(os.path.join(source, "model.safetensors"))
-        else:
-            state = load_checkpoint(os.path.join(source, "pytorch_model.bin"))
-        return build_model(config, gpt2_state(state, conv1d=True), source, dropout)
-    path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
-    if not os.path.exists(path) and source in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-        from transformers import GPT2LMHeadModel  # optional: pip install transformers
-        hf = GPT2LMHeadModel.from_pretrained(source)
-        config = gpt2_config(hf.config.to_dict(), source)
-        return build_model(config, gpt2_state(hf.state_dict(), conv1d=True), source, dropout)
-    ckpt = load_checkpoint(path)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):  # ours
-        return build_model(ckpt["config"], ckpt.get("model"), path, dropout)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict):  # nanoGPT's names
-        args = ckpt["model_args"]
-        fields = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
-        config = {k: args.get(k) for k in fields}
-        gpt2 = (config["vocab_size"] or 0) >= 50257  # GPT-2's tokens, unless smaller
-        config["vocab_id"] = "gpt2" if gpt2 else ""
-        state = gpt2_state(ckpt.get("model") or {}, conv1d=False)
-        return build_model(config, state, path, dropout)
-    raise ValueError(f"{path} is neither this project's checkpoint nor nanoGPT's nor a Hugging "
-                     f"Face GPT-2 folder")

@@ -19,6 +19,7 @@ before and after, and the held-out loss of the original, right after averaging, 
 import os
 import re
 
+import checkpoint
 import cherry
 import train
 import guards
@@ -45,7 +46,7 @@ def parse_unroll(text, layers):
 
 
 def main(argv=None):
-    p = train.training_args("compress", __doc__)
+    p = guards.training_args("compress", __doc__)
     a = p.add_argument
     a("--init_from", default=os.path.join("out", "ckpt.pt"), help="the dense model (as train.py --init_from)")
     a("--layers", type=guards.COUNT, default=6, help="layers after compression; must divide the original number")
@@ -72,8 +73,8 @@ def main(argv=None):
     if os.path.abspath(source) == os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")):
         raise ValueError(f"--out_dir {args.out_dir} would overwrite the model it compresses; choose another --out_dir")
     guards.check_run_folder(args)  # before loading what may be a large model
-    teacher = cherry.load_model(args.init_from, dropout=args.dropout).eval()  # the compressed model's too
-    cfg = train.model_config(args, teacher.config, "--init_from")
+    teacher = checkpoint.load_model(args.init_from, dropout=args.dropout).eval()  # the compressed model's too
+    cfg = guards.model_config(args, teacher.config, "--init_from")
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed or cfg.n_expert:
         raise ValueError(f"{args.init_from} is already compressed or fused; give a dense model")
     if cfg.n_layer % args.layers:

@@ -14,6 +14,7 @@ the fused model's before training and, after it, the share of the held-out token
 The held-out `loss` is the next-token loss only (no MTP or router terms): the number to compare with a single expert's.
 """
 
+import checkpoint
 import cherry
 import train
 import guards
@@ -22,7 +23,7 @@ MOE_FLAGS = ("experts_per_token", "mtp", "capacity_factor", "mtp_weight", "aux_w
 
 
 def main(argv=None):
-    p = train.training_args("fuse", __doc__)
+    p = guards.training_args("fuse", __doc__)
     a = p.add_argument
     a("--experts", nargs="+", help="models of one shape (anything train.py --init_from takes); a mixture of one "
                                     "expert is that expert, with a router of one output")
@@ -50,16 +51,16 @@ def main(argv=None):
                          f"experts")
     guards.check_run_folder(args)  # before loading anything
     if args.init_from:
-        experts, model = [], cherry.load_model(args.init_from, dropout=args.dropout)
+        experts, model = [], checkpoint.load_model(args.init_from, dropout=args.dropout)
         if not model.config.n_expert:
             raise ValueError(f"{args.init_from} is not a fused model; give --experts to fuse models")
         differ = [f"--{k}" for k, v in moe.items() if v != getattr(model.config, k)]
         if differ:
             raise ValueError(f"{args.init_from} has its own mixture settings; leave out {' '.join(differ)}")
     else:
-        experts = [cherry.load_model(path, dropout=args.dropout).eval() for path in args.experts]
+        experts = [checkpoint.load_model(path, dropout=args.dropout).eval() for path in args.experts]
         model = cherry.fuse(experts, **moe)
-    cfg = train.model_config(args, model.config, "the experts")
+    cfg = guards.model_config(args, model.config, "the experts")
     info = {"experts": args.experts, "init_from": args.init_from, "n_expert": cfg.n_expert, "mtp": cfg.mtp,
             "experts_per_token": cfg.experts_per_token, "params_total": cherry.count_params(model),
             "params_active": cherry.count_params(model, active=True), "flops_per_token": cherry.flops_per_token(cfg),

@@ -1,7 +1,8 @@
 """
-What keeps a training run safe, kept out of train.py's loop: flag values checked on the way in, a device this machine
-really has, a run folder that is never lost, mixed or shared (the checks, the lock, whole-file writes), the NaN watch,
-and the one line a mistake ends a script with. train.py, compress.py, fuse.py and the tools use it.
+Where the scripts meet their user, kept out of train.py's loop: the flags train.py, compress.py and fuse.py share (each
+value checked on the way in, the model's shape decided once), a device this machine really has, a run folder that is
+never lost, mixed or shared (the checks, the lock, whole-file writes), the NaN watch, what a run says first and last,
+and the one line a mistake ends a script with. The scripts and the tools use it.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import threading
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import cherry
 from data import prepare as data_prep
 
@@ -64,6 +66,128 @@ def parse_args(parser, argv=None):
     if sgt_floor and not (drawn and args.sgt_beta < float("inf")):
         parser.error("argument --sgt_floor: a floor needs a draw with a finite --sgt_beta (not excess, not inf)")
     return args
+
+
+# ----------------------------------------------------------------------------
+# the flags train.py, compress.py and fuse.py share, and the model shape they decide
+
+# SGT's default draw: uniform, the first finalist of the rule in studies/sgt_compute.py
+# (studies/sgt_defaults.md); a uniform draw's plain mean is already unbiased
+DEFAULT_BETA = 0.0
+DEFAULT_MIX = 0.0
+DEFAULT_WEIGHTS = "none"
+DEFAULT_FLOOR = 0.0
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias")
+
+
+def training_args(prog, doc):
+    # conflict_handler: a script may say what its own --init_from means
+    p = Parser(prog=prog, description=doc, conflict_handler="resolve",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", default=data_prep.DEFAULT_DIR, help="a folder data/prepare.py made")
+    a("--out_dir", default="out", help="where ckpt.pt, metrics.jsonl and summary.json go")
+    a("--resume", action="store_true", help="continue <out_dir>/ckpt.pt exactly (same flags)")
+    a("--init_from", help="start from these weights: a ckpt.pt (ours or nanoGPT's, or its folder), "
+                          "a Hugging Face GPT-2 folder, or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    # the model (defaults: cherry.GPTConfig's); a model that comes from weights has its own shape
+    d = cherry.GPTConfig
+    a("--preset", choices=sorted(cherry.PRESETS), help="a named shape; model flags override it")
+    a("--n_layer", type=number(int, f"[1, {cherry.MAX_DEPTH}]"), help=f"layers ({d.n_layer})")
+    a("--n_head", type=COUNT, help=f"attention heads (default {d.n_head})")
+    a("--n_embd", type=COUNT, help=f"residual width (default {d.n_embd})")
+    a("--block_size", type=COUNT, help=f"context in tokens ({d.block_size}, or the model's)")
+    a("--vocab_size", type=COUNT, help="model vocabulary (default: the data's, padded to 64)")
+    a("--dropout", type=number(float, "[0, 1)"), help="dropout (0, or the model's)")
+    a("--bias", action="store_true", default=None, help="biases in linears and norms (GPT-2's)")
+    # optimisation: AdamW, linear warm-up, cosine decay
+    a("--max_iters", type=COUNT, default=600, help="optimizer steps")
+    a("--batch_size", type=number(int, "[1, 65536]"), default=16,
+      help="sequences per micro-batch, per process")
+    a("--grad_accum", type=number(int, "[1, 65536]"), default=1,
+      help="micro-batches per step over all processes")
+    a("--lr", type=POSITIVE, default=1e-3, help="peak learning rate")
+    a("--min_lr", type=NON_NEGATIVE, help="final learning rate (default lr / 10)")
+    a("--warmup_iters", type=NATURAL, default=50, help="linear warm-up steps")
+    a("--lr_decay_iters", type=COUNT, help="steps of the cosine decay (default max_iters)")
+    a("--weight_decay", type=NON_NEGATIVE, default=0.1, help="AdamW weight decay, on matrices only")
+    a("--beta2", type=number(float, "[0, 1)"), default=0.99, help="AdamW beta2 (beta1 is 0.9)")
+    a("--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm to this (0: off)")
+    # SGT
+    a("--sgt", type=number(float, "(0, 1]"), default=1.0, help="share of the targets supervised")
+    a("--sgt_select", default="surprisal", choices=["surprisal", "gradient", "excess"],
+      help="surprisal: a draw tilted towards rare targets (score: unigram surprisal); gradient: "
+           "towards the targets the model still gets wrong (score: 1 - p_y, from a head pass on "
+           "every position); excess: Rho-1's excess loss")
+    a("--sgt_beta", type=number(float, "[0, inf]"), default=DEFAULT_BETA,
+      help=f"the tilt: P(pick) ~ score^beta; 0 uniform, inf a top-k (default {DEFAULT_BETA})")
+    a("--sgt_mix", type=number(float, "[0, 1]"), default=DEFAULT_MIX,
+      help=f"unweighted only: the share of the picks drawn uniformly (default {DEFAULT_MIX:.2f})")
+    a("--sgt_weights", choices=["none", "inverse"], default=DEFAULT_WEIGHTS,
+      help="inverse: each pick's loss weighted by 1/pi, its inclusion probability: an unbiased "
+           "estimate of the full loss for any tilt; none: the picks' plain mean "
+           f"(default {DEFAULT_WEIGHTS})")
+    a("--sgt_floor", type=number(float, "[0, 1]"), default=DEFAULT_FLOOR,
+      help="mix this share of uniform weight into each sequence's draw weights: tames the inverse "
+           f"weights (default {DEFAULT_FLOOR:g})")
+    a("--sgt_ref", help="excess: a reference model (any --init_from) instead of the unigram model")
+    a("--shuffle_tokens", action="store_true", help="control: permute each window's tokens")
+    # evaluation, logging, system
+    a("--eval_interval", type=COUNT, default=100, help="evaluate and checkpoint every N steps")
+    a("--eval_iters", type=number(int, "[1, 10000]"), default=10,
+      help="held-out batches per evaluation")
+    a("--log_interval", type=COUNT, default=10, help="print a progress line every this many steps")
+    a("--seed", type=number(int, f"[0, {2**63 - 1}]"), default=1337, help="init, data, selection")
+    a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="autocast precision (auto: bfloat16 on a GPU that has it, else float32)")
+    a("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler)")
+    a("--grad_checkpoint", action="store_true", help="recompute activations: less memory")
+    return p
+
+
+def model_config(args, weights=None, source=None, **base):
+    """The model's shape, decided here and nowhere else. A model from weights (their GPTConfig, from
+    source) keeps its shape: a flag that says otherwise is refused; --dropout goes to its loader and
+    --block_size may be shorter (training's windows). A fresh model takes each field from its flag,
+    else from --preset, else from base (the data's vocabulary, a tool's shape), else GPTConfig's."""
+    given = {k: getattr(args, k, None) for k in SHAPE_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if weights is None:
+        return cherry.GPTConfig(**{**base, **cherry.PRESETS.get(args.preset, {}), **given})
+    fixed = [k for k in given if k not in ("dropout", "block_size")]
+    differ = [f"--{k}" for k in fixed if given[k] != getattr(weights, k)]
+    if args.preset and not args.resume:  # a resumed run's --preset was compared with its own
+        differ.append("--preset")
+    if differ:
+        raise ValueError(f"the model's shape comes from {source}; leave out {' '.join(differ)}")
+    if given.get("block_size", 0) > weights.block_size:
+        raise ValueError(f"--block_size {args.block_size} is longer than the model's "
+                         f"{weights.block_size}")
+    return weights
+
+
+def data_vocabulary(meta):
+    """A fresh model's vocabulary: the data's, its size padded to a multiple of 64 (faster)."""
+    return dict(vocab_size=(meta["vocab_size"] + 63) // 64 * 64, vocab_id=data_prep.vocab_id(meta))
+
+
+def describe(args):
+    """What the run supervises, in words (the first line it prints)."""
+    if args.sgt == 1:
+        return "all targets"
+    if args.sgt_select == "excess":
+        return f"{args.sgt:.0%}: Rho-1's excess loss over {args.sgt_ref or 'the unigram model'}"
+    score = "surprisal" if args.sgt_select == "surprisal" else "(1 - p_y)"
+    text = f"{args.sgt:.0%}: drawn ~ {score}^{args.sgt_beta:g}"
+    if args.sgt_beta == 0:
+        text = f"{args.sgt:.0%}: drawn uniformly"
+    if args.sgt_floor:
+        text += f", floor {args.sgt_floor:g}"
+    if args.sgt_mix:
+        text += f", {args.sgt_mix:.0%} of them uniformly"
+    weighting = "weighted by 1/pi (unbiased)" if args.sgt_weights == "inverse" else "plain mean"
+    return f"{text}, {weighting}"
 
 
 # ----------------------------------------------------------------------------
@@ -186,13 +310,13 @@ def check_run_folder(args):
         return None
     if "ckpt.pt" not in found:
         raise ValueError(f"--out_dir {out} has {found[0]} but no ckpt.pt to resume from; choose a new --out_dir")
-    ckpt = cherry.load_checkpoint(ckpt_path)
+    ckpt = checkpoint.load_checkpoint(ckpt_path)
     saved = ckpt.get("args") if isinstance(ckpt, dict) else None
     keys = ("model", "config", "optimizer", "rng")
     if not isinstance(saved, dict) or any(k not in ckpt for k in keys):
         raise ValueError(f"{ckpt_path} cannot be resumed exactly; start a new --out_dir with --init_from "
                          f"{ckpt_path}")
-    check_resume_fields(ckpt, ckpt_path)
+    checkpoint.check_resume_fields(ckpt, ckpt_path)
     for k, now in vars(args).items():
         if k in FREE_ON_RESUME or k == "data" or k not in saved:
             continue
@@ -207,29 +331,6 @@ def check_run_folder(args):
             raise ValueError(f"--resume: {ckpt_path} was started with --{k} {was}, not {now}; "
                              f"give the flags it was started with")
     return ckpt
-
-
-def check_resume_fields(ckpt, path):
-    """The fields --resume reads, in their types: a damaged or hand-edited checkpoint is one line, not a traceback."""
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    is_row = lambda r: isinstance(r, dict) and is_int(r.get("iter")) and isinstance(r.get("loss"), (int, float))
-    is_state = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.uint8
-    saved = ckpt["args"]
-    fields = {"iter": is_int(ckpt.get("iter")) and ckpt["iter"] >= 0,
-              "metrics": isinstance(ckpt.get("metrics"), list) and all(map(is_row, ckpt["metrics"])),
-              "best": ckpt.get("best") is None or is_row(ckpt["best"]),
-              "rng": isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2 and all(map(is_state, ckpt["rng"])),
-              "torch_rng": is_state(ckpt.get("torch_rng")),
-              "optimizer": isinstance(ckpt["optimizer"], dict) and isinstance(ckpt["optimizer"].get("state"), dict)
-              and isinstance(ckpt["optimizer"].get("param_groups"), list),
-              "scaler": isinstance(ckpt.get("scaler"), (dict, type(None))),
-              **{f"args.{k}": saved.get(k) is None or is_int(saved[k]) and saved[k] >= 1
-                 for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")},
-              "args.bias": isinstance(saved.get("bias"), (bool, type(None)))}
-    bad = next((k for k, passed in fields.items() if not passed), None)
-    if bad:
-        raise ValueError(f"{path} cannot be resumed: its {bad} is damaged or of the wrong type; start a new --out_dir "
-                         f"with --init_from {path}")
 
 
 @contextlib.contextmanager
@@ -311,6 +412,16 @@ def check_vocab(model, meta, source):
 
 # ----------------------------------------------------------------------------
 # where a script meets its user
+
+
+def verdict(summary, rows):
+    """The last line: where the run ended, against the unigram model (token frequencies alone)."""
+    final, best, uni = summary["final"], summary["best"], summary["unigram_loss"]
+    side = "below" if final["loss"] < uni else "ABOVE"
+    return (f"done: held-out loss {final['loss']:.4f} ({abs(final['loss'] - uni):.3f} {side} the "
+            f"unigram model's {uni:.4f}); best {best['loss']:.4f} at step {best['iter']}; "
+            f"unsupervised targets {rows[0]['loss_unsup']:.3f} -> {final['loss_unsup']:.3f} -> "
+            f"{summary['args']['out_dir']}")
 
 
 def cli(main, prog, argv=None, interrupted=""):

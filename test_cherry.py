@@ -25,7 +25,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import cherry
+import coupling
 import compress
 import fuse
 import train
@@ -107,11 +109,16 @@ def test_kv_cache_logits_match_a_full_forward():
 
 
 def test_config_refuses_what_cannot_be_built():
-    for bad, pattern in (({"n_head": 0}, "n_head 0"), ({"n_embd": 30, "n_head": 4}, "divide n_embd 30"),
-                         ({"n_layer": 10**6}, "n_layer"), ({"schedule": (0, 5)}, "schedule"),
-                         ({"dropout": 1.0}, "dropout"), ({"n_expert": 2, "experts_per_token": 3}, "experts_per_token")):
+    for bad, pattern in (({"n_head": 0}, "n_head 0"), ({"n_embd": 30, "n_head": 4}, "divide n_embd 30")):
         with pytest.raises(ValueError, match=pattern):
             tiny_config(**bad)
+    good = asdict(tiny_config())
+    assert checkpoint.config_error(good) is None
+    for bad, found in (({"n_layer": 10**6}, "n_layer 1000000 is out of range"), ({"schedule": [0, 5]}, "schedule"),
+                       ({"dropout": 1.0}, "dropout 1.0 is out"), ({"n_expert": 2, "experts_per_token": 3},
+                                                                  "experts_per_token 3 is out"),
+                       ({"n_embd": 32.0}, "n_embd 32.0 is of the wrong type"), ({"mtp_weight": math.inf}, "mtp_weight")):
+        assert found in checkpoint.config_error({**good, **bad}), bad
 
 
 def test_flops_per_token_counts_the_matmuls():
@@ -296,8 +303,8 @@ def test_mtp_with_sgt_supervises_the_selected_targets_only():
 
 
 def coupling_by_hand(model, batches):
-    """The noise-free gamma of cherry.gradient_coupling, from every pair of batches one by one."""
-    g = [cherry.split_gradients(model, *b) for b in batches]
+    """The noise-free gamma of coupling.gradient_coupling, from every pair of batches one by one."""
+    g = [coupling.split_gradients(model, *b) for b in batches]
     flat = lambda gs: torch.cat([t.flatten().double() for t in gs])
     s, u = [flat(a) for a, _ in g], [flat(b) for _, b in g]
     pairs = [(i, j) for i in range(len(g)) for j in range(len(g)) if i != j]
@@ -314,7 +321,7 @@ def test_gamma_is_the_noise_free_coupling_of_independent_batches():
         x = torch.randint(0, 96, (4, 32), generator=gen)
         y = torch.multinomial(zipf, 128, True, generator=gen).view(4, 32)
         batches.append((x, y, cherry.selection_mask(cherry.select_positions(y, 0.3, gen)[0], 32)))
-    gamma = cherry.gradient_coupling(model, batches)
+    gamma = coupling.gradient_coupling(model, batches)
     by_hand, naive = coupling_by_hand(model, batches)
     assert gamma["all"] == pytest.approx(by_hand, abs=1e-6) and gamma["naive"] == pytest.approx(naive, abs=1e-6)
     assert set(gamma) == {"all", "trunk", "embedding+head", "naive"}
@@ -337,17 +344,17 @@ def zipf_batches(n, gen, fraction=0.3):
 def test_the_coupling_with_an_error_bar_finds_gamma_1_for_a_uniform_draw():
     model = tiny_model()
     batches = zipf_batches(16, torch.Generator().manual_seed(1))
-    g_s, g_u = cherry.batch_gradients(model, batches)
-    c = cherry.coupling_with_error(g_s, g_u)
+    g_s, g_u = coupling.batch_gradients(model, batches)
+    c = coupling.coupling_with_error(g_s, g_u)
     assert c["batches"] == 16 and c["undefined"] == 0 and 0 < c["gamma_se"] < 0.5
     assert abs(c["gamma"] - 1) < 3 * c["gamma_se"]  # the truth, within the estimator's own error
-    assert c["gamma"] == pytest.approx(cherry.gradient_coupling(model, batches)["all"], abs=1e-6)  # the same ratio
+    assert c["gamma"] == pytest.approx(coupling.gradient_coupling(model, batches)["all"], abs=1e-6)  # the same ratio
     pairs = [(i, j) for i in range(16) for j in range(16) if i != j]
     assert c["numerator"] == pytest.approx(sum((g_s[i] @ g_u[j]).item() for i, j in pairs) / len(pairs), rel=1e-9)
     assert c["numerator"] > 3 * c["numerator_se"] > 0
     # gradients that cancel between batches: the like-pair sum is negative, gamma undefined and counted
     s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    undefined = cherry.coupling_with_error(s, s.flip(1))
+    undefined = coupling.coupling_with_error(s, s.flip(1))
     assert math.isnan(undefined["gamma"]) and math.isnan(undefined["gamma_se"]) and undefined["undefined"] >= 1
 
 
@@ -367,16 +374,16 @@ def test_theorem1_as_a_test_can_come_out_either_way():
         return out
 
     for shared, sign in ((True, -1), (False, +1)):  # shared targets: L_U must fall; opposed: it must rise
-        coupling = cherry.coupling_with_error(*cherry.batch_gradients(model, batches(shared)))  # other batches
+        measured = coupling.coupling_with_error(*coupling.batch_gradients(model, batches(shared)))  # other batches
         pairs = list(zip(batches(shared), batches(shared)))
         for lr, direction in ((1e-2, None), (1e-4, lambda grads: [g.sign() for g in grads])):  # SGD; Adam-like
             changes, = sgt_study.theorem1_changes(model, pairs, lr, (direction,))
-            verdict, change, hits = sgt_study.sign_verdict(coupling["numerator"], coupling["numerator_se"], changes)
+            verdict, change, hits = sgt_study.sign_verdict(measured["numerator"], measured["numerator_se"], changes)
             assert math.copysign(1, change.mean) == sign and verdict == "predicted" and hits == 1.0
             lo, hi = change.interval()
             assert (hi < 0) if sign < 0 else (lo > 0)
             # the same changes against a numerator of the other sign: contradicted
-            assert sgt_study.sign_verdict(-coupling["numerator"], coupling["numerator_se"], changes)[0] == \
+            assert sgt_study.sign_verdict(-measured["numerator"], measured["numerator_se"], changes)[0] == \
                 "contradicted"
     assert sgt_study.sign_verdict(1.0, 1.0, [-1e-3, 1e-3, -2e-3, 2e-3])[0] == "unresolved"
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # every step undone
@@ -833,8 +840,8 @@ def test_sgt_training_lowers_every_held_out_loss_and_writes_the_outputs(tiny_dat
     assert rows[0]["tokens_per_s"] is None and rows[1]["tokens_per_s"] > 0 and rows[1]["eval_s"] > 0
     assert summary["best"]["loss"] == min(r["loss"] for r in rows) and summary["config"]["vocab_id"] == "gpt2"
     assert re.search(r"done: held-out loss \S+ \(\S+ (below|ABOVE) the unigram model's", capsys.readouterr().out)
-    ckpt = cherry.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert ckpt["iter"] == 60 and cherry.build_model(ckpt["config"], ckpt["model"], "ckpt")
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["iter"] == 60 and checkpoint.build_model(ckpt["config"], ckpt["model"], "ckpt")
 
 
 def test_the_evaluation_split_and_gamma_do_not_depend_on_the_training_stream(tiny_data, tmp_path):
@@ -872,7 +879,7 @@ def test_inverse_weights_of_a_uniform_draw_are_close_to_the_plain_mean(tiny_data
 
 
 def test_shuffled_windows_keep_each_windows_tokens_but_not_their_order(tiny_data):
-    plain, shuffled = train.Data(tiny_data, 32), train.Data(tiny_data, 32, shuffle=True)
+    plain, shuffled = data_prep.Data(tiny_data, 32), data_prep.Data(tiny_data, 32, shuffle=True)
     (x0, y0), (x1, y1) = plain.eval_batch(12), shuffled.eval_batch(12)
     window = lambda x, y: torch.cat([x, y[:, -1:]], dim=1)  # the block_size + 1 tokens of each window
     w0, w1 = window(x0, y0), window(x1, y1)
@@ -1013,8 +1020,8 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "straight", *common, "--max_iters", "8")
     run_train(tiny_data, tmp_path / "split", *common, "--max_iters", "4")
     rows, _ = run_train(tiny_data, tmp_path / "split", *common, "--max_iters", "8", "--resume")
-    a = cherry.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
-    b = cherry.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    a = checkpoint.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = checkpoint.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and [r["iter"] for r in rows] == [0, 4, 8]
 
 
@@ -1033,7 +1040,7 @@ def test_a_run_killed_with_sigkill_resumes_bit_for_bit(tiny_data, tmp_path):
         time.sleep(0.005)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL  # it was still running
-    assert cherry.load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["iter"] < 120
+    assert checkpoint.load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["iter"] < 120
     (tmp_path / "killed" / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill during a save leaves it
     resumed = run(tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -1041,7 +1048,7 @@ def test_a_run_killed_with_sigkill_resumes_bit_for_bit(tiny_data, tmp_path):
     rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in per_interval}
                         for line in open(out / "metrics.jsonl")]
     assert rows(tmp_path / "killed") == rows(tmp_path / "straight") and len(rows(tmp_path / "straight")) == 13
-    a, b = (cherry.load_checkpoint(str(tmp_path / out / "ckpt.pt")) for out in ("straight", "killed"))
+    a, b = (checkpoint.load_checkpoint(str(tmp_path / out / "ckpt.pt")) for out in ("straight", "killed"))
     assert a["iter"] == b["iter"] == 120 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for s1, s2 in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
@@ -1064,7 +1071,7 @@ def test_a_signal_checkpoints_the_step_reached_and_resumes_bit_for_bit(signum, t
     name = signal.Signals(signum).name
     fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path / "cut"), *TINY, *flags],
           rf"{name} at step 5: \S+ckpt.pt holds it; the same flags plus --resume continue")
-    assert cherry.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["iter"] == 5
+    assert checkpoint.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["iter"] == 5
     monkeypatch.setattr(train, "optimizer_step", real_step)
     run_train(tiny_data, tmp_path / "cut", *flags, "--resume")
     # timing, and the diagnostics of the steps since the last evaluation (after a resume: since it)
@@ -1072,7 +1079,7 @@ def test_a_signal_checkpoints_the_step_reached_and_resumes_bit_for_bit(signum, t
     rows = lambda out: [{k: v for k, v in json.loads(line).items() if k not in per_interval}
                         for line in open(out / "metrics.jsonl")]
     assert rows(tmp_path / "cut") == rows(tmp_path / "straight")
-    a, b = (cherry.load_checkpoint(str(tmp_path / out / "ckpt.pt")) for out in ("straight", "cut"))
+    a, b = (checkpoint.load_checkpoint(str(tmp_path / out / "ckpt.pt")) for out in ("straight", "cut"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -1113,7 +1120,7 @@ def as_nanogpt(ckpt):
 def test_init_from_fine_tunes_our_checkpoint_or_nanogpts_and_takes_its_block_size(tiny_data, tmp_path, capsys):
     _, base = run_train(tiny_data, tmp_path / "base", "--max_iters", "10", "--eval_interval", "10",
                         "--block_size", "24")
-    torch.save(as_nanogpt(cherry.load_checkpoint(str(tmp_path / "base" / "ckpt.pt"))), tmp_path / "nanogpt.pt")
+    torch.save(as_nanogpt(checkpoint.load_checkpoint(str(tmp_path / "base" / "ckpt.pt"))), tmp_path / "nanogpt.pt")
     for source, out in ((tmp_path / "base", "ours"), (tmp_path / "nanogpt.pt", "nano")):
         summary = train.main(["--data", tiny_data, "--out_dir", str(tmp_path / out), *RUN,
                               "--init_from", str(source), "--max_iters", "10", "--eval_interval", "10"])
@@ -1137,7 +1144,7 @@ def test_compress_end_to_end_from_a_train_checkpoint(tiny_data, tmp_path, capsys
     assert after == summary["flops_per_token"] > before  # unrolled: more compute than the teacher
     rows = [json.loads(line) for line in open(tmp_path / "small" / "metrics.jsonl")]
     assert rows[0]["loss"] == pytest.approx(info["loss_start"], abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
-    rebuilt = cherry.load_model(str(tmp_path / "small"))
+    rebuilt = checkpoint.load_model(str(tmp_path / "small"))
     assert rebuilt.applications == (0, 0, 1, 1, 1) and len(rebuilt.adapters) == 5
     fresh = ["--out_dir", str(tmp_path / "fresh")]  # argparse keeps the last --out_dir
     for extra, pattern in ((["--layers", "3"], r"does not divide the model's 4 layers .*use one of 1, 2, 4"),
@@ -1161,10 +1168,10 @@ def test_compress_distils_counts_the_teacher_and_resumes_exactly(tiny_data, tmp_
     straight = compress.main([*flags, "--max_iters", "8", "--out_dir", str(tmp_path / "straight")])
     compress.main([*flags, "--max_iters", "4", "--out_dir", str(tmp_path / "split")])
     compress.main([*flags, "--max_iters", "8", "--out_dir", str(tmp_path / "split"), "--resume"])
-    a, b = (cherry.load_checkpoint(str(tmp_path / run / "ckpt.pt")) for run in ("straight", "split"))
-    assert a["model"].keys() == cherry.load_model(str(tmp_path / "split")).state_dict().keys()  # no teacher in it
+    a, b = (checkpoint.load_checkpoint(str(tmp_path / run / "ckpt.pt")) for run in ("straight", "split"))
+    assert a["model"].keys() == checkpoint.load_model(str(tmp_path / "split")).state_dict().keys()  # no teacher in it
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    teacher, student = cherry.load_model(str(tmp_path / "dense")).config, cherry.GPTConfig(**straight["config"])
+    teacher, student = checkpoint.load_model(str(tmp_path / "dense")).config, cherry.GPTConfig(**straight["config"])
     teacher_forward = cherry.flops_per_token(teacher, training=False)
     assert straight["flops_per_token"] == cherry.flops_per_token(student) + teacher_forward
     assert straight["compress"]["distill"]["teacher_flops_per_token"] == teacher_forward
@@ -1194,7 +1201,7 @@ def test_fuse_end_to_end_from_compress_checkpoints(tiny_data, tmp_path, capsys):
     assert rows[0]["loss"] == pytest.approx(info["loss_start"], abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
     assert 0 <= rows[-1]["dropped"] < 1
     assert json.load(open(tmp_path / "moe" / "summary.json"))["expert_load"] == summary["expert_load"]
-    rebuilt = cherry.load_model(str(tmp_path / "moe"))
+    rebuilt = checkpoint.load_model(str(tmp_path / "moe"))
     assert rebuilt.config.n_expert == 2 and rebuilt.applications == (0, 0, 1, 1)
     again = fuse.main([*common, "--init_from", str(tmp_path / "moe"), "--out_dir", str(tmp_path / "moe2")])  # train on
     assert again["fuse"]["loss_start"] == pytest.approx(rows[-1]["loss"], abs=1e-5) and again["config"]["mtp"] == 1
@@ -1212,7 +1219,7 @@ def test_sample_decodes_dense_unrolled_and_moee_checkpoints_with_a_compact_vocab
     data = str(tmp_path / "compact")
     data_prep.prepare([d[:20_000] for d in data_prep.shakespeare_documents()[:2]], data, compact_vocab=True)
     run_train(data, tmp_path / "dense", "--max_iters", "4", "--eval_interval", "4")
-    dense = cherry.load_model(str(tmp_path / "dense"))
+    dense = checkpoint.load_model(str(tmp_path / "dense"))
     unrolled = cherry.compress(dense, 1, (0, 0, 0), lora_rank=2)
     moee = cherry.fuse([unrolled, cherry.compress(dense, 1, (0, 0, 0), lora_rank=2)], mtp=1)
     for name, model in (("unrolled", unrolled), ("moee", moee)):
@@ -1254,7 +1261,7 @@ def test_nanogpt_and_hugging_face_layouts_load(tmp_path):
             "model_args": {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias",
                                                                   "vocab_size")}}
     torch.save(nano, tmp_path / "nano.pt")
-    assert close(logits_of(cherry.load_model(str(tmp_path / "nano.pt")), x), logits_of(model, x))
+    assert close(logits_of(checkpoint.load_model(str(tmp_path / "nano.pt")), x), logits_of(model, x))
     hf = tmp_path / "hf"
     hf.mkdir()
     conv1d = {k: v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v
@@ -1264,7 +1271,7 @@ def test_nanogpt_and_hugging_face_layouts_load(tmp_path):
     (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": c.block_size, "n_embd": c.n_embd,
                                                 "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
                                                 "activation_function": "gelu"}))
-    loaded = cherry.load_model(str(hf))
+    loaded = checkpoint.load_model(str(hf))
     assert close(logits_of(loaded, x), logits_of(model, x)) and loaded.config.vocab_id == "gpt2"
 
 
@@ -1277,7 +1284,7 @@ def test_real_hugging_face_gpt2_gives_its_logits(tmp_path):
     x = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
         expected = hf(x).logits
-    assert close(logits_of(cherry.load_model(str(tmp_path / "hf")), x), expected, atol=2e-5)
+    assert close(logits_of(checkpoint.load_model(str(tmp_path / "hf")), x), expected, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -1380,7 +1387,7 @@ class BadInput:
     def ckpt(self, edit, folder="ckpt"):
         """A copy of the run folder whose ckpt.pt went through edit(ckpt)."""
         shutil.copytree(self.run, self.tmp / folder)
-        ckpt = cherry.load_checkpoint(str(self.tmp / folder / "ckpt.pt"))
+        ckpt = checkpoint.load_checkpoint(str(self.tmp / folder / "ckpt.pt"))
         edit(ckpt)
         torch.save(ckpt, self.tmp / folder / "ckpt.pt")
         return str(self.tmp / folder)
@@ -1642,7 +1649,7 @@ def test_a_data_folder_prepared_again_is_refused_on_resume(tiny_data, tmp_path, 
     fails(capsys, "train", ["--data", str(data), "--out_dir", str(tmp_path / "run"), *TINY, "--max_iters", "4",
                             "--eval_interval", "2", "--resume"], r"does not hold the data \S+ was trained on")
     assert json.load(open(tmp_path / "run" / "summary.json"))["final"]["iter"] == 2
-    ckpt = cherry.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     del ckpt["data_fingerprint"]  # a checkpoint from before fingerprints: resumed as it always was
     torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
     run_train(str(data), tmp_path / "run", "--max_iters", "4", "--eval_interval", "2", "--resume")
@@ -1678,7 +1685,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_data
     fails(capsys, "train", ["--data", tiny_data, "--out_dir", str(tmp_path), *TINY, "--max_iters", "30",
                             "--eval_interval", "10"], r"loss became NaN or inf at step 13; stopped, \S+ckpt.pt still "
                                                       r"holds step 10")
-    ckpt = cherry.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter"] == 10 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert [json.loads(line)["iter"] for line in open(tmp_path / "metrics.jsonl")] == [0, 10]
     assert not (tmp_path / "summary.json").exists()
@@ -1700,7 +1707,7 @@ class Unsafe:
 
 def test_broken_foreign_oversized_or_unsafe_checkpoints_are_refused_in_one_line(tiny_data, tmp_path, capsys):
     run_train(tiny_data, tmp_path / "run", "--max_iters", "2", "--eval_interval", "2")
-    good = cherry.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    good = checkpoint.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     raw = (tmp_path / "run" / "ckpt.pt").read_bytes()
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -1727,7 +1734,7 @@ def test_broken_foreign_oversized_or_unsafe_checkpoints_are_refused_in_one_line(
         path = str(bad / f"{name}.pt")
         t0 = time.time()
         with pytest.raises(ValueError, match=pattern):
-            cherry.load_model(path)
+            checkpoint.load_model(path)
         assert time.time() - t0 < 1.0, name  # sizes are compared before memory is spent
         where = ["--data", tiny_data, "--out_dir", out, "--device", "cpu"]
         fails(capsys, "train", [*where, "--init_from", path], pattern)

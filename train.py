@@ -17,8 +17,6 @@ CPU). compress.py and fuse.py build a model, then call train() from here.
 
 import argparse
 import contextlib
-import hashlib
-import json
 import math
 import os
 import time
@@ -28,159 +26,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import cherry
+import coupling
 import guards
 from data import prepare as data_prep
-from guards import COUNT, NATURAL, NON_NEGATIVE, POSITIVE, number
 
 # ----------------------------------------------------------------------------
-# flags, shared by train.py, compress.py and fuse.py
-
-# SGT's default draw: uniform, the first finalist of the rule in studies/sgt_compute.py
-# (studies/sgt_defaults.md); a uniform draw's plain mean is already unbiased
-DEFAULT_BETA = 0.0
-DEFAULT_MIX = 0.0
-DEFAULT_WEIGHTS = "none"
-DEFAULT_FLOOR = 0.0
-SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias")
-
-
-def training_args(prog, doc=__doc__):
-    # conflict_handler: a script may say what its own --init_from means
-    p = guards.Parser(prog=prog, description=doc, conflict_handler="resolve",
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--data", default=data_prep.DEFAULT_DIR, help="a folder data/prepare.py made")
-    a("--out_dir", default="out", help="where ckpt.pt, metrics.jsonl and summary.json go")
-    a("--resume", action="store_true", help="continue <out_dir>/ckpt.pt exactly (same flags)")
-    a("--init_from", help="start from these weights: a ckpt.pt (ours or nanoGPT's, or its folder), "
-                          "a Hugging Face GPT-2 folder, or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
-    # the model (defaults: cherry.GPTConfig's); a model that comes from weights has its own shape
-    d = cherry.GPTConfig
-    a("--preset", choices=sorted(cherry.PRESETS), help="a named shape; model flags override it")
-    a("--n_layer", type=number(int, f"[1, {cherry.MAX_DEPTH}]"), help=f"layers ({d.n_layer})")
-    a("--n_head", type=COUNT, help=f"attention heads (default {d.n_head})")
-    a("--n_embd", type=COUNT, help=f"residual width (default {d.n_embd})")
-    a("--block_size", type=COUNT, help=f"context in tokens ({d.block_size}, or the model's)")
-    a("--vocab_size", type=COUNT, help="model vocabulary (default: the data's, padded to 64)")
-    a("--dropout", type=number(float, "[0, 1)"), help="dropout (0, or the model's)")
-    a("--bias", action="store_true", default=None, help="biases in linears and norms (GPT-2's)")
-    # optimisation: AdamW, linear warm-up, cosine decay
-    a("--max_iters", type=COUNT, default=600, help="optimizer steps")
-    a("--batch_size", type=number(int, "[1, 65536]"), default=16,
-      help="sequences per micro-batch, per process")
-    a("--grad_accum", type=number(int, "[1, 65536]"), default=1,
-      help="micro-batches per step over all processes")
-    a("--lr", type=POSITIVE, default=1e-3, help="peak learning rate")
-    a("--min_lr", type=NON_NEGATIVE, help="final learning rate (default lr / 10)")
-    a("--warmup_iters", type=NATURAL, default=50, help="linear warm-up steps")
-    a("--lr_decay_iters", type=COUNT, help="steps of the cosine decay (default max_iters)")
-    a("--weight_decay", type=NON_NEGATIVE, default=0.1, help="AdamW weight decay, on matrices only")
-    a("--beta2", type=number(float, "[0, 1)"), default=0.99, help="AdamW beta2 (beta1 is 0.9)")
-    a("--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm to this (0: off)")
-    # SGT
-    a("--sgt", type=number(float, "(0, 1]"), default=1.0, help="share of the targets supervised")
-    a("--sgt_select", default="surprisal", choices=["surprisal", "gradient", "excess"],
-      help="surprisal: a draw tilted towards rare targets (score: unigram surprisal); gradient: "
-           "towards the targets the model still gets wrong (score: 1 - p_y, from a head pass on "
-           "every position); excess: Rho-1's excess loss")
-    a("--sgt_beta", type=number(float, "[0, inf]"), default=DEFAULT_BETA,
-      help=f"the tilt: P(pick) ~ score^beta; 0 uniform, inf a top-k (default {DEFAULT_BETA})")
-    a("--sgt_mix", type=number(float, "[0, 1]"), default=DEFAULT_MIX,
-      help=f"unweighted only: the share of the picks drawn uniformly (default {DEFAULT_MIX:.2f})")
-    a("--sgt_weights", choices=["none", "inverse"], default=DEFAULT_WEIGHTS,
-      help="inverse: each pick's loss weighted by 1/pi, its inclusion probability: an unbiased "
-           "estimate of the full loss for any tilt; none: the picks' plain mean "
-           f"(default {DEFAULT_WEIGHTS})")
-    a("--sgt_floor", type=number(float, "[0, 1]"), default=DEFAULT_FLOOR,
-      help="mix this share of uniform weight into each sequence's draw weights: tames the inverse "
-           f"weights (default {DEFAULT_FLOOR:g})")
-    a("--sgt_ref", help="excess: a reference model (any --init_from) instead of the unigram model")
-    a("--shuffle_tokens", action="store_true", help="control: permute each window's tokens")
-    # evaluation, logging, system
-    a("--eval_interval", type=COUNT, default=100, help="evaluate and checkpoint every N steps")
-    a("--eval_iters", type=number(int, "[1, 10000]"), default=10,
-      help="held-out batches per evaluation")
-    a("--log_interval", type=COUNT, default=10, help="print a progress line every this many steps")
-    a("--seed", type=number(int, f"[0, {2**63 - 1}]"), default=1337, help="init, data, selection")
-    a("--device", default="auto", help="cpu, cuda, cuda:N, mps (auto: cuda if there is one)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-      help="autocast precision (auto: bfloat16 on a GPU that has it, else float32)")
-    a("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler)")
-    a("--grad_checkpoint", action="store_true", help="recompute activations: less memory")
-    return p
-
-
-def model_config(args, weights=None, source=None, **base):
-    """The model's shape, decided here and nowhere else. A model from weights (their GPTConfig, from
-    source) keeps its shape: a flag that says otherwise is refused; --dropout goes to its loader and
-    --block_size may be shorter (training's windows). A fresh model takes each field from its flag,
-    else from --preset, else from base (the data's vocabulary, a tool's shape), else GPTConfig's."""
-    given = {k: getattr(args, k, None) for k in SHAPE_FLAGS}
-    given = {k: v for k, v in given.items() if v is not None}
-    if weights is None:
-        return cherry.GPTConfig(**{**base, **cherry.PRESETS.get(args.preset, {}), **given})
-    fixed = [k for k in given if k not in ("dropout", "block_size")]
-    differ = [f"--{k}" for k in fixed if given[k] != getattr(weights, k)]
-    if args.preset and not args.resume:  # a resumed run's --preset was compared with its own
-        differ.append("--preset")
-    if differ:
-        raise ValueError(f"the model's shape comes from {source}; leave out {' '.join(differ)}")
-    if given.get("block_size", 0) > weights.block_size:
-        raise ValueError(f"--block_size {args.block_size} is longer than the model's "
-                         f"{weights.block_size}")
-    return weights
-
-
-def data_vocabulary(meta):
-    """A fresh model's vocabulary: the data's, its size padded to a multiple of 64 (faster)."""
-    return dict(vocab_size=(meta["vocab_size"] + 63) // 64 * 64, vocab_id=data_prep.vocab_id(meta))
-
-
-# ----------------------------------------------------------------------------
-# data and the SGT selector
-
-
-class Data:
-    """
-    train.bin / val.bin as memory maps, checked against meta.json; random training windows, fixed
-    held-out ones. shuffle: permute the block_size + 1 tokens of every window by a permutation
-    seeded with the window's start, so a window is always shuffled the same way: its tokens, and
-    every unigram statistic, stay; the order goes. fingerprint: the content in a short string,
-    cheap at any size (meta.json counts every token): a run is tied to it, not to the path.
-    """
-
-    def __init__(self, path, block_size, shuffle=False):
-        self.meta, self.train, self.val = data_prep.load(path)
-        self.block_size = block_size
-        self.shuffle = shuffle
-        for split, tokens in (("train", self.train), ("val", self.val)):
-            if len(tokens) <= block_size + 1:
-                raise ValueError(f"the {split} split of {path} has {len(tokens)} tokens, too few "
-                                 f"for --block_size {block_size}; use a smaller one or more text")
-        digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
-        for tokens in (self.train, self.val):
-            digest.update(tokens[:2**19].tobytes() + tokens[-2**19:].tobytes())
-        self.fingerprint = digest.hexdigest()[:16]
-
-    def _windows(self, tokens, starts):
-        T = self.block_size
-        windows = [torch.from_numpy(tokens[i:i + T + 1].astype("int64")) for i in starts]
-        chunks = torch.stack(windows)  # (n, T + 1)
-        if self.shuffle:
-            orders = [torch.randperm(len(c), generator=torch.Generator().manual_seed(int(i)))
-                      for c, i in zip(chunks, starts)]
-            chunks = torch.stack([c[order] for c, order in zip(chunks, orders)])
-        return chunks[:, :-1], chunks[:, 1:]
-
-    def train_batch(self, n, generator):
-        starts = torch.randint(len(self.train) - self.block_size - 1, (n,), generator=generator)
-        return self._windows(self.train, starts)
-
-    def eval_batch(self, n):
-        """n windows spread evenly over val: the same tokens at every evaluation, in every run."""
-        starts = torch.linspace(0, len(self.val) - self.block_size - 1, n).long()
-        return self._windows(self.val, starts)
+# the SGT selector
 
 
 class Selector:
@@ -195,7 +48,7 @@ class Selector:
         self.generator = torch.Generator().manual_seed(args.seed + 1)
         self.reference = None  # Rho-1's reference model (frozen), else the unigram model
         if args.sgt_ref:
-            reference = cherry.load_model(args.sgt_ref)
+            reference = checkpoint.load_model(args.sgt_ref)
             self.reference = guards.check_vocab(reference, meta, "--sgt_ref").to(device).eval()
         self.largest = None  # the largest weight since the last evaluation, x the plain mean's
 
@@ -350,12 +203,12 @@ class HeldOut:
         return dict(zip(("loss", "loss_sup", "loss_unsup"), (sums[:, 0] / sums[:, 1]).tolist()))
 
     def coupling(self, model, ctx):
-        """gamma without batch noise (cherry.gradient_coupling) on held-out batches, and the naive
+        """gamma without batch noise (coupling.gradient_coupling) on held-out batches, and the naive
         one-batch cosine."""
         batches = [(x, y, mask) for x, y, mask, _ in self.masks(model, ctx)[:self.GAMMA_BATCHES]]
         with ctx:
             # no dropout: the gradients of the model itself
-            gamma = cherry.gradient_coupling(model.eval(), batches)
+            gamma = coupling.gradient_coupling(model.eval(), batches)
         model.train()
         return {"gamma": gamma["all"], "gamma_trunk": gamma["trunk"],
                 "gamma_embedding_head": gamma["embedding+head"],
@@ -377,56 +230,10 @@ class HeldOut:
 def held_out_loss(args, model):
     """The evaluation train() makes at step 0 (same windows, same split), for any model."""
     device, _, _, ctx = guards.setup_device(args)
-    data = Data(args.data, args.block_size or model.config.block_size)
+    data = data_prep.Data(args.data, args.block_size or model.config.block_size)
     guards.check_vocab(model, data.meta, "the model")
     selector = Selector(args, data.meta, device)
     return HeldOut(args, data, selector, device).evaluate(model.to(device), ctx)
-
-
-# ----------------------------------------------------------------------------
-# checkpoints: what --resume needs, saved in one place and restored in one
-
-
-def save_checkpoint(path, model, optimizer, scaler, generators, device, args, data, it, best, rows):
-    """<out_dir>/ckpt.pt, written whole (a kill in the middle leaves the previous one)."""
-    cuda = device.startswith("cuda")
-    state = {
-        "model": model.state_dict(), "config": asdict(model.config),
-        "args": vars(args),  # the flags as given: --resume is checked against them
-        "data_fingerprint": data.fingerprint,  # the data's content, whatever its folder's path
-        "iter": it, "best": best, "metrics": rows,  # optimizer steps done, the evaluations so far
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "rng": [g.get_state() for g in generators],  # data order, SGT's draws
-        "torch_rng": torch.get_rng_state(),  # dropout
-        "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
-    }
-    data_prep.atomic_write(path, lambda f: torch.save(state, f))
-
-
-def restore(ckpt, optimizer, scaler, generators, device):
-    """save_checkpoint's inverse for what the model does not hold; returns (step, best, rows).
-    Field types were checked (guards.check_resume_fields); shapes and contents are torch's to judge,
-    said in one line."""
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for p, state in optimizer.state.items():  # torch takes moments of any shape, then fails
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
-                    raise ValueError(f"its {k} has shape {tuple(v.shape)}, its weight "
-                                     f"{tuple(p.shape)}")
-        if scaler.is_enabled() and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        for generator, state in zip(generators, ckpt["rng"]):
-            generator.set_state(state)
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.startswith("cuda") and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
-        first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
-        raise ValueError(f"the checkpoint's optimizer or random state does not fit this run "
-                         f"({first}); "
-                         f"start a new --out_dir with --init_from the checkpoint") from None
-    return ckpt["iter"], ckpt["best"], ckpt["metrics"]
 
 
 # ----------------------------------------------------------------------------
@@ -453,14 +260,14 @@ def train(args, model=None, summary_extra=None, teacher=None):
     # the model's shape: the checkpoint's, the one given, or a fresh one of the flags' shape
     source = f"--init_from {args.init_from}" if args.init_from else "the model given"
     if ckpt is not None:
-        model = cherry.build_model(ckpt["config"], ckpt["model"], ckpt_path)
+        model = checkpoint.build_model(ckpt["config"], ckpt["model"], ckpt_path)
         source = ckpt_path
     if model is None:
-        cfg = model_config(args, **data_vocabulary(data_prep.load(args.data)[0]))
+        cfg = guards.model_config(args, **guards.data_vocabulary(data_prep.load(args.data)[0]))
     else:
-        cfg = model_config(args, model.config, source)
+        cfg = guards.model_config(args, model.config, source)
     # the data (the run's own content), then a fresh model, once its memory is known to fit
-    data = Data(args.data, args.block_size or cfg.block_size, args.shuffle_tokens)
+    data = data_prep.Data(args.data, args.block_size or cfg.block_size, args.shuffle_tokens)
     if model is None:
         step = argparse.Namespace(**{**vars(args), "block_size": data.block_size})
         guards.check_memory(cfg, step, device, dtype)  # before the weights and a step take memory
@@ -479,7 +286,7 @@ def train(args, model=None, summary_extra=None, teacher=None):
     scaler = torch.amp.GradScaler(kind, enabled=dtype == "float16")
     start, best, rows = 0, None, []
     if ckpt:
-        start, best, rows = restore(ckpt, optimizer, scaler, generators, device)
+        start, best, rows = checkpoint.restore(ckpt, optimizer, scaler, generators, device)
     saved = start if ckpt else None  # the step ckpt.pt holds
     if world > 1:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
@@ -507,14 +314,14 @@ def train(args, model=None, summary_extra=None, teacher=None):
     if master:
         print(f"model: {cherry.count_params(raw_model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} "
               f"MFLOPs/token for training | {device}, {dtype}, {world} process(es) | "
-              f"{tokens_per_step:,} tokens per step | supervising {describe(args)} | "
+              f"{tokens_per_step:,} tokens per step | supervising {guards.describe(args)} | "
               f"unigram held-out loss {held_out.unigram_loss:.4f}")
         if args.warmup_iters >= args.max_iters:
             print(f"note: --warmup_iters {args.warmup_iters} is not shorter than --max_iters: the "
                   f"learning rate ends at {lr_at(args.max_iters - 1, args):.2e}, never at --lr")
 
-    def checkpoint(it):
-        save_checkpoint(ckpt_path, raw_model, optimizer, scaler, generators, device, args, data, it,
+    def save(it):
+        checkpoint.save(ckpt_path, raw_model, optimizer, scaler, generators, device, args, data, it,
                         best, rows)  # first: it holds the rows
         guards.save_json(rows, os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
 
@@ -557,7 +364,7 @@ def train(args, model=None, summary_extra=None, teacher=None):
                     best = dict(row)
                 rows.append(row)
                 if master and (it > start or ckpt):  # step 0: nothing to resume yet
-                    checkpoint(it)
+                    save(it)
                     saved = it
                 if master:
                     gamma = f" | gamma {row['gamma']:.3f}" if "gamma" in row else ""
@@ -572,7 +379,7 @@ def train(args, model=None, summary_extra=None, teacher=None):
             if interrupt.signal:
                 nan.check(saved)
                 if master:
-                    checkpoint(it)
+                    save(it)
                 raise KeyboardInterrupt(f"{interrupt.signal} at step {it}: {ckpt_path} holds it; "
                                         f"the same flags plus --resume continue from there")
             if it == args.max_iters:
@@ -611,7 +418,7 @@ def train(args, model=None, summary_extra=None, teacher=None):
             summary["expert_load"] = held_out.expert_load(raw_model, ctx)
         if master:
             guards.save_json(summary, os.path.join(args.out_dir, "summary.json"))
-            print(verdict(summary, rows))
+            print(guards.verdict(summary, rows))
     if world > 1:
         dist.barrier()  # every rank leaves together: none waits on a group the others tore down
         dist.destroy_process_group()
@@ -624,41 +431,13 @@ def evals_ahead(it, args):
     return args.max_iters // every - it // every + (args.max_iters % every > 0)
 
 
-def describe(args):
-    """What the run supervises, in words (the first line it prints)."""
-    if args.sgt == 1:
-        return "all targets"
-    if args.sgt_select == "excess":
-        return f"{args.sgt:.0%}: Rho-1's excess loss over {args.sgt_ref or 'the unigram model'}"
-    score = "surprisal" if args.sgt_select == "surprisal" else "(1 - p_y)"
-    text = f"{args.sgt:.0%}: drawn ~ {score}^{args.sgt_beta:g}"
-    if args.sgt_beta == 0:
-        text = f"{args.sgt:.0%}: drawn uniformly"
-    if args.sgt_floor:
-        text += f", floor {args.sgt_floor:g}"
-    if args.sgt_mix:
-        text += f", {args.sgt_mix:.0%} of them uniformly"
-    weighting = "weighted by 1/pi (unbiased)" if args.sgt_weights == "inverse" else "plain mean"
-    return f"{text}, {weighting}"
-
-
-def verdict(summary, rows):
-    """The last line: where the run ended, against the unigram model (token frequencies alone)."""
-    final, best, uni = summary["final"], summary["best"], summary["unigram_loss"]
-    side = "below" if final["loss"] < uni else "ABOVE"
-    return (f"done: held-out loss {final['loss']:.4f} ({abs(final['loss'] - uni):.3f} {side} the "
-            f"unigram model's {uni:.4f}); best {best['loss']:.4f} at step {best['iter']}; "
-            f"unsupervised targets {rows[0]['loss_unsup']:.3f} -> {final['loss_unsup']:.3f} -> "
-            f"{summary['args']['out_dir']}")
-
-
 def main(argv=None):
-    args = guards.parse_args(training_args("train"), argv)
+    args = guards.parse_args(guards.training_args("train", __doc__), argv)
     model = None
     resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "ckpt.pt"))
     if args.init_from and not resuming:
         guards.check_run_folder(args)  # before loading what may be a large model
-        model = cherry.load_model(args.init_from, dropout=args.dropout)
+        model = checkpoint.load_model(args.init_from, dropout=args.dropout)
     return train(args, model)
 
 

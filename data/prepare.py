@@ -1,6 +1,7 @@
 """
 Prepare a token data set in nanoGPT's format: train.bin and val.bin (flat arrays of token ids) and meta.json
-(tokenizer, vocabulary, dtype, and the unigram counts of the training split that SGT's selectors use).
+(tokenizer, vocabulary, dtype, and the unigram counts of the training split that SGT's selectors use). Data reads
+a prepared folder back as the windows a run trains and evaluates on.
 
   python data/prepare.py                                          # Shakespeare's 38 plays, GPT-2 tokens
   python data/prepare.py --corpus korean --tokenizer bpe:8192     # Korean speeches, a BPE trained here
@@ -34,6 +35,7 @@ import time
 
 import numpy as np
 import tiktoken
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = os.path.join(HERE, "shakespeare")
@@ -270,7 +272,7 @@ CORPORA = {"shakespeare": shakespeare_documents, "shakespeare_char": shakespeare
 
 
 # ----------------------------------------------------------------------------
-# writing and reading a data folder
+# writing and reading a data folder, and the windows a run trains on
 
 
 def prepare(documents, out_dir, tokenizer_name="gpt2", val_fraction=0.1, compact_vocab=False, max_tokens=None):
@@ -430,6 +432,48 @@ def load(folder):
             raise ValueError(f"{path} holds token id {top}, past the vocabulary size {meta['vocab_size']} in meta.json")
         splits.append(tokens)
     return meta, *splits
+
+
+class Data:
+    """
+    train.bin / val.bin as memory maps, checked against meta.json; random training windows, fixed
+    held-out ones. shuffle: permute the block_size + 1 tokens of every window by a permutation
+    seeded with the window's start, so a window is always shuffled the same way: its tokens, and
+    every unigram statistic, stay; the order goes. fingerprint: the content in a short string,
+    cheap at any size (meta.json counts every token): a run is tied to it, not to the path.
+    """
+
+    def __init__(self, path, block_size, shuffle=False):
+        self.meta, self.train, self.val = load(path)
+        self.block_size = block_size
+        self.shuffle = shuffle
+        for split, tokens in (("train", self.train), ("val", self.val)):
+            if len(tokens) <= block_size + 1:
+                raise ValueError(f"the {split} split of {path} has {len(tokens)} tokens, too few "
+                                 f"for --block_size {block_size}; use a smaller one or more text")
+        digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
+        for tokens in (self.train, self.val):
+            digest.update(tokens[:2**19].tobytes() + tokens[-2**19:].tobytes())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    def _windows(self, tokens, starts):
+        T = self.block_size
+        windows = [torch.from_numpy(tokens[i:i + T + 1].astype("int64")) for i in starts]
+        chunks = torch.stack(windows)  # (n, T + 1)
+        if self.shuffle:
+            orders = [torch.randperm(len(c), generator=torch.Generator().manual_seed(int(i)))
+                      for c, i in zip(chunks, starts)]
+            chunks = torch.stack([c[order] for c, order in zip(chunks, orders)])
+        return chunks[:, :-1], chunks[:, 1:]
+
+    def train_batch(self, n, generator):
+        starts = torch.randint(len(self.train) - self.block_size - 1, (n,), generator=generator)
+        return self._windows(self.train, starts)
+
+    def eval_batch(self, n):
+        """n windows spread evenly over val: the same tokens at every evaluation, in every run."""
+        starts = torch.linspace(0, len(self.val) - self.block_size - 1, n).long()
+        return self._windows(self.val, starts)
 
 
 def main(argv=None):

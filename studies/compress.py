@@ -32,9 +32,9 @@ from dataclasses import replace
 
 import torch
 
+import checkpoint
 import cherry
 import compress as compress_script
-import train
 from data import prepare as data_prep
 from studies import common
 
@@ -125,10 +125,10 @@ def main(argv=None):
     runs = [jobs(s, seed, args.out_dir, data, vocab_size, args.pilot) for seed in seeds]
     for stage in ("train", "compress"):  # recovery needs its teacher: the from-scratch runs first
         common.run_all([job[name] for job in runs for name in job if job[name][0] == stage], args.gpu or args.smoke)
-    x, y = train.Data(data, s["block"]).eval_batch(s["windows"])
+    x, y = data_prep.Data(data, s["block"]).eval_batch(s["windows"])
     losses, model_of = {}, {}  # model_of: the last seed's, for the counts
     for seed, job in zip(seeds, runs):
-        models = {name: cherry.load_model(common.out_dir(run)) for name, (_, run) in job.items()}
+        models = {name: checkpoint.load_model(common.out_dir(run)) for name, (_, run) in job.items()}
         if not args.pilot:  # what recovery starts from, untrained
             teacher, schedule = models["teacher"], models["ce"].applications
             models["averaged"] = cherry.compress(teacher, s["layers"], tuple(range(s["layers"])), step_embed=False)

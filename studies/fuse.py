@@ -27,8 +27,8 @@ from dataclasses import asdict, replace
 
 import torch
 
+import checkpoint
 import cherry
-import train
 from data import prepare as data_prep
 from studies import common
 
@@ -58,7 +58,7 @@ def prepare(s):
 
 def soup(experts, path):
     """The experts' tensors averaged into one model of their shape (every tensor, MLPs too), saved for --init_from."""
-    souped = cherry.soup([cherry.load_model(e) for e in experts])
+    souped = cherry.soup([checkpoint.load_model(e) for e in experts])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {"model": souped.state_dict(), "config": asdict(souped.config)}
     data_prep.atomic_write(path, lambda f: torch.save(state, f))
@@ -99,7 +99,7 @@ def main(argv=None):
             soup(experts(seed), os.path.join(out("soup-init", seed), "ckpt.pt"))
     # FLOPs of the pipelines from the configs (fuse.py's counts): MoEE's is the teacher, two recoveries, its steps
     f = cherry.flops_per_token
-    teacher, expert = (cherry.load_model(out(name, 0)).config for name in ("teacher", "expert-code"))
+    teacher, expert = (checkpoint.load_model(out(name, 0)).config for name in ("teacher", "expert-code"))
     moee = replace(expert, n_expert=2)
     single_steps = round((s["expert_steps"] * f(expert) + s["steps"] * f(moee)) / f(expert))  # + its own recovery
     dense_layers = max(1, round((cherry.count_params(cherry.GPT(moee)) - expert.vocab_size * s["width"])
@@ -119,9 +119,9 @@ def main(argv=None):
              for seed in seeds]
     jobs += [run("train", "dense", seed, "mix", dense_steps, 2e-3, "--n_layer", dense_layers, *shape) for seed in seeds]
     common.run_all(jobs, one_by_one)
-    windows = {d: train.Data(os.path.join(data, d), s["block"]).eval_batch(s["windows"]) for d in DOMAINS}
+    windows = {d: data_prep.Data(os.path.join(data, d), s["block"]).eval_batch(s["windows"]) for d in DOMAINS}
     names = ["expert-korean", "expert-code", *arms, "korean-long", "code-long", "soup", "dense"]
-    losses = {name: {d: torch.stack([common.window_losses(cherry.load_model(out(name, seed)), *windows[d], s["device"])
+    losses = {name: {d: torch.stack([common.window_losses(checkpoint.load_model(out(name, seed)), *windows[d], s["device"])
                                      for seed in seeds]) for d in DOMAINS} for name in names}
     both = lambda name: torch.cat([losses[name][d] for d in DOMAINS], dim=1)  # the mix: both domains' windows
     gate_checks = []
@@ -135,7 +135,7 @@ def main(argv=None):
                          "code", "both", "MoEE minus it")
     steps = {"dense": dense_steps, "korean-long": single_steps, "code-long": single_steps}
     for name in names:
-        m = cherry.load_model(out(name, 0))
+        m = checkpoint.load_model(out(name, 0))
         mix_steps = "" if name.startswith("expert") else steps.get(name, s["steps"])
         diff = "" if name == "korean+code" else common.pm(common.seed_diff(both("korean+code"), both(name)))
         table.append(common.row(name, f"{cherry.count_params(m):,}", f"{cherry.count_params(m, active=True):,}",

@@ -123,8 +123,8 @@ def sgt_specs():
     """The SGT arms as train.py's selector flags (None: full supervision); "default" is train.py's, listed once."""
     flags = lambda select="surprisal", beta=0.0, weights="none", floor=0.0, mix=0.0: dict(
         sgt_select=select, sgt_beta=beta, sgt_weights=weights, sgt_floor=floor, sgt_mix=mix)
-    default = flags(beta=train.DEFAULT_BETA, weights=train.DEFAULT_WEIGHTS, floor=train.DEFAULT_FLOOR,
-                    mix=train.DEFAULT_MIX)
+    default = flags(beta=guards.DEFAULT_BETA, weights=guards.DEFAULT_WEIGHTS, floor=guards.DEFAULT_FLOOR,
+                    mix=guards.DEFAULT_MIX)
     arms = {"full": None, "uniform": flags(), "default": default, "beta 2": flags(beta=2.0),
             "beta 2, weighted": flags(beta=2.0, weights="inverse"), "gradient": flags("gradient", 1.0, "inverse", 0.1)}
     return {name: a for name, a in arms.items() if name == "default" or a != default}
@@ -438,7 +438,7 @@ def measures(run, arm, full, uni):
 
 def sgt_report(run, domain, names, shuffled=()):
     r, uni, full = run.results, run.unigram_loss(domain, domain), f"{domain}/full"
-    default = train.describe(SimpleNamespace(sgt=FRACTION, **sgt_specs()["default"]))
+    default = guards.describe(SimpleNamespace(sgt=FRACTION, **sgt_specs()["default"]))
     lines = [f"## SGT on {domain}", "", f"The default is train.py's: {default}. R = (L(init) - L_SGT) / (L(init) - "
              f"L_full); R_ctx: the same beyond the unigram model (held-out {uni:.3f}); both best against best. "
              "De-tilted R_ctx: final against final, the logits minus log pi_hat(y), pi_hat each type's pick rate under "

@@ -56,7 +56,9 @@ import time
 
 import torch
 
+import checkpoint
 import cherry
+import coupling
 import guards
 import train
 from data import prepare as data_prep
@@ -120,10 +122,10 @@ def stays_below(rows, unigram):
 
 
 def load_run(out, device="cpu"):
-    ckpt = cherry.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
     args = argparse.Namespace(**ckpt["args"])
-    model = cherry.build_model(ckpt["config"], ckpt["model"], out).to(device).eval()
-    return ckpt, args, model, train.Data(args.data, args.block_size or model.config.block_size, args.shuffle_tokens)
+    model = checkpoint.build_model(ckpt["config"], ckpt["model"], out).to(device).eval()
+    return ckpt, args, model, data_prep.Data(args.data, args.block_size or model.config.block_size, args.shuffle_tokens)
 
 
 def picks(selector, model, x, y, generator):
@@ -275,10 +277,10 @@ def measure_coupling(job):
         held += [with_mask(x[i::n][:max(1, sequences // 2)], y[i::n][:max(1, sequences // 2)])
                  for i in range(batches, n)]
         state = adam_state(ckpt, args, model)
-        g_s, g_u = cherry.batch_gradients(model, held[:batches])
-        plain = cherry.coupling_with_error(g_s, g_u)
+        g_s, g_u = coupling.batch_gradients(model, held[:batches])
+        plain = coupling.coupling_with_error(g_s, g_u)
         root = adam_preconditioner(state, (g_s * g_s).mean(0)).sqrt()
-        adam = cherry.coupling_with_error(g_s.mul_(root), g_u.mul_(root))  # g_S . P g_U = (P^1/2 g_S) . (P^1/2 g_U)
+        adam = coupling.coupling_with_error(g_s.mul_(root), g_u.mul_(root))  # g_S . P g_U = (P^1/2 g_S) . (P^1/2 g_U)
         del g_s, g_u
         training = [with_mask(*(t.to(device) for t in data.train_batch(args.batch_size, generator)))
                     for _ in range(pairs)]
@@ -353,7 +355,7 @@ class Plan:
 
     def __init__(self, args, folders):
         self.args, self.folders, self.scale = args, folders, args.scale
-        flags = guards.parse_args(train.training_args("train"), [str(a) for a in (*self.scale, *args.train)])
+        flags = guards.parse_args(guards.training_args("train", train.__doc__), [str(a) for a in (*self.scale, *args.train)])
         self.block, self.batch, self.eval_iters = flags.block_size, flags.batch_size, flags.eval_iters
         self.max_iters, self.decay = flags.max_iters, flags.lr_decay_iters or flags.max_iters
         self.selectors = args.selectors

@@ -97,7 +97,7 @@ def main(argv=None):
     a("--nanogpt", help="path to a nanoGPT checkout: also time its model.py at this config")
     args = guards.parse_args(p, argv)
     device, kind, dtype, ctx = guards.setup_device(args)
-    cfg = train.model_config(args, **SHAPE)  # flags, then the preset, then bench's own shape
+    cfg = guards.model_config(args, **SHAPE)  # flags, then the preset, then bench's own shape
     where = torch.cuda.get_device_name(device) if kind == "cuda" else f"{os.cpu_count()} CPU threads"
     print(f"{where}, {dtype}, torch {torch.__version__}, {cfg.n_layer} x {cfg.n_embd}, {cfg.n_head} heads, block "
           f"{cfg.block_size}, batch {args.batch_size}; matmul 2048x384x1536: fp32 "

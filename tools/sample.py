@@ -15,7 +15,7 @@ import os
 
 import torch
 
-import cherry
+import checkpoint
 import guards
 from data import prepare as data_prep
 
@@ -66,11 +66,11 @@ def main(argv=None):
         p.error(f"--num_samples {args.num_samples} x --max_new_tokens {args.max_new_tokens} asks for "
                 f"{args.num_samples * args.max_new_tokens:,} tokens; at most {MAX_TOKENS:,} in one run")
     device = guards.setup_device(args)[0]
-    model = cherry.load_model(args.init_from, dropout=0.0).eval().to(device)
+    model = checkpoint.load_model(args.init_from, dropout=0.0).eval().to(device)
     data = args.data
     if data is None and model.config.vocab_id != "gpt2":  # our checkpoint records the folder it was trained on
         path = os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else args.init_from
-        saved = cherry.load_checkpoint(path).get("args") if os.path.isfile(path) else None
+        saved = checkpoint.load_checkpoint(path).get("args") if os.path.isfile(path) else None
         data = saved.get("data") if isinstance(saved, dict) and isinstance(saved.get("data"), str) else None
         if data is None or not os.path.isfile(os.path.join(data, "meta.json")):
             raise ValueError(f"{args.init_from} needs the data folder it was trained on ({data or 'not recorded'}) for "
