@@ -22,7 +22,6 @@ from data import prepare as data_prep
 # loading weights
 
 
-
 def load_checkpoint(path):
     """Tensors, numbers, strings, lists and dicts; a file that would need pickled code run is
     refused, not run. An OSError (no permission, a folder) is torch's own line."""

@@ -6,6 +6,7 @@ a prepared folder back as the windows a run trains and evaluates on.
   python data/prepare.py                                          # Shakespeare's 38 plays, GPT-2 tokens
   python data/prepare.py --corpus korean --tokenizer bpe:8192     # Korean speeches, a BPE trained here
   python data/prepare.py --corpus code                            # the Python standard library's sources
+  python data/prepare.py --corpus docs                            # Python's documentation topics (English prose)
   python data/prepare.py --corpus shakespeare_char                # character level (~100 symbols)
   python data/prepare.py --corpus korean,code --tokenizer bpe:8192   # two corpora, one vocabulary
   python data/prepare.py --input notes.txt --out_dir data/notes   # any text file, or a folder of them
@@ -219,6 +220,13 @@ def korean_documents():
     return [clean(text) for (text,) in rows if text and text.strip()]
 
 
+def docs_documents():
+    """The Python documentation's reference topics (79), from the standard library's pydoc_data: English prose with
+    examples (PSF licence), one document per topic."""
+    from pydoc_data.topics import topics
+    return [topics[name] for name in sorted(topics)]
+
+
 def read_text(path, limit=-1):
     """A file's text (its first limit characters), or None and why not: not a regular file (a FIFO would block for
     ever), not UTF-8, binary."""
@@ -268,7 +276,8 @@ def file_documents(path, pattern="*", max_chars=None, skip=()):
 
 STDLIB = sysconfig.get_paths()["stdlib"]  # the Python standard library's own sources, installed packages aside
 CORPORA = {"shakespeare": shakespeare_documents, "shakespeare_char": shakespeare_documents, "korean": korean_documents,
-           "code": lambda: file_documents(STDLIB, "*.py", skip=[os.path.join(STDLIB, "site-packages")])}
+           "code": lambda: file_documents(STDLIB, "*.py", skip=[os.path.join(STDLIB, "site-packages")]),
+           "docs": docs_documents}
 
 
 # ----------------------------------------------------------------------------
@@ -479,7 +488,7 @@ class Data:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", help="shakespeare (the default), shakespeare_char, korean, code; several: a,b")
+    p.add_argument("--corpus", help="shakespeare (the default), shakespeare_char, korean, code, docs; several: a,b")
     p.add_argument("--input", help="instead: a text file, or a folder of them")
     p.add_argument("--glob", default="*", help="with a folder --input: which files, e.g. '*.py' (default: all)")
     p.add_argument("--out_dir", help="where train.bin, val.bin and meta.json go (default: data/<corpus>)")

@@ -6,6 +6,7 @@ compute, does SGT reach a lower held-out loss than full supervision, or the same
                                              # size, on Shakespeare, Python source and Korean (hours on 2 CPU cores)
   python -m studies.sgt_compute --small      # the small-scale runs only (writes the report from what is done)
   python -m studies.sgt_compute --timing     # also seconds per step of each arm, one run at a time (quiet machine)
+  python -m studies.sgt_compute --untried data/docs data/korean-law   # the chosen default on corpora the rule never saw
 
 Writes studies/sgt_defaults.md (the rule, every run, the winner) and studies/sgt_compute.md with its figures: held-out
 loss against training FLOPs and against seconds, and the FLOPs and seconds each arm needs to reach full supervision's
@@ -42,6 +43,7 @@ CANDIDATES = {  # train.py flags, simplest first
                                       "--sgt_floor", 0.1],
 }
 FINALISTS = 2
+OLD_DEFAULT = "beta 2, plain mean (the old default)"
 CORPORA = ("shakespeare", "code", "korean")
 SMALL = ["--n_layer", 4, "--n_head", 4, "--n_embd", 64, "--block_size", 128, "--batch_size", 8, "--max_iters", 400,
          "--lr", 6e-3, "--warmup_iters", 20, "--eval_interval", 40, "--eval_iters", 8, "--log_interval", 10**6,
@@ -86,6 +88,30 @@ def run_scale(args, scale, arms):
             for (c, a, s), out in runs.items()]
     common.run_all(jobs)
     return runs
+
+
+def run_untried(args, folders, chosen):
+    """The chosen default, the old one and full supervision at the small scale, on prepared data folders that none of
+    the rule's runs used; {(folder's name, arm, seed): out_dir}."""
+    flags, seeds = SCALES["small"]
+    names = {os.path.basename(os.path.normpath(f)): f for f in folders}
+    arms = list(dict.fromkeys(["full", chosen, OLD_DEFAULT]))
+    runs = {(n, a, s): os.path.join(args.out_dir, f"untried-{n}-{folder_name(a)}-s{s}")
+            for n in names for a in arms for s in seeds}
+    jobs = [("train", ["--data", names[n], "--seed", s, *flags, *ARMS[a], "--out_dir", out])
+            for (n, a, s), out in runs.items()]
+    common.run_all(jobs)
+    return runs
+
+
+def winner_of(default, finalists):
+    """The rule's last stage: the qualifying finalist with the lowest mean final loss at the default size (a tie within
+    0.005 nats goes to the one listed first); None if the stage is not done or no finalist qualifies."""
+    winners = [a for a in finalists if default and qualifies(default, a)]
+    if not winners:
+        return None
+    scores = {a: mean_final(default, a) for a in winners}
+    return next(a for a in winners if scores[a] <= min(scores.values()) + 0.005)
 
 
 def final_losses(runs, arm):
@@ -215,6 +241,8 @@ def main(argv=None):
     p = common.parser(__doc__, "sgt-compute")
     p.add_argument("--small", action="store_true", help="the small-scale runs only")
     p.add_argument("--timing", action="store_true", help="also time each arm's step, one run at a time")
+    p.add_argument("--untried", nargs="+", metavar="FOLDER", default=[],
+                   help="prepared data folders the rule never saw: the chosen default tried there (small scale)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.command = " ".join(["python -m studies.sgt_compute", *argv])
@@ -224,7 +252,9 @@ def main(argv=None):
     finalists = ranked[:FINALISTS]
     # the rule's own runs first, so that the default is decided before the full-supervision curves are run
     default = run_scale(args, "default", finalists) if finalists and not args.small else {}
-    write_defaults(args, t0, small, default, ranked, finalists)
+    chosen = winner_of(default, finalists) or (finalists[0] if finalists else None)
+    untried = run_untried(args, args.untried, chosen) if args.untried and chosen else {}
+    write_defaults(args, t0, small, default, ranked, finalists, untried)
     if default:
         default.update(run_scale(args, "default", ["full"]))
     times = {}
@@ -233,7 +263,7 @@ def main(argv=None):
     write_compute(args, t0, {"small": small, "default": default}, times)
 
 
-def write_defaults(args, t0, small, default, ranked, finalists):
+def write_defaults(args, t0, small, default, ranked, finalists, untried):
     lines = [f"Rule: {RULE}", "", "Candidates: " + "; ".join(f"{a}: `{' '.join(map(str, f))}`"
                                                           for a, f in CANDIDATES.items()), ""]
     lines += common.table("scale", "corpus", "candidate", "seed", "final held-out loss", "unigram", "below")
@@ -244,19 +274,23 @@ def write_defaults(args, t0, small, default, ranked, finalists):
                                     "yes" if loss < unigram else "NO"))
     lines += ["", "Qualifying at the small scale, by mean final loss: "
               + (", ".join(f"{a} ({mean_final(small, a):.4f})" for a in ranked) or "none")]
-    winners = [a for a in finalists if default and qualifies(default, a)]
+    winner = winner_of(default, finalists)
     if not default:
         lines.append("The default-size runs are not done yet (a later invocation reuses every finished run). Until "
                      f"they are, train.py's default is the first finalist, {finalists[0] if finalists else 'none'}: "
                      "an interim choice that the rule's last stage confirms or replaces.")
-    elif not winners:
+    elif not winner:
         lines.append("No finalist qualifies at the default size: the default stays as it is.")
     else:
-        scores = {a: mean_final(default, a) for a in winners}
-        best = min(scores.values())
-        winner = next(a for a in winners if scores[a] <= best + 0.005)
+        scores = {a: mean_final(default, a) for a in finalists if qualifies(default, a)}
         lines.append("At the default size: " + ", ".join(f"{a} {s:.4f}" for a, s in scores.items()))
         lines.append(f"**Winner: {winner}**: `{' '.join(map(str, CANDIDATES[winner]))}`.")
+    if untried:
+        lines += ["", "## On corpora the rule never saw (small scale, the rule's flags)", ""]
+        lines += common.table("data", "arm", "seed", "final held-out loss", "unigram", "below")
+        for (name, arm, seed), out in untried.items():
+            loss, unigram = common.metrics(out)[-1]["loss"], common.summary(out)["unigram_loss"]
+            lines.append(common.row(name, arm, seed, f"{loss:.4f}", f"{unigram:.4f}", "yes" if loss < unigram else "NO"))
     common.report("sgt_defaults.md", "SGT: the default selector, by a rule", args.command, t0, lines)
 
 
