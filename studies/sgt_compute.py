@@ -6,7 +6,13 @@ compute, does SGT reach a lower held-out loss than full supervision, or the same
                                              # size, on Shakespeare, Python source and Korean (hours on 2 CPU cores)
   python -m studies.sgt_compute --small      # the small-scale runs only (writes the report from what is done)
   python -m studies.sgt_compute --timing     # also seconds per step of each arm, one run at a time (quiet machine)
-  python -m studies.sgt_compute --untried data/docs data/korean-law   # the chosen default on corpora the rule never saw
+  python -m studies.sgt_compute --untried data/untried-docs data/untried-korean-law   # the chosen default, elsewhere
+
+The corpora no run of the rule saw, made with data/prepare.py: Python's documentation topics (English prose), and Korean
+law and bills, the corpus files of konlpy 0.6.0 (a registry package, not a dependency; GPT-2 tokens, mostly bytes):
+  python data/prepare.py --corpus docs --compact_vocab --out_dir data/untried-docs
+  pip download konlpy==0.6.0 --no-deps -d /tmp/konlpy && unzip -q /tmp/konlpy/*.whl 'konlpy/data/corpus/*' -d /tmp/konlpy
+  python data/prepare.py --input /tmp/konlpy/konlpy/data/corpus --compact_vocab --out_dir data/untried-korean-law
 
 Writes studies/sgt_defaults.md (the rule, every run, the winner) and studies/sgt_compute.md with its figures: held-out
 loss against training FLOPs and against seconds, and the FLOPs and seconds each arm needs to reach full supervision's
@@ -96,7 +102,7 @@ def run_untried(args, folders, chosen):
     flags, seeds = SCALES["small"]
     names = {os.path.basename(os.path.normpath(f)): f for f in folders}
     arms = list(dict.fromkeys(["full", chosen, OLD_DEFAULT]))
-    runs = {(n, a, s): os.path.join(args.out_dir, f"untried-{n}-{folder_name(a)}-s{s}")
+    runs = {(n, a, s): os.path.join(args.out_dir, f"{n}-{folder_name(a)}-s{s}")
             for n in names for a in arms for s in seeds}
     jobs = [("train", ["--data", names[n], "--seed", s, *flags, *ARMS[a], "--out_dir", out])
             for (n, a, s), out in runs.items()]
