@@ -49,7 +49,8 @@ POSITIVE, NON_NEGATIVE = number(float, "(0, inf)"), number(float, "[0, inf)")
 
 
 def parse_args(parser, argv=None):
-    """The flags, with what no single flag's type can see refused in one line."""
+    """The flags, with what no single flag's type can see refused in one line, and SGT's default
+    weights and floor given where they apply."""
     args = parser.parse_args(argv)
     if getattr(args, "min_lr", None) is not None and args.min_lr > args.lr:
         parser.error(f"argument --min_lr: {args.min_lr} is above --lr {args.lr}")
@@ -58,8 +59,13 @@ def parse_args(parser, argv=None):
             parser.error(f"argument --{flag}: an empty path")
     if getattr(args, "sgt_ref", None) and args.sgt_select != "excess":
         parser.error("argument --sgt_ref: only --sgt_select excess uses a reference model")
-    sgt_weights, sgt_mix, sgt_floor = (getattr(args, k, None) for k in ("sgt_weights", "sgt_mix", "sgt_floor"))
     drawn = getattr(args, "sgt_select", None) != "excess"
+    if hasattr(args, "sgt_weights") and args.sgt_weights is None:  # the default, where it applies
+        tilted = drawn and 0 < args.sgt_beta < float("inf") and not args.sgt_mix
+        args.sgt_weights = DEFAULT_WEIGHTS if tilted else "none"
+    if hasattr(args, "sgt_floor") and args.sgt_floor is None:
+        args.sgt_floor = DEFAULT_FLOOR if args.sgt_weights == "inverse" else 0.0
+    sgt_weights, sgt_mix, sgt_floor = (getattr(args, k, None) for k in ("sgt_weights", "sgt_mix", "sgt_floor"))
     if sgt_weights == "inverse" and not (drawn and args.sgt_beta < float("inf") and not sgt_mix):
         parser.error("argument --sgt_weights: inverse needs a draw whose inclusion probabilities are known: "
                      "--sgt_select surprisal or gradient, a finite --sgt_beta and no --sgt_mix (use --sgt_floor)")
@@ -71,12 +77,14 @@ def parse_args(parser, argv=None):
 # ----------------------------------------------------------------------------
 # the flags train.py, compress.py and fuse.py share, and the model shape they decide
 
-# SGT's default draw: uniform, the first finalist of the rule in studies/sgt_compute.py
-# (studies/sgt_defaults.md); a uniform draw's plain mean is already unbiased
-DEFAULT_BETA = 0.0
+# SGT's default, the winner of the rule in studies/sgt_compute.py (studies/sgt_defaults.md): a draw
+# ~ (1 - p_y), each pick weighted 1/pi, a tenth of the draw weight uniform. The weights and the
+# floor apply where the draw is tilted and its inclusion probabilities known (parse_args)
+DEFAULT_SELECT = "gradient"
+DEFAULT_BETA = 1.0
 DEFAULT_MIX = 0.0
-DEFAULT_WEIGHTS = "none"
-DEFAULT_FLOOR = 0.0
+DEFAULT_WEIGHTS = "inverse"
+DEFAULT_FLOOR = 0.1
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias")
 
 
@@ -115,21 +123,21 @@ def training_args(prog, doc):
     a("--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm to this (0: off)")
     # SGT
     a("--sgt", type=number(float, "(0, 1]"), default=1.0, help="share of the targets supervised")
-    a("--sgt_select", default="surprisal", choices=["surprisal", "gradient", "excess"],
+    a("--sgt_select", default=DEFAULT_SELECT, choices=["surprisal", "gradient", "excess"],
       help="surprisal: a draw tilted towards rare targets (score: unigram surprisal); gradient: "
            "towards the targets the model still gets wrong (score: 1 - p_y, from a head pass on "
-           "every position); excess: Rho-1's excess loss")
+           f"every position); excess: Rho-1's excess loss (default {DEFAULT_SELECT})")
     a("--sgt_beta", type=number(float, "[0, inf]"), default=DEFAULT_BETA,
       help=f"the tilt: P(pick) ~ score^beta; 0 uniform, inf a top-k (default {DEFAULT_BETA})")
     a("--sgt_mix", type=number(float, "[0, 1]"), default=DEFAULT_MIX,
       help=f"unweighted only: the share of the picks drawn uniformly (default {DEFAULT_MIX:.2f})")
-    a("--sgt_weights", choices=["none", "inverse"], default=DEFAULT_WEIGHTS,
+    a("--sgt_weights", choices=["none", "inverse"],
       help="inverse: each pick's loss weighted by 1/pi, its inclusion probability: an unbiased "
-           "estimate of the full loss for any tilt; none: the picks' plain mean "
-           f"(default {DEFAULT_WEIGHTS})")
-    a("--sgt_floor", type=number(float, "[0, 1]"), default=DEFAULT_FLOOR,
+           "estimate of the full loss for any tilt; none: the picks' plain mean (default "
+           f"{DEFAULT_WEIGHTS} for a tilted draw, 0 < beta < inf and no mix; else none)")
+    a("--sgt_floor", type=number(float, "[0, 1]"),
       help="mix this share of uniform weight into each sequence's draw weights: tames the inverse "
-           f"weights (default {DEFAULT_FLOOR:g})")
+           f"weights (default {DEFAULT_FLOOR:g} with inverse weights, else 0)")
     a("--sgt_ref", help="excess: a reference model (any --init_from) instead of the unigram model")
     a("--shuffle_tokens", action="store_true", help="control: permute each window's tokens")
     # evaluation, logging, system

@@ -1,10 +1,10 @@
 """
 Train a GPT with full supervision or with SGT (selective ground-truth token training).
 
-  python train.py --sgt 0.15                        # SGT: a uniform 15%, 12 x 128, Shakespeare
+  python train.py --sgt 0.15                        # SGT: 15% drawn ~ (1 - p_y), weighted 1/pi; 12 x 128
   python train.py                                   # full supervision, for comparison
-  python train.py --sgt 0.15 --sgt_beta 2 --sgt_weights inverse --sgt_floor 0.1    # rare, unbiased
-  python train.py --sgt 0.15 --sgt_select gradient --sgt_beta 1 --sgt_weights inverse
+  python train.py --sgt 0.15 --sgt_select surprisal --sgt_beta 2   # rare targets, weighted 1/pi
+  python train.py --sgt 0.15 --sgt_select surprisal --sgt_beta 0   # a uniform 15%, plain mean
   python train.py --sgt 0.15 --sgt_select excess    # Rho-1: the loss most above the unigram's
   python train.py --init_from gpt2 --data data/mine --lr 3e-5   # fine-tune GPT-2, nanoGPT's or ours
   torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --sgt 0.15 --grad_accum 8

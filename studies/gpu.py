@@ -123,8 +123,8 @@ def sgt_specs():
     """The SGT arms as train.py's selector flags (None: full supervision); "default" is train.py's, listed once."""
     flags = lambda select="surprisal", beta=0.0, weights="none", floor=0.0, mix=0.0: dict(
         sgt_select=select, sgt_beta=beta, sgt_weights=weights, sgt_floor=floor, sgt_mix=mix)
-    default = flags(beta=guards.DEFAULT_BETA, weights=guards.DEFAULT_WEIGHTS, floor=guards.DEFAULT_FLOOR,
-                    mix=guards.DEFAULT_MIX)
+    default = flags(guards.DEFAULT_SELECT, guards.DEFAULT_BETA, guards.DEFAULT_WEIGHTS, guards.DEFAULT_FLOOR,
+                    guards.DEFAULT_MIX)
     arms = {"full": None, "uniform": flags(), "default": default, "beta 2": flags(beta=2.0),
             "beta 2, weighted": flags(beta=2.0, weights="inverse"), "gradient": flags("gradient", 1.0, "inverse", 0.1)}
     return {name: a for name, a in arms.items() if name == "default" or a != default}

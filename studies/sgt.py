@@ -77,13 +77,16 @@ SIZES = dict(lrs=(3e-3, 6e-3, 1.2e-2), seeds=3, steps=(50, 100, 200), batches=16
 GPU_SIZES = {**SIZES, "lrs": (5e-4, 1e-3, 2e-3), "steps": (100, 500, 1000), "collapse_blocks": (256, 1024)}
 SMOKE_SIZES = dict(lrs=(3e-3, 6e-3, 1.2e-2), seeds=2, steps=(4,), batches=4, sequences=4, pairs=4, windows=16,
                    collapse_blocks=(32,), code_seeds=0)
-SELECTORS = {"beta 0 (uniform)": ["--sgt_beta", 0], "beta 2": ["--sgt_beta", 2],  # train.py's flags
-             "beta 2, inverse, floor 0.1": ["--sgt_beta", 2, "--sgt_weights", "inverse", "--sgt_floor", 0.1],
-             "gradient, inverse": ["--sgt_select", "gradient", "--sgt_beta", 1, "--sgt_weights", "inverse"],
-             "beta inf, mix 1/3": ["--sgt_beta", "inf", "--sgt_mix", 1 / 3], "beta inf (top-k)": ["--sgt_beta", "inf"],
-             "excess (Rho-1)": ["--sgt_select", "excess"]}
-MORE_SELECTORS = {"beta 1": ["--sgt_beta", 1], "beta 3": ["--sgt_beta", 3],
-                  "beta inf, mix 2/3": ["--sgt_beta", "inf", "--sgt_mix", 2 / 3]}
+PLAIN = ["--sgt_select", "surprisal", "--sgt_weights", "none", "--sgt_floor", 0]  # then each selector's own flags
+SELECTORS = {name: [*PLAIN, *flags] for name, flags in {  # train.py's flags (the last of a flag given wins)
+    "beta 0 (uniform)": ["--sgt_beta", 0], "beta 2": ["--sgt_beta", 2],
+    "beta 2, inverse, floor 0.1": ["--sgt_beta", 2, "--sgt_weights", "inverse", "--sgt_floor", 0.1],
+    "gradient, inverse": ["--sgt_select", "gradient", "--sgt_beta", 1, "--sgt_weights", "inverse"],
+    "beta inf, mix 1/3": ["--sgt_beta", "inf", "--sgt_mix", 1 / 3], "beta inf (top-k)": ["--sgt_beta", "inf"],
+    "excess (Rho-1)": ["--sgt_select", "excess"]}.items()}
+MORE_SELECTORS = {name: [*PLAIN, *flags] for name, flags in {
+    "beta 1": ["--sgt_beta", 1], "beta 3": ["--sgt_beta", 3], "beta inf, mix 2/3": ["--sgt_beta", "inf", "--sgt_mix", 2 / 3]
+}.items()}
 SMOKE_SELECTORS = ("beta 2", "beta 2, inverse, floor 0.1", "gradient, inverse")
 PAPER_R = 0.67
 NO_CORRECTION = 0.01  # nats: de-tilting an inverse-weighted run by its loss shares may move its loss by less

@@ -6,7 +6,7 @@ compute, does SGT reach a lower held-out loss than full supervision, or the same
                                              # size, on Shakespeare, Python source and Korean (hours on 2 CPU cores)
   python -m studies.sgt_compute --small      # the small-scale runs only (writes the report from what is done)
   python -m studies.sgt_compute --timing     # also seconds per step of each arm, one run at a time (quiet machine)
-  python -m studies.sgt_compute --untried data/untried-docs data/untried-korean-law   # the chosen default, elsewhere
+  python -m studies.sgt_compute --untried data/untried-docs data/untried-korean-law   # the finalists, elsewhere
 
 The corpora no run of the rule saw, made with data/prepare.py: Python's documentation topics (English prose), and Korean
 law and bills, the corpus files of konlpy 0.6.0 (a registry package, not a dependency; GPT-2 tokens, mostly bytes):
@@ -39,12 +39,15 @@ RULE = ("Each candidate is trained with train.py at f = 0.15 on Shakespeare, Pyt
         "model's held-out loss in every one of its runs. The default is the qualifying finalist with the lowest mean "
         "final held-out loss over its default-size runs; a tie (within 0.005 nats) goes to the one listed first. If no "
         "candidate qualifies, the default stays as it is and the report says so.")
-CANDIDATES = {  # train.py flags, simplest first
-    "uniform": ["--sgt_beta", 0, "--sgt_weights", "none"],
-    "beta 2, plain mean (the old default)": ["--sgt_beta", 2, "--sgt_weights", "none"],
-    "beta 2, weighted": ["--sgt_beta", 2, "--sgt_weights", "inverse"],
-    "beta 2, weighted, floor 0.1": ["--sgt_beta", 2, "--sgt_weights", "inverse", "--sgt_floor", 0.1],
-    "beta 1, weighted, floor 0.1": ["--sgt_beta", 1, "--sgt_weights", "inverse", "--sgt_floor", 0.1],
+CANDIDATES = {  # train.py flags, simplest first; every SGT flag given (the defaults changed after the rule's runs)
+    "uniform": ["--sgt_select", "surprisal", "--sgt_beta", 0, "--sgt_weights", "none", "--sgt_floor", 0],
+    "beta 2, plain mean (the old default)": ["--sgt_select", "surprisal", "--sgt_beta", 2, "--sgt_weights", "none",
+                                             "--sgt_floor", 0],
+    "beta 2, weighted": ["--sgt_select", "surprisal", "--sgt_beta", 2, "--sgt_weights", "inverse", "--sgt_floor", 0],
+    "beta 2, weighted, floor 0.1": ["--sgt_select", "surprisal", "--sgt_beta", 2, "--sgt_weights", "inverse",
+                                    "--sgt_floor", 0.1],
+    "beta 1, weighted, floor 0.1": ["--sgt_select", "surprisal", "--sgt_beta", 1, "--sgt_weights", "inverse",
+                                    "--sgt_floor", 0.1],
     "gradient, weighted, floor 0.1": ["--sgt_select", "gradient", "--sgt_beta", 1, "--sgt_weights", "inverse",
                                       "--sgt_floor", 0.1],
 }
@@ -96,12 +99,12 @@ def run_scale(args, scale, arms):
     return runs
 
 
-def run_untried(args, folders, chosen):
-    """The chosen default, the old one and full supervision at the small scale, on prepared data folders that none of
-    the rule's runs used; {(folder's name, arm, seed): out_dir}."""
+def run_untried(args, folders, finalists):
+    """Full supervision, the finalists (the default among them) and the old default at the small scale, on prepared
+    data folders that none of the rule's runs used; {(folder's name, arm, seed): out_dir}."""
     flags, seeds = SCALES["small"]
     names = {os.path.basename(os.path.normpath(f)): f for f in folders}
-    arms = list(dict.fromkeys(["full", chosen, OLD_DEFAULT]))
+    arms = list(dict.fromkeys(["full", *finalists, OLD_DEFAULT]))
     runs = {(n, a, s): os.path.join(args.out_dir, f"{n}-{folder_name(a)}-s{s}")
             for n in names for a in arms for s in seeds}
     jobs = [("train", ["--data", names[n], "--seed", s, *flags, *ARMS[a], "--out_dir", out])
@@ -258,8 +261,7 @@ def main(argv=None):
     finalists = ranked[:FINALISTS]
     # the rule's own runs first, so that the default is decided before the full-supervision curves are run
     default = run_scale(args, "default", finalists) if finalists and not args.small else {}
-    chosen = winner_of(default, finalists) or (finalists[0] if finalists else None)
-    untried = run_untried(args, args.untried, chosen) if args.untried and chosen else {}
+    untried = run_untried(args, args.untried, finalists) if args.untried and finalists else {}
     write_defaults(args, t0, small, default, ranked, finalists, untried)
     if default:
         default.update(run_scale(args, "default", ["full"]))
