@@ -7,12 +7,14 @@ the device's peak is known, peak memory, and the FLOPs per token each figure ass
   python -m tools.bench --nanogpt ../nanoGPT             # also nanoGPT's model.py (a checkout) at this config
   python -m tools.bench --preset gpt2 --batch_size 16 --block_size 1024 --compile   # GPU
 
-Variants: dense; SGT 0.15 (the gathered head); compressed (a third of the layers, each run 3 times, LoRA 8); MoEE of
-2 experts, top-1, at the dense model's shape (equal active parameters, plus the routers).
+Variants: dense; SGT 0.15 drawn on the CPU (the gathered head); SGT 0.15 as train.py's default draws it (gradient: a
+head pass without gradient on every position first); compressed (a third of the layers, each run 3 times, LoRA 8);
+MoEE of 2 experts, top-1, at the dense model's shape (equal active parameters, plus the routers).
 """
 
 import argparse
 import importlib.util
+import math
 import os
 import resource
 import time
@@ -47,9 +49,10 @@ def matmul_gflops(dtype, device, n=20):
     return 2 * 2048 * 384 * 1536 * n / (time.perf_counter() - t) / 1e9
 
 
-def bench(model, sgt, args, device, dtype, ctx):
+def bench(model, sgt, args, device, dtype, ctx, select="surprisal"):
     """Tokens/s over args.steps optimizer steps after args.warmup untimed ones, and the peak memory in MB.
-    The windows are the model's block_size long."""
+    The windows are the model's block_size long. select gradient: SGT's picks made inside the forward, as train.py's
+    default makes them."""
     T = model.config.block_size
     model.to(device)
     if args.compile:
@@ -60,6 +63,14 @@ def bench(model, sgt, args, device, dtype, ctx):
     gen = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 50257, (args.batch_size, T), generator=gen) for _ in range(2))
     sgt_args = {"positions": cherry.select_positions(y, sgt, gen)[0].to(device)} if sgt < 1 else {}
+    if sgt < 1 and select == "gradient":
+        k = math.ceil(sgt * T)
+
+        def choose(losses):  # drawn ~ (1 - p_y)^beta, weighted 1/pi, with train.py's default beta and floor
+            scores = cherry.gradient_scores(losses)
+            positions, inclusion = cherry.draw_positions(scores, k, gen, guards.DEFAULT_BETA, 0.0, guards.DEFAULT_FLOOR)
+            return positions, cherry.inverse_weights(inclusion, T)
+        sgt_args = {"choose": choose}
     batch = [(x.to(device), y.to(device), sgt_args)]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -107,15 +118,16 @@ def main(argv=None):
     layers = max(1, cfg.n_layer // 3)
     unrolled = replace(dense, n_layer=layers, schedule=cherry.repeat_schedule([3] * layers), step_embed=True,
                        lora_rank=8)
-    variants = {"dense": (dense, 1.0), "SGT 0.15": (dense, 0.15),
-                f"compressed {layers} layers x 3, LoRA 8": (unrolled, 1.0),
-                "MoEE": (replace(dense, n_expert=2), 1.0)}
+    variants = {"dense": (dense, 1.0, None), "SGT 0.15": (dense, 0.15, "surprisal"),
+                "SGT 0.15, gradient (the default)": (dense, 0.15, "gradient"),
+                f"compressed {layers} layers x 3, LoRA 8": (unrolled, 1.0, None),
+                "MoEE": (replace(dense, n_expert=2), 1.0, None)}
     print("| step | tokens/s | MFU | peak memory (MB) | MFLOPs/token |\n| --- | --- | --- | --- | --- |")
     speed, mfu = {}, {}
-    for name, (vcfg, sgt) in variants.items():
+    for name, (vcfg, sgt, select) in variants.items():
         torch.manual_seed(0)
-        flops = cherry.flops_per_token(vcfg, sgt)
-        speed[name], memory = bench(cherry.GPT(vcfg), sgt, args, device, dtype, ctx)
+        flops = cherry.flops_per_token(vcfg, sgt, full_head_forward=select == "gradient")
+        speed[name], memory = bench(cherry.GPT(vcfg), sgt, args, device, dtype, ctx, select)
         peak = guards.peak_flops(device, dtype)
         mfu[name] = speed[name] * flops / peak if peak else None
         label = "MoEE: 2 experts, top-1, the dense shape" if name == "MoEE" else name
