@@ -172,6 +172,12 @@ def seconds_per_step(args, scale, folders):
     return times
 
 
+def runs_time(run_sets):
+    """How many runs, and their own wall time summed (each had one core of a shared machine)."""
+    outs = {out for runs in run_sets for out in runs.values()}
+    return f"{len(outs)} runs, {sum(common.summary(out)['wall_s'] for out in outs) / 3600:.1f} h of their own wall time"
+
+
 def arms_of(runs):
     return sorted({arm for _, arm, _ in runs}, key=list(ARMS).index)
 
@@ -193,7 +199,8 @@ def reach_table(runs, seeds, times):
                     reach = first_reach([(flops, loss) for _, flops, loss in curve(runs[corpus, arm, seed])], target)
                     needs.append(reach)
                 points = curve(runs[corpus, arm, seeds[0]])
-                cells.append(reach_cell(needs, statistics.mean(full_flops), times.get(arm), points))
+                timed = times.get(arm) if corpus == CORPORA[0] else None  # each step was timed on corpus 0 only
+                cells.append(reach_cell(needs, statistics.mean(full_flops), timed, points))
             ends = statistics.mean(common.metrics(runs[corpus, arm, s])[-1]["loss"] for s in seeds)
             lines.append(common.row(corpus, arm, *cells, f"{ends:.3f}"))
     return lines
@@ -225,7 +232,8 @@ def preset_ratios():
 
 
 def figure(runs, scale, seeds, times):
-    """Held-out loss against training FLOPs (top) and seconds (bottom), one column per corpus, seed 0."""
+    """Held-out loss against training FLOPs (top, one panel per corpus) and seconds (below, corpus 0's: where each arm's
+    step was timed), seed 0."""
     def draw(plt):
         fig, axes = plt.subplots(2, len(CORPORA), figsize=(5 * len(CORPORA), 7), squeeze=False)
         for j, corpus in enumerate(CORPORA):
@@ -234,10 +242,12 @@ def figure(runs, scale, seeds, times):
                 flops = [f for _, f, _ in points]
                 losses = [loss for _, _, loss in points]
                 axes[0][j].plot(flops, losses, label=arm)
-                if arm in times:
+                if arm in times and j == 0:  # timed on corpus 0 only
                     axes[1][j].plot([it * times[arm] for it, _, _ in points], losses, label=arm)
             axes[0][j].set(title=f"{corpus}, {scale}", xlabel="training FLOPs", ylabel="held-out loss")
-            axes[1][j].set(xlabel="seconds (timed apart)", ylabel="held-out loss")
+            if j:
+                axes[1][j].axis("off")
+        axes[1][0].set(title=f"{CORPORA[0]}, {scale}", xlabel="seconds (each step timed apart)", ylabel="held-out loss")
         axes[0][0].legend(fontsize=7)
     common.figure(os.path.join(common.HERE, "img", f"sgt_compute_{scale}.png"), draw)
 
@@ -280,7 +290,8 @@ def write_defaults(args, t0, small, default, ranked, finalists, untried):
             loss, unigram = common.metrics(out)[-1]["loss"], common.summary(out)["unigram_loss"]
             lines.append(common.row(scale, corpus, arm, seed, f"{loss:.4f}", f"{unigram:.4f}",
                                     "yes" if loss < unigram else "NO"))
-    lines += ["", "Qualifying at the small scale, by mean final loss: "
+    lines += ["", f"The runs behind this table: {runs_time((small, default))}, two at a time on the 2 cores.", ""]
+    lines += ["Qualifying at the small scale, by mean final loss: "
               + (", ".join(f"{a} ({mean_final(small, a):.4f})" for a in ranked) or "none")]
     winner = winner_of(default, finalists)
     if not default:
@@ -304,7 +315,9 @@ def write_defaults(args, t0, small, default, ranked, finalists, untried):
 
 def write_compute(args, t0, runs_by_scale, times):
     lines = ["FLOPs are train.py's own count (`cherry.flops_per_token`: matmuls, the head on the picked positions, "
-             "gradient's extra head pass). Seconds come from `--timing` (each arm's step timed alone) where run.", ""]
+             "gradient's extra head pass). Seconds come from `--timing` (each arm's step timed alone, on "
+             f"{CORPORA[0]}'s data: the other corpora's vocabularies cost other seconds), where run.", "",
+             f"The runs behind these tables: {runs_time(runs_by_scale.values())}.", ""]
     for scale, runs in runs_by_scale.items():
         if not runs:
             continue
