@@ -871,7 +871,7 @@ def test_gradient_selection_weighted_trains_counts_its_head_pass_and_logs_weight
 
 
 def test_inverse_weights_of_a_uniform_draw_are_close_to_the_plain_mean(tiny_data, tmp_path):
-    flags = ["--sgt", "0.3", "--sgt_beta", "0", "--max_iters", "10", "--eval_interval", "10"]
+    flags = ["--sgt", "0.3", "--sgt_select", "surprisal", "--sgt_beta", "0", "--max_iters", "10", "--eval_interval", "10"]
     plain, _ = run_train(tiny_data, tmp_path / "plain", *flags)
     weighted, _ = run_train(tiny_data, tmp_path / "weighted", *flags, "--sgt_weights", "inverse")
     assert weighted[-1]["loss"] == pytest.approx(plain[-1]["loss"], abs=0.05)  # the same picks, weights near 1/k

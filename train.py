@@ -1,7 +1,7 @@
 """
 Train a GPT with full supervision or with SGT (selective ground-truth token training).
 
-  python train.py --sgt 0.15                        # SGT: 15% drawn ~ (1 - p_y), weighted 1/pi; 12 x 128
+  python train.py --sgt 0.15                        # SGT: 15% drawn ~ (1 - p_y), weighted 1/pi
   python train.py                                   # full supervision, for comparison
   python train.py --sgt 0.15 --sgt_select surprisal --sgt_beta 2   # rare targets, weighted 1/pi
   python train.py --sgt 0.15 --sgt_select surprisal --sgt_beta 0   # a uniform 15%, plain mean
@@ -53,8 +53,7 @@ class Selector:
         self.largest = None  # the largest weight since the last evaluation, x the plain mean's
 
     def weights(self, inclusion, T, track=True):
-        """Each pick's weight, 1 / (T pi) with --sgt_weights inverse; None: the plain mean of the
-        picks."""
+        """Each pick's weight 1 / (T pi) with --sgt_weights inverse; None: the picks' plain mean."""
         if self.args.sgt_weights == "none":
             return None
         weights = cherry.inverse_weights(inclusion, T)
@@ -74,10 +73,10 @@ class Selector:
             targets, self.fraction, draws, self.surprisal, a.sgt_beta, a.sgt_mix, a.sgt_floor)
         return {"positions": positions, "weights": self.weights(inclusion, targets.size(1))}
 
-    def chooser(self, x, y, generator=None):
+    def chooser(self, x, y, generator, track=True):
         """gradient and excess, for a batch on the device: a function from the model's per-position
-        losses (B, T) to (positions, weights). generator: the held-out picks' own (their weights are
-        not tracked)."""
+        losses (B, T) to (positions, weights), gradient's draws from generator. track: the weights
+        count in metrics.jsonl's max_weight (training's, not the held-out picks')."""
         a = self.args
         k = math.ceil(self.fraction * y.size(1))
         if a.sgt_select == "excess":  # where the model's loss most exceeds the reference's
@@ -87,14 +86,19 @@ class Selector:
                 else:
                     reference = self.surprisal.to(y.device)[y]
             return cherry.excess_selector(k, reference)
-        draws = generator or self.generator
 
         def choose(losses):  # drawn ~ (1 - p_y)^beta
             scores = cherry.gradient_scores(losses)
             positions, inclusion = cherry.draw_positions(
-                scores, k, draws, a.sgt_beta, a.sgt_mix, a.sgt_floor)
-            return positions, self.weights(inclusion, y.size(1), track=generator is None)
+                scores, k, generator, a.sgt_beta, a.sgt_mix, a.sgt_floor)
+            return positions, self.weights(inclusion, y.size(1), track)
         return choose
+
+    def step_generators(self, n):
+        """A generator for each of a step's n micro-batches (selectors that pick in the forward),
+        seeded from the selector's own: the same picks in any number of processes."""
+        seed = int(torch.randint(2**62, (), generator=self.generator))
+        return [torch.Generator().manual_seed(seed + m) for m in range(n)]
 
     def pop_largest(self):
         """The largest weight since the last call (None without weights), then forget it."""
@@ -121,13 +125,15 @@ def micro_batches(x, y, picks, selector, args, rank, world, device):
     arguments: {} for full supervision, {positions, weights} from picks (the global batch's draw),
     or {choose} for gradient and excess."""
     out = []
+    in_forward = args.sgt < 1 and picks is None
+    generators = selector.step_generators(args.grad_accum) if in_forward else None
     for m in range(rank * (args.grad_accum // world), (rank + 1) * (args.grad_accum // world)):
         part = slice(m * args.batch_size, (m + 1) * args.batch_size)
         xb, yb = (t[part].to(device, non_blocking=True) for t in (x, y))
         if args.sgt == 1:
             sgt = {}
         elif picks is None:
-            sgt = {"choose": selector.chooser(xb, yb)}
+            sgt = {"choose": selector.chooser(xb, yb, generators[m])}
         else:
             sgt = {k: v if v is None else v[part].to(device) for k, v in picks.items()}
         out.append((xb, yb, sgt))
@@ -177,16 +183,16 @@ class HeldOut:
 
     @torch.no_grad()
     def masks(self, model, ctx, rank=0, world=1):
-        """[(x, y, mask (B, T) on the picked targets, per-position losses)] of this process's
-        batches."""
+        """[(x, y, mask (B, T) of the picked targets, per-position losses)] of this process's."""
         model.eval()
         out = []
-        generator = torch.Generator().manual_seed(self.seed)  # gradient's picks: the same draws
-        for x, y, positions in self.batches[rank::world]:
+        for i in range(rank, len(self.batches), world):
+            x, y, positions = self.batches[i]
             with ctx:
                 losses = model.token_losses(x, y).double()
             if positions is None:  # gradient and excess pick by the model's losses of the moment
-                positions, _ = self.selector.chooser(x, y, generator)(losses.float())
+                generator = torch.Generator().manual_seed(self.seed + i)  # batch i's, in any world
+                positions, _ = self.selector.chooser(x, y, generator, track=False)(losses.float())
             out.append((x, y, cherry.selection_mask(positions, y.size(1)), losses))
         model.train()
         return out
@@ -207,8 +213,7 @@ class HeldOut:
         one-batch cosine."""
         batches = [(x, y, mask) for x, y, mask, _ in self.masks(model, ctx)[:self.GAMMA_BATCHES]]
         with ctx:
-            # no dropout: the gradients of the model itself
-            gamma = coupling.gradient_coupling(model.eval(), batches)
+            gamma = coupling.gradient_coupling(model.eval(), batches)  # eval: no dropout
         model.train()
         return {"gamma": gamma["all"], "gamma_trunk": gamma["trunk"],
                 "gamma_embedding_head": gamma["embedding+head"],
@@ -216,8 +221,7 @@ class HeldOut:
 
     @torch.no_grad()
     def expert_load(self, model, ctx):
-        """The share of the held-out tokens each expert gets, per layer (every application of an
-        unrolled layer)."""
+        """The share of the held-out tokens each expert gets, per layer (and per application)."""
         total = 0
         for x, _, _ in self.batches:
             with ctx:

@@ -257,7 +257,7 @@ def step(run, model, opt, x, y, selector=None, teacher=None):
         else:
             picks = {}  # full supervision
             if selector is not None:  # drawn on the CPU, or picked inside the forward (gradient)
-                picks = selector.draw(y) or {"choose": selector.chooser(x, y)}
+                picks = selector.draw(y) or {"choose": selector.chooser(x, y, selector.generator)}
             _, loss = model(x, y, **picks)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -139,7 +139,7 @@ def picks(selector, model, x, y, generator):
         weights = drawn["weights"]
         return drawn["positions"].to(y.device), None if weights is None else weights.to(y.device)
     with torch.no_grad():
-        return selector.chooser(x, y, generator)(model.token_losses(x, y))
+        return selector.chooser(x, y, generator, track=False)(model.token_losses(x, y))
 
 
 def shares(selector, model, data, windows, batch, vocab_size, device, draws=16):
@@ -157,7 +157,7 @@ def shares(selector, model, data, windows, batch, vocab_size, device, draws=16):
             if drawn is None:  # gradient and excess: by the model's losses, computed once
                 with torch.no_grad():
                     losses = model.token_losses(x, y) if losses is None else losses
-                positions, weights = selector.chooser(x, y, generator)(losses)
+                positions, weights = selector.chooser(x, y, generator, track=False)(losses)
             else:
                 positions, weights = drawn["positions"].to(device), drawn["weights"]
             T, k = y.size(1), positions.size(1)
