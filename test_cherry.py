@@ -1347,6 +1347,15 @@ BAD_FLAGS = [  # (script, flags, what its one line says)
 ]
 
 
+def test_sgt_defaults_apply_only_where_the_draw_has_known_inclusion_probabilities():
+    parse = lambda *flags: guards.parse_args(guards.training_args("train", ""), ["--sgt", "0.15", *flags])
+    picked = lambda a: (a.sgt_select, a.sgt_beta, a.sgt_weights, a.sgt_floor)
+    assert picked(parse()) == (guards.DEFAULT_SELECT, guards.DEFAULT_BETA, "inverse", guards.DEFAULT_FLOOR)
+    for flags in (["--sgt_select", "excess"], ["--sgt_beta", "inf"], ["--sgt_mix", "0.5"], ["--sgt_beta", "0"]):
+        assert picked(parse(*flags))[2:] == ("none", 0.0), flags  # alone, each still runs: no weights to give
+    assert picked(parse("--sgt_weights", "none", "--sgt_floor", "0.2"))[2:] == ("none", 0.2)  # said: kept
+
+
 @pytest.mark.parametrize("prog, flags, pattern", BAD_FLAGS, ids=[f"{p} {' '.join(f)}" for p, f, _ in BAD_FLAGS])
 def test_a_bad_flag_is_one_line_and_changes_no_file(prog, flags, pattern, tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
