@@ -14,7 +14,6 @@ MoEE of 2 experts, top-1, at the dense model's shape (equal active parameters, p
 
 import argparse
 import importlib.util
-import math
 import os
 import resource
 import time
@@ -49,10 +48,10 @@ def matmul_gflops(dtype, device, n=20):
     return 2 * 2048 * 384 * 1536 * n / (time.perf_counter() - t) / 1e9
 
 
-def bench(model, sgt, args, device, dtype, ctx, select="surprisal"):
+def bench(model, sgt, args, device, dtype, ctx, select="uniform"):
     """Tokens/s over args.steps optimizer steps after args.warmup untimed ones, and the peak memory in MB.
-    The windows are the model's block_size long. select gradient: SGT's picks made inside the forward, as train.py's
-    default makes them."""
+    The windows are the model's block_size long. select "default": SGT's picks as train.py's default selector makes
+    them (gradient: inside the forward), else a uniform draw before the step."""
     T = model.config.block_size
     model.to(device)
     if args.compile:
@@ -63,14 +62,11 @@ def bench(model, sgt, args, device, dtype, ctx, select="surprisal"):
     gen = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 50257, (args.batch_size, T), generator=gen) for _ in range(2))
     sgt_args = {"positions": cherry.select_positions(y, sgt, gen)[0].to(device)} if sgt < 1 else {}
-    if sgt < 1 and select == "gradient":
-        k = math.ceil(sgt * T)
-
-        def choose(losses):  # drawn ~ (1 - p_y)^beta, weighted 1/pi, with train.py's default beta and floor
-            scores = cherry.gradient_scores(losses)
-            positions, inclusion = cherry.draw_positions(scores, k, gen, guards.DEFAULT_BETA, 0.0, guards.DEFAULT_FLOOR)
-            return positions, cherry.inverse_weights(inclusion, T)
-        sgt_args = {"choose": choose}
+    if sgt < 1 and select == "default":  # train.py's own selector, with its default flags
+        flags = guards.parse_args(guards.training_args("bench", ""), ["--sgt", str(sgt), "--device", device])
+        meta = {"unigram_counts": {}, "vocab_size": model.config.vocab_size}
+        selector = train.Selector(flags, meta, device)
+        sgt_args = selector.draw(y) or {"choose": selector.chooser(x.to(device), y.to(device), gen)}
     batch = [(x.to(device), y.to(device), sgt_args)]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -118,15 +114,16 @@ def main(argv=None):
     layers = max(1, cfg.n_layer // 3)
     unrolled = replace(dense, n_layer=layers, schedule=cherry.repeat_schedule([3] * layers), step_embed=True,
                        lora_rank=8)
-    variants = {"dense": (dense, 1.0, None), "SGT 0.15": (dense, 0.15, "surprisal"),
-                "SGT 0.15, gradient (the default)": (dense, 0.15, "gradient"),
+    variants = {"dense": (dense, 1.0, None), "SGT 0.15": (dense, 0.15, "uniform"),
+                f"SGT 0.15, {guards.DEFAULT_SELECT} (the default)": (dense, 0.15, "default"),
                 f"compressed {layers} layers x 3, LoRA 8": (unrolled, 1.0, None),
                 "MoEE": (replace(dense, n_expert=2), 1.0, None)}
     print("| step | tokens/s | MFU | peak memory (MB) | MFLOPs/token |\n| --- | --- | --- | --- | --- |")
     speed, mfu = {}, {}
     for name, (vcfg, sgt, select) in variants.items():
         torch.manual_seed(0)
-        flops = cherry.flops_per_token(vcfg, sgt, full_head_forward=select == "gradient")
+        in_forward = select == "default" and guards.DEFAULT_SELECT != "surprisal"  # a head pass on every position
+        flops = cherry.flops_per_token(vcfg, sgt, full_head_forward=in_forward)
         speed[name], memory = bench(cherry.GPT(vcfg), sgt, args, device, dtype, ctx, select)
         peak = guards.peak_flops(device, dtype)
         mfu[name] = speed[name] * flops / peak if peak else None
