@@ -84,19 +84,20 @@ def folder_name(arm):
     return arm.split(" (")[0].replace(", ", "-").replace(" ", "")
 
 
-def out_dir(args, scale, corpus, arm, seed):
-    return os.path.join(args.out_dir, f"{scale}-{corpus}-{folder_name(arm)}-s{seed}")
+def train_all(args, prefix, folders, flags, seeds, arms):
+    """Train every arm on every data folder {name: path} (finished runs are kept); {(name, arm, seed): out_dir}."""
+    runs = {(n, a, s): os.path.join(args.out_dir, f"{prefix}{n}-{folder_name(a)}-s{s}")
+            for a in arms for n in folders for s in seeds}
+    jobs = [("train", ["--data", folders[n], "--seed", s, *flags, *ARMS[a], "--out_dir", out])
+            for (n, a, s), out in runs.items()]
+    common.run_all(jobs)
+    return runs
 
 
 def run_scale(args, scale, arms):
-    """Train every arm on every corpus at this scale (finished runs are kept); {(corpus, arm, seed): out_dir}."""
+    """Every arm on every corpus at this scale; {(corpus, arm, seed): out_dir}."""
     flags, seeds = SCALES[scale]
-    folders = data_folders(scale)
-    runs = {(c, a, s): out_dir(args, scale, c, a, s) for a in arms for c in CORPORA for s in seeds}
-    jobs = [("train", ["--data", folders[c], "--seed", s, *flags, *ARMS[a], "--out_dir", out])
-            for (c, a, s), out in runs.items()]
-    common.run_all(jobs)
-    return runs
+    return train_all(args, f"{scale}-", data_folders(scale), flags, seeds, arms)
 
 
 def run_untried(args, folders, finalists):
@@ -104,13 +105,7 @@ def run_untried(args, folders, finalists):
     data folders that none of the rule's runs used; {(folder's name, arm, seed): out_dir}."""
     flags, seeds = SCALES["small"]
     names = {os.path.basename(os.path.normpath(f)): f for f in folders}
-    arms = list(dict.fromkeys(["full", *finalists, OLD_DEFAULT]))
-    runs = {(n, a, s): os.path.join(args.out_dir, f"{n}-{folder_name(a)}-s{s}")
-            for n in names for a in arms for s in seeds}
-    jobs = [("train", ["--data", names[n], "--seed", s, *flags, *ARMS[a], "--out_dir", out])
-            for (n, a, s), out in runs.items()]
-    common.run_all(jobs)
-    return runs
+    return train_all(args, "", names, flags, seeds, list(dict.fromkeys(["full", *finalists, OLD_DEFAULT])))
 
 
 def winner_of(default, finalists):
@@ -307,7 +302,7 @@ def write_defaults(args, t0, small, default, ranked, finalists, untried):
     if untried:
         lines += ["", "## On corpora the rule never saw (small scale, the rule's flags)", ""]
         lines += common.table("data", "arm", "seed", "final held-out loss", "unigram", "below")
-        for (name, arm, seed), out in untried.items():
+        for (name, arm, seed), out in sorted(untried.items(), key=lambda run: run[0][0]):  # by data folder
             loss, unigram = common.metrics(out)[-1]["loss"], common.summary(out)["unigram_loss"]
             lines.append(common.row(name, arm, seed, f"{loss:.4f}", f"{unigram:.4f}", "yes" if loss < unigram else "NO"))
     common.report("sgt_defaults.md", "SGT: the default selector, by a rule", args.command, t0, lines)
