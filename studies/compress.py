@@ -1,12 +1,12 @@
 """
 Depth compression where depth matters at CPU scale: character level, so that the blocks, not the embedding, hold the
-parameters. A dense 8-layer teacher is averaged into 2 layers and recovered through the learned unroll (each layer run
-4 times, step embeddings, LoRA from the SVD of the residue) by three arms: cross-entropy (CE), distillation from the
-teacher (KD: the KL to its next-token distribution) and KD + a hidden-state loss per application. Dense models of
-several depths train from scratch at equal total tokens (the teacher's plus the recovery's: the dense curve), and the
-comparator ("big", ~2.5x the compressed layers) also at each arm's pipeline FLOPs (the teacher's training, then the
-recovery's, the teacher's forward included for KD). Every model is scored on the same held-out
-windows; the seed is the unit of replication (per-seed paired differences, t intervals on n - 1 degrees of freedom).
+parameters. A dense 16-layer teacher is averaged into 2 layers (8 into 1, as the paper's 48 -> 6) and recovered
+through the learned unroll (each layer run 8 times, step embeddings, LoRA from the SVD of the residue) by three arms:
+cross-entropy (CE), distillation from the teacher (KD: the KL to its next-token distribution) and KD + a hidden-state
+loss per application. Dense models of several depths train from scratch at equal total tokens (the teacher's plus the
+recovery's: the dense curve), and the comparator ("big", ~2.5x the compressed layers) also at each arm's pipeline
+FLOPs (the teacher's training, then the recovery's, the teacher's forward included for KD). Every model is scored on
+the same held-out windows; the seed is the unit of replication (per-seed paired differences, t intervals on n - 1 degrees of freedom).
 
   python -m studies.compress             # 3 seeds (the runs a finished study left are kept)
   python -m studies.compress --pilot     # one seed of the gates' runs only: are they within reach?
@@ -39,9 +39,10 @@ from data import prepare as data_prep
 from studies import common
 
 # The CPU sizes come from pilots (studies/compress_pilot.md): at width 128 dense 2 and 5 layers tied; at width 64 a
-# higher lr (6e-3) let the deeper model pull ahead (+0.072 nats, one seed).
-CPU = dict(teacher=8, layers=2, depths=(2, 3, 4, 5), big=5, width=64, heads=4, unroll="4,4", lora=16, hidden=1.0,
-           teacher_steps=1500, recovery_steps=250, batch=32, block=128, lr=6e-3, windows=400, device="cpu")
+# higher lr (6e-3) let the deeper model pull ahead; an 8-layer teacher with 250 recovery steps was behind dense 5 at
+# equal total tokens (G2 failed), a 16-layer one (the paper's 8 layers per compressed layer) with 100 is ahead.
+CPU = dict(teacher=16, layers=2, depths=(2, 3, 4, 5), big=5, width=64, heads=4, unroll="8,8", lora=16, hidden=1.0,
+           teacher_steps=1500, recovery_steps=100, batch=32, block=128, lr=6e-3, windows=400, device="cpu")
 GPU = dict(teacher=48, layers=6, depths=(6, 12, 18, 24), big=24, width=384, heads=6, unroll="1,8,8,8,8,1", lora=32,
            hidden=1.0, teacher_steps=6000, recovery_steps=1500, batch=32, block=256, lr=1e-3, windows=400,
            device="cuda")
@@ -141,9 +142,11 @@ def main(argv=None):
     ps = {name: cherry.count_params(m, non_embedding=True) for name, m in model_of.items()}
     small, big = f"dense{s['layers']}", f"dense{s['big']}"
     g1, g2 = common.seed_diff(L[small], L[big]), common.seed_diff(L["teacher"], L[big])
+    se_ok = g1.mean >= 5 * g1.se if g1.n > 1 else args.pilot  # a pilot's one seed has no seed-level SE to judge
     ok, gate_lines = common.gate("depth compression", [
         (f"G1: dense {s['layers']} minus dense {s['big']} layers at equal total tokens: {common.pm(g1, 3)} (>= 0.05 "
-         f"and >= 5 seed-level standard errors needed)", g1.mean >= 0.05 and g1.mean >= 5 * g1.se),
+         f"and >= 5 seed-level standard errors needed{'; a pilot judges the mean only' if args.pilot else ''})",
+         g1.mean >= 0.05 and se_ok),
         (f"G2: the teacher ({s['teacher']} layers) minus dense {s['big']} layers at the pipeline's total tokens: "
          f"{common.pm(g2, 3)} (<= -0.02 needed: otherwise a perfect student cannot reach the comparator)",
          g2.mean <= -0.02)])
