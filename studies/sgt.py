@@ -89,7 +89,7 @@ MORE_SELECTORS = {name: [*PLAIN, *flags] for name, flags in {
 }.items()}
 SMOKE_SELECTORS = ("beta 2", "beta 2, inverse, floor 0.1", "gradient, inverse")
 PAPER_R = 0.67
-NO_CORRECTION = 0.01  # nats: de-tilting an inverse-weighted run by its loss shares may move its loss by less
+NO_CORRECTION = 0.01  # nats: de-tilting an inverse-weighted run by its loss shares may lower its loss by less
 COLLAPSE_GAP = 0.1  # nats full supervision must gain over the unigram model on shuffled text for a collapse to show
 
 
@@ -509,15 +509,20 @@ def study(args):
             f"{pm_cell([rows('text', s, seed, lr[s])[-1]['loss_unsup'] for seed in seeds])} / "
             f"{pm_cell([x['full_split']['loss_unsup'] for x in e])}",
             f"{pm_cell([x['gamma'] for x in r])} [{undefined} / {sum(x['gamma_evaluations'] for x in r)}]"))
-    body += ["", f"Do inverse weights need de-tilting? The nats de-tilting by their loss shares removes (needs none: "
-             f"within {NO_CORRECTION}), and what de-tilting by their plain pick rate would remove instead (needs none: "
-             f"it should not help, <= 0), over seeds:"]
-    for s in (s for s in args.selectors if "inverse" in s):  # needs none: within NO_CORRECTION, and by pick rate <= 0
+    body += ["", "excess picks by the model's own loss in its context, not by token type: a per-type pi_hat does not "
+             "describe its tilt, and its de-tilted column is not a reading of what it learned from context.", "",
+             f"Do inverse weights need de-tilting? The nats de-tilting by their loss shares removes (needs none: less "
+             f"than {NO_CORRECTION}; a negative value is a correction that hurts, i.e. no tilt to remove: pi_hat's "
+             f"own sampling noise, which the uniform draw, untilted by construction, shows), and what de-tilting by "
+             f"their plain pick rate would remove instead (needs none: it should not help, <= 0), over seeds:"]
+    uniform = [s for s in args.selectors if "uniform" in s]
+    for s in (s for s in args.selectors if "inverse" in s or s in uniform):  # the uniform draw: the noise floor
         e = [end["text", s, seed] for seed in seeds]
         by_share = common.Diff([statistics.mean(x["raw"]) - statistics.mean(x["detilted"]) for x in e])
         by_pick = common.Diff([statistics.mean(x["raw"]) - statistics.mean(x["by_pick_rate"]) for x in e])
-        needs = "needs none" if abs(by_share.mean) < NO_CORRECTION and by_pick.mean <= 0 else "NEEDS A CORRECTION"
-        body.append(f"- {s}: by loss share {common.pm(by_share, 4)}; by pick rate {common.pm(by_pick, 4)}: {needs}.")
+        needs = "needs none" if by_share.mean < NO_CORRECTION and by_pick.mean <= 0 else "NEEDS A CORRECTION"
+        body.append(f"- {s}: by loss share {common.pm(by_share, 4)}; by pick rate {common.pm(by_pick, 4)}: " +
+                    ("the reference (no tilt)." if s in uniform else f"{needs}."))
     paper = min(args.selectors, key=lambda n: abs(statistics.mean(c["text", n, s]["R_opt"] for s in seeds) - PAPER_R))
     body += ["", f"Paper setting (early-optimum R closest to the paper's {PAPER_R}): **{paper}**.", ""]
 
