@@ -24,8 +24,9 @@ run. Finished runs and finished measurements (sgt_*.json in a run's folder) are 
    never picked, like top-k's frequent ones, is not at 0; a type that never occurs is left alone).
    The de-tilted loss is the cross-entropy of logits - log pi_hat(y): the softmax renormalises, so only the
    ratios between types matter, and a selector without a tilt (pi_hat = 1, or inverse weights, E[T w] = 1 at every
-   target) needs no correction; the study checks that it gets none, and that de-tilting an inverse-weighted run by its
-   plain pick rate instead would hurt it.
+   target) needs no correction; the study checks that it gets none (de-tilting lowers its loss by less than 0.01 nats;
+   the uniform draw, untilted by construction, is printed beside it as pi_hat's own noise), and that de-tilting an
+   inverse-weighted run by its plain pick rate instead would hurt it.
 4. Coupling and Theorem 1, on text, first seed, at steps 50, 100, 200 and the end. The checkpoints at 50, 100 and 200
    come from train.py runs stopped there on the full run's schedule (--lr_decay_iters = its max_iters: the same
    trajectory). train.py's own gamma (every evaluation, 4 batches of batch_size) is the cheap reading; the careful one
