@@ -6,7 +6,8 @@ cross-entropy (CE), distillation from the teacher (KD: the KL to its next-token 
 loss per application. Dense models of several depths train from scratch at equal total tokens (the teacher's plus the
 recovery's: the dense curve), and the comparator ("big", ~2.5x the compressed layers) also at each arm's pipeline
 FLOPs (the teacher's training, then the recovery's, the teacher's forward included for KD). Every model is scored on
-the same held-out windows; the seed is the unit of replication (per-seed paired differences, t intervals on n - 1 degrees of freedom).
+the same held-out windows; the seed is the unit of replication (per-seed paired differences, t intervals on n - 1
+degrees of freedom).
 
   python -m studies.compress             # 3 seeds (the runs a finished study left are kept)
   python -m studies.compress --pilot     # one seed of the gates' runs only: are they within reach?
