@@ -1,19 +1,19 @@
 """
-Depth compression with recurrent recovery: average groups of adjacent layers of a dense GPT, then train the compressed
-model, its few layers unrolled, to recover the loss (train.py's loop).
+Depth compression with recurrent recovery: average groups of adjacent layers of a dense GPT, then
+train the compressed model, its few layers unrolled, to recover the loss (train.py's loop).
 
-  python compress.py --layers 6                         # out/ckpt.pt, 12 layers -> 6, unrolled 1,2,2,2,2,1
+  python compress.py --layers 6              # out/ckpt.pt, 12 layers -> 6, unrolled 1,2,2,2,2,1
   python compress.py --layers 3 --unroll 1+1x4+1 --lora_rank 8 --out_dir out-compress-3
-  python compress.py --init_from gpt2-xl --layers 6 --unroll 1,8,8,8,8,1   # the paper's 48 -> 6 (transformers)
+  python compress.py --init_from gpt2-xl --layers 6 --unroll 1,8,8,8,8,1   # 48 -> 6 (transformers)
 
---unroll: "1,8,8,8,8,1" runs compressed layer j n_j times in a row; "1+4x8+1" runs a prelude of 1 layer, a core of 4
-looped 8 times and a coda of 1 (Huginn); "none" runs each layer once. Default: the two ends once, the middle layers
-group-size times (1,8,8,8,8,1 for 48 -> 6). The shape comes from --init_from; every training flag is train.py's.
---distill A: recover by distillation from the uncompressed model, (1 - A) x cross-entropy + A x KL to its next-token
-distribution at --distill_temp; --distill_hidden W adds W x a hidden-state loss per application. Its forward pass is
-counted in the run's FLOPs.
-Writes what train.py writes into --out_dir; summary.json adds the parameters, effective layers and FLOPs per token
-before and after, and the held-out loss of the original, right after averaging, and at the start of recovery.
+--unroll: "1,8,8,8,8,1" runs compressed layer j n_j times in a row; "1+4x8+1" runs a prelude of 1
+layer, a core of 4 looped 8 times and a coda of 1 (Huginn); "none" runs each layer once. Default:
+the two ends once, the middle layers group-size times (1,8,8,8,8,1 for 48 -> 6). The shape comes
+from --init_from; every training flag is train.py's. --distill and --distill_hidden recover by
+distillation from the uncompressed model (its forward counted in the FLOPs).
+Writes what train.py writes into --out_dir; summary.json adds the parameters, effective layers and
+FLOPs per token before and after, and the held-out loss of the original, right after averaging,
+and at the start of recovery.
 """
 
 import os
@@ -35,76 +35,95 @@ def parse_unroll(text, layers):
     if loop:
         prelude, core, loops, coda = map(int, loop.groups())
         if prelude + core + coda != layers or core < 1 or not 1 <= loops <= 64:
-            raise ValueError(f"--unroll {text}: prelude + core + coda must be the {layers} layers, core at least 1, "
-                             f"loops 1 to 64")
+            raise ValueError(f"--unroll {text}: prelude + core + coda must be the {layers} "
+                             f"layers, core at least 1, loops 1 to 64")
         return cherry.loop_schedule(prelude, core, coda, loops)
     repeats = [int(n) for n in text.split(",")] if re.fullmatch(r"\d+(,\d+)*", text) else None
     if repeats is None or len(repeats) != layers or not all(1 <= n <= 64 for n in repeats):
-        raise ValueError(f"--unroll {text!r}: give {layers} counts from 1 to 64 (e.g. 1,8,8,8,8,1), P+CxL+D (e.g. "
-                         f"1+4x8+1) or none")
+        raise ValueError(f"--unroll {text!r}: give {layers} counts from 1 to 64 (e.g. "
+                         f"1,8,8,8,8,1), P+CxL+D (e.g. 1+4x8+1) or none")
     return cherry.repeat_schedule(repeats)
 
 
 def main(argv=None):
     p = guards.training_args("compress", __doc__)
     a = p.add_argument
-    a("--init_from", default=os.path.join("out", "ckpt.pt"), help="the dense model (as train.py --init_from)")
-    a("--layers", type=guards.COUNT, default=6, help="layers after compression; must divide the original number")
-    a("--unroll", help="the schedule of the compressed layers: n_1,...,n_k | P+CxL+D | none (see above)")
-    a("--lora_rank", type=guards.NATURAL, default=0, help="each application's LoRA rank, from the residue's SVD")
+    a("--init_from", default=os.path.join("out", "ckpt.pt"),
+      help="the dense model (as train.py --init_from)")
+    a("--layers", type=guards.COUNT, default=6,
+      help="layers after compression; must divide the original number")
+    a("--unroll", help="the compressed layers' schedule: n_1,...,n_k | P+CxL+D | none (see above)")
+    a("--lora_rank", type=guards.NATURAL, default=0,
+      help="each application's LoRA rank, from the residue's SVD")
     a("--no_step_embed", action="store_true", help="no step embedding per application")
     a("--coda_from", choices=["last", "first"], default="last",
-      help="the last compressed layer's LoRA starts from its group's last layer (the original's final) or first")
+      help="the last compressed layer's LoRA starts from its group's last layer (the original's "
+           "final) or first")
     a("--distill", type=guards.number(float, "[0, 1]"), default=0.0,
-      help="weight of the KL to the teacher's (--init_from's) next-token distribution: 1 KL only, 0 cross-entropy only")
-    a("--distill_temp", type=guards.POSITIVE, default=1.0, help="the temperature of the distillation KL")
+      help="weight of the KL to the teacher's (--init_from's) next-token distribution: 1 KL only, "
+           "0 cross-entropy only")
+    a("--distill_temp", type=guards.POSITIVE, default=1.0,
+      help="the temperature of the distillation KL")
     a("--distill_hidden", type=guards.NON_NEGATIVE, default=0.0,
-      help="weight of a hidden-state loss: each application's output against the end of its teacher layers")
+      help="weight of a hidden-state loss: each application's output against the end of its "
+           "teacher layers")
     p.set_defaults(out_dir="out-compress")
     args = guards.parse_args(p, argv)
-    schedule = parse_unroll(args.unroll, args.layers)  # a mistake in it is said before anything is loaded
+    schedule = parse_unroll(args.unroll, args.layers)  # said before anything is loaded
     distill = args.distill > 0 or args.distill_hidden > 0
     if distill and args.sgt < 1:
         raise ValueError("--distill and --distill_hidden supervise every position; leave out --sgt")
     if args.distill_hidden and schedule is not None and list(schedule) != sorted(schedule):
-        raise ValueError(f"--distill_hidden needs each layer's applications in a row (--unroll n_1,...,n_k), not a "
-                         f"loop ({args.unroll})")
-    source = os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else args.init_from
+        raise ValueError(f"--distill_hidden needs each layer's applications in a row (--unroll "
+                         f"n_1,...,n_k), not a loop ({args.unroll})")
+    init = args.init_from
+    source = os.path.join(init, "ckpt.pt") if os.path.isdir(init) else init
     if os.path.abspath(source) == os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")):
-        raise ValueError(f"--out_dir {args.out_dir} would overwrite the model it compresses; choose another --out_dir")
+        raise ValueError(f"--out_dir {args.out_dir} would overwrite the model it compresses; "
+                         f"choose another --out_dir")
     guards.check_run_folder(args)  # before loading what may be a large model
-    teacher = checkpoint.load_model(args.init_from, dropout=args.dropout).eval()  # the compressed model's too
+    # the teacher: the model compressed, and the one distilled from
+    teacher = checkpoint.load_model(args.init_from, dropout=args.dropout).eval()
     cfg = guards.model_config(args, teacher.config, "--init_from")
     if cfg.schedule is not None or cfg.lora_rank or cfg.step_embed or cfg.n_expert:
         raise ValueError(f"{args.init_from} is already compressed or fused; give a dense model")
     if cfg.n_layer % args.layers:
         divisors = ", ".join(str(k) for k in range(1, cfg.n_layer + 1) if cfg.n_layer % k == 0)
-        raise ValueError(f"--layers {args.layers} does not divide the model's {cfg.n_layer} layers into equal groups; "
-                         f"use one of {divisors}")
+        raise ValueError(f"--layers {args.layers} does not divide the model's {cfg.n_layer} "
+                         f"layers into equal groups; use one of {divisors}")
     if schedule is None:  # the paper's form: the ends once, the middle layers group-size times
         schedule = cherry.paper_schedule(cfg.n_layer, args.layers)
     model = cherry.compress(teacher, args.layers, schedule, not args.no_step_embed,
                             args.lora_rank, coda_from_end=args.coda_from == "last")
-    counts = lambda m: {"params": cherry.count_params(m), "training_flops_per_token": cherry.flops_per_token(m.config),
-                        "forward_flops_per_token": cherry.flops_per_token(m.config, training=False)}
-    info = {"init_from": args.init_from, "layers_before": cfg.n_layer, "layers": args.layers, "lora": args.lora_rank,
-            "schedule": model.applications, "effective_layers": len(model.applications), "before": counts(teacher),
-            "after": counts(model)}
-    print(f"compressing {args.init_from}: {cfg.n_layer} -> {args.layers} layers, run as {model.applications} "
-          f"({len(model.applications)} applications); parameters {info['before']['params']:,} -> "
-          f"{info['after']['params']:,}; "
-          f"forward FLOPs per token {info['before']['forward_flops_per_token'] / 1e6:.1f}M -> "
-          f"{info['after']['forward_flops_per_token'] / 1e6:.1f}M (unrolling saves parameters, not compute)")
-    # on the held-out windows of every evaluation: each averaged layer run once, unrolled (step embeddings still
-    # zero), and the model that recovery starts from (with its LoRA)
-    stages = {"original": teacher, "averaged": cherry.compress(teacher, args.layers, tuple(range(args.layers)), False),
-              "unrolled": cherry.compress(teacher, args.layers, model.applications, False), "start": model}
+
+    def counts(m):
+        return {"params": cherry.count_params(m),
+                "training_flops_per_token": cherry.flops_per_token(m.config),
+                "forward_flops_per_token": cherry.flops_per_token(m.config, training=False)}
+    applications = model.applications
+    before, after = counts(teacher), counts(model)
+    info = {"init_from": args.init_from, "layers_before": cfg.n_layer, "layers": args.layers,
+            "lora": args.lora_rank, "schedule": applications,
+            "effective_layers": len(applications), "before": before, "after": after}
+    print(f"compressing {args.init_from}: {cfg.n_layer} -> {args.layers} layers, run as "
+          f"{applications} ({len(applications)} applications); parameters "
+          f"{before['params']:,} -> {after['params']:,}; forward FLOPs per token "
+          f"{before['forward_flops_per_token'] / 1e6:.1f}M -> "
+          f"{after['forward_flops_per_token'] / 1e6:.1f}M (unrolling saves parameters, not "
+          f"compute)")
+    # on the held-out windows of every evaluation: each averaged layer run once, unrolled (step
+    # embeddings still zero), and the model that recovery starts from (with its LoRA)
+    stages = {"original": teacher,
+              "averaged": cherry.compress(teacher, args.layers, tuple(range(args.layers)), False),
+              "unrolled": cherry.compress(teacher, args.layers, applications, False),
+              "start": model}
     for name, m in stages.items():
         info[f"loss_{name}"] = train.held_out_loss(args, m)["loss"]
         print(f"held-out loss, {name:8s}: {info[f'loss_{name}']:.4f}")
     if distill:  # the teacher stays, frozen (on --resume it is loaded again from --init_from)
-        info["distill"] = {"weight": args.distill, "temperature": args.distill_temp, "hidden": args.distill_hidden,
-                           "teacher_flops_per_token": cherry.flops_per_token(cfg, float(args.distill > 0), False)}
+        teacher_flops = cherry.flops_per_token(cfg, float(args.distill > 0), False)
+        info["distill"] = {"weight": args.distill, "temperature": args.distill_temp,
+                           "hidden": args.distill_hidden, "teacher_flops_per_token": teacher_flops}
     teacher = teacher if distill else None
     del stages
     return train.train(args, model, summary_extra={"compress": info}, teacher=teacher)

@@ -19,8 +19,8 @@ def split_gradients(model, x, y, mask):
     losses = model.token_losses(x, y)
     grads = [torch.autograd.grad(losses[part].mean(), params, retain_graph=keep, allow_unused=True)
              for part, keep in ((mask, True), (~mask, False))]
-    zeros_where_unused = lambda gs: [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
-    return [zeros_where_unused(gs) for gs in grads]
+    # a parameter one part's loss does not reach gets a zero gradient, not None
+    return [[torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in grads]
 
 
 def gradient_coupling(model, batches):

@@ -1,8 +1,9 @@
 """
-Where the scripts meet their user, kept out of train.py's loop: the flags train.py, compress.py and fuse.py share (each
-value checked on the way in, the model's shape decided once), a device this machine really has, a run folder that is
-never lost, mixed or shared (the checks, the lock, whole-file writes), the NaN watch, what a run says first and last,
-and the one line a mistake ends a script with. The scripts and the tools use it.
+Where the scripts meet their user, kept out of train.py's loop: the flags train.py, compress.py and
+fuse.py share (each value checked on the way in, the model's shape decided once), a device this
+machine really has, a run folder that is never lost, mixed or shared (the checks, the lock,
+whole-file writes), the NaN watch, what a run says first and last, and the one line a mistake ends a
+script with. The scripts and the tools use it.
 """
 
 import argparse
@@ -31,13 +32,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind, interval):
-    """An argparse type: a number of this kind in an interval written as "[0, 1)" or "(0, inf)"; never NaN."""
+    """An argparse type: a number of this kind in an interval written as "[0, 1)" or "(0, inf)";
+    never NaN."""
     low, high = (float(end) for end in interval[1:-1].split(","))
 
     def parse(text):
         value = kind(text)
         low_ok = low < value if interval[0] == "(" else low <= value
-        if not (low_ok and (value < high if interval[-1] == ")" else value <= high)):  # NaN fails both
+        # NaN fails both
+        if not (low_ok and (value < high if interval[-1] == ")" else value <= high)):
             raise argparse.ArgumentTypeError(f"{text} is not in {interval}")
         return value
     parse.__name__ = kind.__name__  # argparse says "invalid int value: '1.5'"
@@ -65,12 +68,15 @@ def parse_args(parser, argv=None):
         args.sgt_weights = DEFAULT_WEIGHTS if tilted else "none"
     if hasattr(args, "sgt_floor") and args.sgt_floor is None:
         args.sgt_floor = DEFAULT_FLOOR if args.sgt_weights == "inverse" else 0.0
-    sgt_weights, sgt_mix, sgt_floor = (getattr(args, k, None) for k in ("sgt_weights", "sgt_mix", "sgt_floor"))
+    sgt_weights, sgt_mix, sgt_floor = (getattr(args, k, None)
+                                       for k in ("sgt_weights", "sgt_mix", "sgt_floor"))
     if sgt_weights == "inverse" and not (drawn and args.sgt_beta < float("inf") and not sgt_mix):
-        parser.error("argument --sgt_weights: inverse needs a draw whose inclusion probabilities are known: "
-                     "--sgt_select surprisal or gradient, a finite --sgt_beta and no --sgt_mix (use --sgt_floor)")
+        parser.error("argument --sgt_weights: inverse needs a draw whose inclusion probabilities "
+                     "are known: --sgt_select surprisal or gradient, a finite --sgt_beta and no "
+                     "--sgt_mix (use --sgt_floor)")
     if sgt_floor and not (drawn and args.sgt_beta < float("inf")):
-        parser.error("argument --sgt_floor: a floor needs a draw with a finite --sgt_beta (not excess, not inf)")
+        parser.error("argument --sgt_floor: a floor needs a draw with a finite --sgt_beta "
+                     "(not excess, not inf)")
     return args
 
 
@@ -201,73 +207,90 @@ def describe(args):
 # ----------------------------------------------------------------------------
 # devices
 
-PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100": (989e12, 494e12), "H200": (989e12, 494e12),  # (bf16, tf32)
-              "B200": (2250e12, 1100e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12)}
+# (bf16, tf32)
+PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100": (989e12, 494e12), "H200": (989e12, 494e12),
+              "B200": (2250e12, 1100e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12),
+              "RTX 4090": (165e12, 83e12)}
 
 
 def peak_flops(device, dtype):
     """The GPU's dense tensor-core peak FLOP/s at this precision, or None where unknown (CPUs)."""
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
-    return next((peaks[dtype == "float32"] for key, peaks in PEAK_FLOPS.items() if name and key in name), None)
+    return next((peaks[dtype == "float32"] for key, peaks in PEAK_FLOPS.items()
+                 if name and key in name), None)
 
 
 def setup_device(args, distributed=False):
-    """Device, autocast precision and context; a device, precision or compiler this machine lacks is refused."""
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    """Device, autocast precision and context; a device, precision or compiler this machine lacks is
+    refused."""
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if distributed and device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         kind, index = torch.device(device).type, torch.device(device).index or 0
     except RuntimeError:
-        raise ValueError(f"unknown --device {args.device!r}; use cpu, cuda, cuda:N or mps") from None
-    if kind not in ("cpu", "cuda", "mps"):  # meta holds no numbers; xpu, hpu, ...: devices this project never ran on
+        raise ValueError(f"unknown --device {args.device!r}; "
+                         f"use cpu, cuda, cuda:N or mps") from None
+    # meta holds no numbers; xpu, hpu, ...: devices this project never ran on
+    if kind not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device {args.device}: this project runs on cpu, cuda, cuda:N or mps")
     if kind == "cuda" and index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA GPU(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device}: no Apple GPU (MPS) here")
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() \
-        else "float32"
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype == "float16" and kind != "cuda":
         raise ValueError(f"--dtype float16 needs a CUDA GPU; on {kind} use float32 or bfloat16")
-    if args.compile and not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
-        raise ValueError("--compile needs a C++ compiler (g++ or clang++) for torch.compile; install one, or leave "
-                         "--compile out")
+    if args.compile and not any(shutil.which(c)
+                                for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
+        raise ValueError("--compile needs a C++ compiler (g++ or clang++) for torch.compile; "
+                         "install one, or leave --compile out")
     if kind == "cuda":
         torch.cuda.set_device(index)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ctx = contextlib.nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=getattr(torch, dtype))
+    ctx = contextlib.nullcontext()
+    if dtype != "float32":
+        ctx = torch.autocast(kind, dtype=getattr(torch, dtype))
     return device, kind, dtype, ctx
 
 
 def available_memory(device):
-    """Bytes free for this process: on a GPU what the driver reports free, on the CPU the kernel's MemAvailable; None
-    where unknown (Apple's GPU, a system without /proc)."""
+    """Bytes free for this process: on a GPU what the driver reports free, on the CPU the kernel's
+    MemAvailable; None where unknown (Apple's GPU, a system without /proc)."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(device)[0]
     return data_prep.available_ram() if device == "cpu" else None
 
 
 def step_memory(config, args, dtype):
-    """An estimate of a training run's peak memory in bytes, by part. Per parameter (counted from the shape, nothing
-    built): fp32 weights, gradients and AdamW's two moments (16 bytes), autocast's low-precision copy (2), and under
-    SGT the evaluation's gradient coupling (two gradients and their float64 sums, 40). Per token of a micro-batch and
-    layer application: 20 fp32 values of width C kept for backward (Korthikanti et al. 2022 count 17 with flash
-    attention, no T x T scores; 20 measured on the CPU, where autocast keeps most in fp32 too), with --grad_checkpoint
-    2 plus 40 for the layer recomputed (measured); a mixture layer's MLP part (9 values) scaled by its capacity.
-    Logits, their log-softmax, its gradient and a temporary in fp32 (16 bytes per token and vocabulary entry) over
-    every position (evaluation and gamma run the full head even under SGT), again per MTP module. Token ids (int64
-    inputs and targets, built through a copy) of the global batch and of the held-out windows."""
+    """An estimate of a training run's peak memory in bytes, by part. Per parameter (counted from
+    the shape, nothing built): fp32 weights, gradients and AdamW's two moments (16 bytes),
+    autocast's low-precision copy (2), and under SGT the evaluation's gradient coupling (two
+    gradients and their float64 sums, 40). Per token of a micro-batch and layer application: 20 fp32
+    values of width C kept for backward (Korthikanti et al. 2022 count 17 with flash attention, no
+    T x T scores; 20 measured on the CPU, where autocast keeps most in fp32 too), with
+    --grad_checkpoint 2 plus 40 for the layer recomputed (measured); a mixture layer's MLP part
+    (9 values) scaled by its capacity. Logits, their log-softmax, its gradient and a temporary in
+    fp32 (16 bytes per token and vocabulary entry) over every position (evaluation and gamma run the
+    full head even under SGT), again per MTP module. Token ids (int64 inputs and targets, built
+    through a copy) of the global batch and of the held-out windows."""
     B, T, C, V = args.batch_size, args.block_size, config.n_embd, config.vocab_size
     L, E = len(config.applications()), max(1, config.n_expert)
-    # the matrices (vectors are a rounding error): embeddings, attention 4C^2 and each expert's MLP 8C^2 per layer,
-    # each application's LoRA, each MTP module's projection and block
-    n_params = (V + config.block_size) * C + config.n_layer * (4 + 8 * E) * C * C + config.mtp * 14 * C * C + \
-        L * config.lora_rank * (6 + 10 * E) * C
-    per_layer = 20 + (9 * (config.capacity_factor * config.experts_per_token - 1) if config.n_expert else 0)
+    # the matrices (vectors are a rounding error): embeddings, attention 4C^2 and each expert's MLP
+    # 8C^2 per layer, each application's LoRA, each MTP module's projection and block
+    n_params = (V + config.block_size) * C + config.n_layer * (4 + 8 * E) * C * C + \
+        config.mtp * 14 * C * C + L * config.lora_rank * (6 + 10 * E) * C
+    per_layer = 20 + (9 * (config.capacity_factor * config.experts_per_token - 1)
+                      if config.n_expert else 0)
     kept = (2 * L + 2 * per_layer) if args.grad_checkpoint else L * per_layer
     merged = L * 12 * C * C * 4 if config.lora_rank else 0  # each application's merged LoRA weights
-    return {"weights and optimizer state": n_params * (16 + (2 if dtype != "float32" else 0) + 40 * (args.sgt < 1)),
+    return {"weights and optimizer state": n_params * (16 + (2 if dtype != "float32" else 0) +
+                                                       40 * (args.sgt < 1)),
             "activations": B * T * C * (kept + 20 * config.mtp) * 4 + merged,
             "logits": 16 * B * T * V * (1 + config.mtp),
             "training batches": 32 * B * args.grad_accum * (T + 1),
@@ -275,55 +298,63 @@ def step_memory(config, args, dtype):
 
 
 FEWER = {"weights and optimizer state": "use a smaller model (--preset, --n_layer, --n_embd)",
-         "activations": "lower --batch_size (raising --grad_accum keeps the batch) or add --grad_checkpoint",
+         "activations": "lower --batch_size (raising --grad_accum keeps the batch) or add "
+                        "--grad_checkpoint",
          "logits": "lower --batch_size (raising --grad_accum keeps the batch) or --block_size",
          "training batches": "lower --grad_accum", "held-out windows": "lower --eval_iters"}
 
 
 def check_memory(config, args, device, dtype):
-    """Refuse in one line, before anything is allocated, a run whose estimated peak (step_memory) passes the memory
-    this device has free, with the flag to change; returns the estimate."""
+    """Refuse in one line, before anything is allocated, a run whose estimated peak (step_memory)
+    passes the memory this device has free, with the flag to change; returns the estimate."""
     free, parts = available_memory(device), step_memory(config, args, dtype)
-    need = sum(parts.values()) * (int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device == "cpu" else 1)
+    need = sum(parts.values()) * (int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+                                  if device == "cpu" else 1)
     largest = max(parts, key=parts.get)
     if free is not None and need > free:
-        raise ValueError(f"this run needs about {need / 1e9:.1f} GB at its peak ({largest}: {parts[largest] / 1e9:.1f}"
-                         f" GB), more than the {free / 1e9:.1f} GB free on {device}; {FEWER[largest]}")
+        raise ValueError(f"this run needs about {need / 1e9:.1f} GB at its peak ({largest}: "
+                         f"{parts[largest] / 1e9:.1f} GB), more than the {free / 1e9:.1f} GB "
+                         f"free on {device}; {FEWER[largest]}")
     return need
 
 
 # ----------------------------------------------------------------------------
 # the run folder (never lost, never mixed, never shared) and the weights a run starts from
 
-# what --resume may change: how long, how fast and where it runs; every other flag must be the run's own
-FREE_ON_RESUME = ("resume", "out_dir", "max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters",
-                  "weight_decay", "beta2", "grad_clip", "eval_interval", "log_interval", "device", "dtype",
-                  "compile", "grad_checkpoint")
-FROM_THE_MODEL = ("n_layer", "n_head", "n_embd", "vocab_size", "dropout", "bias")  # None: the model's
+# what --resume may change: how long, how fast and where it runs; every other flag must be the
+# run's own
+FREE_ON_RESUME = ("resume", "out_dir", "max_iters", "lr", "min_lr", "warmup_iters",
+                  "lr_decay_iters", "weight_decay", "beta2", "grad_clip", "eval_interval",
+                  "log_interval", "device", "dtype", "compile", "grad_checkpoint")
+# None: the model's
+FROM_THE_MODEL = ("n_layer", "n_head", "n_embd", "vocab_size", "dropout", "bias")
 
 
 def check_run_folder(args):
-    """Before anything is written: a folder that holds a run (ckpt.pt, metrics.jsonl, summary.json) is
-    continued only with --resume and the flags it was started with (a shape flag left out is the
-    model's; --data is checked by its content, in train.py). Returns the checkpoint to resume, or None."""
+    """Before anything is written: a folder that holds a run (ckpt.pt, metrics.jsonl, summary.json)
+    is continued only with --resume and the flags it was started with (a shape flag left out is the
+    model's; --data is checked by its content, in train.py). Returns the checkpoint to resume, or
+    None."""
     out = args.out_dir
     ckpt_path = os.path.join(out, "ckpt.pt")
     if not out or os.path.isfile(out):
         raise ValueError(f"--out_dir {out!r} is not a folder")
-    found = [f for f in ("ckpt.pt", "metrics.jsonl", "summary.json") if os.path.exists(os.path.join(out, f))]
+    found = [f for f in ("ckpt.pt", "metrics.jsonl", "summary.json")
+             if os.path.exists(os.path.join(out, f))]
     if found and not args.resume:
-        raise ValueError(f"--out_dir {out} already holds a run ({found[0]}); add --resume to continue it, "
-                         f"or choose a new --out_dir")
+        raise ValueError(f"--out_dir {out} already holds a run ({found[0]}); add --resume to "
+                         f"continue it, or choose a new --out_dir")
     if not found:
         return None
     if "ckpt.pt" not in found:
-        raise ValueError(f"--out_dir {out} has {found[0]} but no ckpt.pt to resume from; choose a new --out_dir")
+        raise ValueError(f"--out_dir {out} has {found[0]} but no ckpt.pt to resume from; "
+                         f"choose a new --out_dir")
     ckpt = checkpoint.load_checkpoint(ckpt_path)
     saved = ckpt.get("args") if isinstance(ckpt, dict) else None
     keys = ("model", "config", "optimizer", "rng")
     if not isinstance(saved, dict) or any(k not in ckpt for k in keys):
-        raise ValueError(f"{ckpt_path} cannot be resumed exactly; start a new --out_dir with --init_from "
-                         f"{ckpt_path}")
+        raise ValueError(f"{ckpt_path} cannot be resumed exactly; start a new --out_dir with "
+                         f"--init_from {ckpt_path}")
     checkpoint.check_resume_fields(ckpt, ckpt_path)
     for k, now in vars(args).items():
         if k in FREE_ON_RESUME or k == "data" or k not in saved:
@@ -343,20 +374,23 @@ def check_run_folder(args):
 
 @contextlib.contextmanager
 def locked(out_dir):
-    """Hold <out_dir>/.lock while training: a second training on the same folder is refused instead of racing."""
+    """Hold <out_dir>/.lock while training: a second training on the same folder is refused instead
+    of racing."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, ".lock"), "w") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel releases it when the process ends
+            # the kernel releases it when the process ends
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"--out_dir {out_dir} is in use by another training; wait for it, or choose another") \
-                from None
+            raise ValueError(f"--out_dir {out_dir} is in use by another training; wait for it, "
+                             f"or choose another") from None
         yield
 
 
 class Interrupt:
-    """SIGINT (Ctrl-C) or SIGTERM while training: the loop finishes its step, checkpoints it and stops.
-    A second signal stops at once. Under torchrun the ranks could stop at different steps: not caught."""
+    """SIGINT (Ctrl-C) or SIGTERM while training: the loop finishes its step, checkpoints it and
+    stops. A second signal stops at once. Under torchrun the ranks could stop at different steps:
+    not caught."""
 
     def __init__(self, enabled):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
@@ -384,11 +418,12 @@ def save_json(obj, path, lines=False):
 
 
 class NanWatch:
-    """The first step whose loss was NaN or inf, kept on the device (no sync per step); checked before each progress
-    line and each checkpoint, so a bad state is never saved."""
+    """The first step whose loss was NaN or inf, kept on the device (no sync per step); checked
+    before each progress line and each checkpoint, so a bad state is never saved."""
 
     def __init__(self, device, world, ckpt_path):
-        self.first, self.world, self.ckpt_path = torch.full((), 2**62, device=device), world, ckpt_path
+        self.first = torch.full((), 2**62, device=device)  # 2**62: no bad step yet
+        self.world, self.ckpt_path = world, ckpt_path
 
     def record(self, loss, step):
         self.first = torch.where((self.first == 2**62) & ~torch.isfinite(loss), step, self.first)
@@ -402,16 +437,19 @@ class NanWatch:
             kept = "no checkpoint was written"
             if saved is not None:
                 kept = f"{self.ckpt_path} still holds step {saved}, the last good state"
-            raise ValueError(f"the loss became NaN or inf at step {int(first.item())}; stopped, {kept}. Lower --lr (or "
-                             f"raise --warmup_iters), then continue with --resume")
+            raise ValueError(f"the loss became NaN or inf at step {int(first.item())}; "
+                             f"stopped, {kept}. Lower --lr (or raise --warmup_iters), then "
+                             f"continue with --resume")
 
 
 def check_vocab(model, meta, source):
-    """Weights whose ids mean other tokens than the data's are refused (an unknown vocabulary is let through)."""
+    """Weights whose ids mean other tokens than the data's are refused (an unknown vocabulary is let
+    through)."""
     data_vocab = data_prep.vocab_id(meta)
     if model.config.vocab_id and model.config.vocab_id != data_vocab:
-        raise ValueError(f"{source} was trained on the vocabulary {model.config.vocab_id!r}, the data's is "
-                         f"{data_vocab!r}: its ids mean other tokens; prepare the data with the model's tokenizer")
+        raise ValueError(f"{source} was trained on the vocabulary {model.config.vocab_id!r}, "
+                         f"the data's is {data_vocab!r}: its ids mean other tokens; prepare the "
+                         f"data with the model's tokenizer")
     if model.config.vocab_size < meta["vocab_size"]:
         raise ValueError(f"{source} has {model.config.vocab_size} token ids, fewer than the data's "
                          f"{meta['vocab_size']}")
@@ -433,18 +471,22 @@ def verdict(summary, rows):
 
 
 def cli(main, prog, argv=None, interrupted=""):
-    """Where a script meets its user: a mistake ends it with one line '<prog>: <what>' on stderr and exit status 1;
-    so do running out of memory and Ctrl-C (then interrupted says what is left)."""
+    """Where a script meets its user: a mistake ends it with one line '<prog>: <what>' on stderr and
+    exit status 1; so do running out of memory and Ctrl-C (then interrupted says what is left)."""
     try:
         return main(argv)
     except (ValueError, OSError) as e:  # ours say what to do; OSError: a missing file, a full disk
-        raise SystemExit(f"{prog}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
+        raise SystemExit(f"{prog}: "
+                         f"{(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
     except ImportError as e:
         raise SystemExit(f"{prog}: this needs the {e.name} package: pip install {e.name}") from None
-    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator says it in a plain RuntimeError
-        if isinstance(e, RuntimeError) and not any(s in str(e) for s in ("can't allocate memory", "out of memory")):
+    # torch's CPU allocator says it in a plain RuntimeError
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(s in str(e) for s in ("can't allocate memory",
+                                                                         "out of memory")):
             raise  # a bug: its traceback is the report
-        raise SystemExit(f"{prog}: out of memory; lower --batch_size or --block_size, or use a smaller model") from None
+        raise SystemExit(f"{prog}: out of memory; lower --batch_size or --block_size, or use a "
+                         f"smaller model") from None
     except KeyboardInterrupt as e:  # train.py's says which step its checkpoint holds
         said = str(e) or "interrupted"
         raise SystemExit(f"{prog}: {said}" + (f"; {interrupted}" if interrupted else "")) from None

@@ -147,7 +147,8 @@ def optimizer_step(model, optimizer, scaler, micro, ctx, grad_clip):
     for i, (x, y, sgt) in enumerate(micro):
         # under DDP, all-reduce the gradients only once, on the last micro-batch
         last = i == len(micro) - 1
-        no_sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
+        defer = isinstance(model, DDP) and not last
+        no_sync = model.no_sync() if defer else contextlib.nullcontext()
         with no_sync, ctx:
             _, loss = model(x, y, **sgt)
         scaler.scale(loss / len(micro)).backward()
