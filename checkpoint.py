@@ -166,6 +166,11 @@ def gpt2_state(state, conv1d):
     return {"lm_head.weight": out.get("wte.weight"), **out}  # tied; some files leave it out
 
 
+def ckpt_path(source):
+    """A run folder's ckpt.pt, or the file given."""
+    return os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
+
+
 def load_model(source, dropout=None):
     """A GPT from this project's ckpt.pt or nanoGPT's (the file or its folder), a Hugging Face GPT-2
     folder (config.json and model.safetensors or pytorch_model.bin), or gpt2 .. gpt2-xl by name
@@ -183,7 +188,7 @@ def load_model(source, dropout=None):
         else:
             state = load_checkpoint(os.path.join(source, "pytorch_model.bin"))
         return build_model(config, gpt2_state(state, conv1d=True), source, dropout)
-    path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
+    path = ckpt_path(source)
     if not os.path.exists(path) and source in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         from transformers import GPT2LMHeadModel  # optional: pip install transformers
         hf = GPT2LMHeadModel.from_pretrained(source)

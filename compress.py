@@ -6,14 +6,10 @@ train the compressed model, its few layers unrolled, to recover the loss (train.
   python compress.py --layers 3 --unroll 1+1x4+1 --lora_rank 8 --out_dir out-compress-3
   python compress.py --init_from gpt2-xl --layers 6 --unroll 1,8,8,8,8,1   # 48 -> 6 (transformers)
 
---unroll: "1,8,8,8,8,1" runs compressed layer j n_j times in a row; "1+4x8+1" runs a prelude of 1
-layer, a core of 4 looped 8 times and a coda of 1 (Huginn); "none" runs each layer once. Default:
-the two ends once, the middle layers group-size times (1,8,8,8,8,1 for 48 -> 6). The shape comes
-from --init_from; every training flag is train.py's. --distill and --distill_hidden recover by
-distillation from the uncompressed model (its forward counted in the FLOPs).
-Writes what train.py writes into --out_dir; summary.json adds the parameters, effective layers and
-FLOPs per token before and after, and the held-out loss of the original, right after averaging,
-and at the start of recovery.
+--unroll: "1,8,8,8,8,1" runs compressed layer j n_j times in a row; "1+4x8+1" a prelude of 1, a
+core of 4 looped 8 times and a coda of 1 (Huginn); "none" each layer once. Default: the ends once,
+the middle layers group-size times. The shape comes from --init_from, the training flags are
+train.py's; summary.json adds the sizes and FLOPs before and after, and the held-out losses.
 """
 
 import os
@@ -48,25 +44,18 @@ def parse_unroll(text, layers):
 def main(argv=None):
     p = guards.training_args("compress", __doc__)
     a = p.add_argument
-    a("--init_from", default=os.path.join("out", "ckpt.pt"),
-      help="the dense model (as train.py --init_from)")
-    a("--layers", type=guards.COUNT, default=6,
-      help="layers after compression; must divide the original number")
+    a("--init_from", default=os.path.join("out", "ckpt.pt"), help="the dense model to compress")
+    a("--layers", type=guards.COUNT, default=6, help="layers after; must divide the model's")
     a("--unroll", help="the compressed layers' schedule: n_1,...,n_k | P+CxL+D | none (see above)")
-    a("--lora_rank", type=guards.NATURAL, default=0,
-      help="each application's LoRA rank, from the residue's SVD")
+    a("--lora_rank", type=guards.NATURAL, default=0, help="LoRA rank per application (from SVD)")
     a("--no_step_embed", action="store_true", help="no step embedding per application")
     a("--coda_from", choices=["last", "first"], default="last",
-      help="the last compressed layer's LoRA starts from its group's last layer (the original's "
-           "final) or first")
+      help="the last layer's LoRA residue: its group's last (the original's final) or first")
     a("--distill", type=guards.number(float, "[0, 1]"), default=0.0,
-      help="weight of the KL to the teacher's (--init_from's) next-token distribution: 1 KL only, "
-           "0 cross-entropy only")
-    a("--distill_temp", type=guards.POSITIVE, default=1.0,
-      help="the temperature of the distillation KL")
+      help="weight of the KL to --init_from's next-token distribution (0: cross-entropy only)")
+    a("--distill_temp", type=guards.POSITIVE, default=1.0, help="the distillation KL's temperature")
     a("--distill_hidden", type=guards.NON_NEGATIVE, default=0.0,
-      help="weight of a hidden-state loss: each application's output against the end of its "
-           "teacher layers")
+      help="weight of a loss on each application's output against its teacher layer's")
     p.set_defaults(out_dir="out-compress")
     args = guards.parse_args(p, argv)
     schedule = parse_unroll(args.unroll, args.layers)  # said before anything is loaded
@@ -76,9 +65,8 @@ def main(argv=None):
     if args.distill_hidden and schedule is not None and list(schedule) != sorted(schedule):
         raise ValueError(f"--distill_hidden needs each layer's applications in a row (--unroll "
                          f"n_1,...,n_k), not a loop ({args.unroll})")
-    init = args.init_from
-    source = os.path.join(init, "ckpt.pt") if os.path.isdir(init) else init
-    if os.path.abspath(source) == os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")):
+    if os.path.abspath(checkpoint.ckpt_path(args.init_from)) == os.path.abspath(
+            os.path.join(args.out_dir, "ckpt.pt")):
         raise ValueError(f"--out_dir {args.out_dir} would overwrite the model it compresses; "
                          f"choose another --out_dir")
     guards.check_run_folder(args)  # before loading what may be a large model
@@ -96,26 +84,21 @@ def main(argv=None):
     model = cherry.compress(teacher, args.layers, schedule, not args.no_step_embed,
                             args.lora_rank, coda_from_end=args.coda_from == "last")
 
-    def counts(m):
-        return {"params": cherry.count_params(m),
-                "training_flops_per_token": cherry.flops_per_token(m.config),
-                "forward_flops_per_token": cherry.flops_per_token(m.config, training=False)}
-    applications = model.applications
-    before, after = counts(teacher), counts(model)
+    counts = lambda m: {"params": cherry.count_params(m),  # noqa: E731
+                        "training_flops_per_token": cherry.flops_per_token(m.config),
+                        "forward_flops_per_token": cherry.flops_per_token(m.config, training=False)}
+    apps, before, after = model.applications, counts(teacher), counts(model)
     info = {"init_from": args.init_from, "layers_before": cfg.n_layer, "layers": args.layers,
-            "lora": args.lora_rank, "schedule": applications,
-            "effective_layers": len(applications), "before": before, "after": after}
-    print(f"compressing {args.init_from}: {cfg.n_layer} -> {args.layers} layers, run as "
-          f"{applications} ({len(applications)} applications); parameters "
-          f"{before['params']:,} -> {after['params']:,}; forward FLOPs per token "
-          f"{before['forward_flops_per_token'] / 1e6:.1f}M -> "
-          f"{after['forward_flops_per_token'] / 1e6:.1f}M (unrolling saves parameters, not "
-          f"compute)")
+            "lora": args.lora_rank, "schedule": apps, "effective_layers": len(apps),
+            "before": before, "after": after}
+    flops = [c["forward_flops_per_token"] / 1e6 for c in (before, after)]
+    print(f"{cfg.n_layer} -> {args.layers} layers, run as {apps}; parameters {before['params']:,} "
+          f"-> {after['params']:,}; forward MFLOPs per token {flops[0]:.1f} -> {flops[1]:.1f}")
     # on the held-out windows of every evaluation: each averaged layer run once, unrolled (step
     # embeddings still zero), and the model that recovery starts from (with its LoRA)
     stages = {"original": teacher,
               "averaged": cherry.compress(teacher, args.layers, tuple(range(args.layers)), False),
-              "unrolled": cherry.compress(teacher, args.layers, applications, False),
+              "unrolled": cherry.compress(teacher, args.layers, apps, False),
               "start": model}
     for name, m in stages.items():
         info[f"loss_{name}"] = train.held_out_loss(args, m)["loss"]

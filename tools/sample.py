@@ -83,8 +83,7 @@ def main(argv=None):
     data = args.data
     # our checkpoint records the folder it was trained on
     if data is None and model.config.vocab_id != "gpt2":
-        path = (os.path.join(args.init_from, "ckpt.pt") if os.path.isdir(args.init_from) else
-                args.init_from)
+        path = checkpoint.ckpt_path(args.init_from)
         saved = checkpoint.load_checkpoint(path).get("args") if os.path.isfile(path) else None
         data = (saved.get("data") if isinstance(saved, dict) and
                 isinstance(saved.get("data"), str) else None)
