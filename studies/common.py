@@ -14,6 +14,7 @@ import time
 
 import torch
 
+import cherry
 from data import prepare as data_prep
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,6 +89,18 @@ def window_losses(model, x, y, device="cpu", batch=32):
     model.eval().to(device)
     return torch.cat([model.token_losses(x[i:i + batch].to(device), y[i:i + batch].to(device)).mean(1).double().cpu()
                       for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def detilted_window_losses(model, x, y, log_rates, batch=8):
+    """For each log_rate (vocab_size,): the mean cross-entropy of each held-out window of the logits
+    minus it, a selector's tilt of token frequencies undone (one forward for all of them)."""
+    out = [[] for _ in log_rates]
+    for i in range(0, len(x), batch):
+        logits = model.lm_head(model.hidden(x[i:i + batch])).double()
+        for losses, log_rate in zip(out, log_rates):
+            losses += cherry.cross_entropy(logits - log_rate, y[i:i + batch]).mean(1).tolist()
+    return out
 
 
 # Student's t quantiles for one-sided levels 0.95 and 0.975 (two-sided 90% and 95%) on 1 .. 30 degrees of freedom

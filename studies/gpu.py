@@ -342,14 +342,11 @@ def detilted_loss(run, model, held, log_pi):
     that depends on the type: R_ctx from this loss compares what the selectors learned from context on equal terms."""
     if log_pi is None:
         return None
-    (x, y), B, losses = run.held[held], run.s["batch"], []
     model.eval()
-    for i in range(0, len(x), B):
-        with run.ctx:
-            logits = model.lm_head(model.hidden(x[i:i + B]))
-        losses.append(cherry.cross_entropy(logits.float() - log_pi, y[i:i + B]))
+    with run.ctx:
+        losses = common.detilted_window_losses(model, *run.held[held], [log_pi], run.s["batch"])[0]
     model.train()
-    return torch.cat(losses).mean().item()
+    return sum(losses) / len(losses)
 
 
 def compressed(run, teacher):

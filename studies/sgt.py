@@ -171,17 +171,6 @@ def shares(selector, model, data, windows, batch, vocab_size, device, draws=16):
     return (sums + 1) / (counts + 1)  # one pseudo-pick: a type never picked (top-k's frequent ones) is not at 0
 
 
-@torch.no_grad()
-def held_out_losses(model, x, y, log_rates, batch=8):
-    """The mean cross-entropy of each held-out window, of logits - log_rate for each log_rate (vocab_size,)."""
-    out = [[] for _ in log_rates]
-    for i in range(0, len(x), batch):
-        logits = model.lm_head(model.hidden(x[i:i + batch])).double()
-        for losses, log_rate in zip(out, log_rates):
-            losses += cherry.cross_entropy(logits - log_rate, y[i:i + batch]).mean(1).tolist()
-    return out
-
-
 def cached(out, name, compute):
     """compute() once; its JSON in <out>/<name> from then on (a run redone clears its folder, and this with it)."""
     path = os.path.join(out, name)
@@ -203,7 +192,8 @@ def measure_end(job):
         selector = train.Selector(args, data.meta, device)
         rates = shares(selector, model, data, windows, args.batch_size, model.config.vocab_size, device)
         x, y = (t.to(device) for t in data.eval_batch(args.eval_iters * args.batch_size))
-        raw, share, plain = held_out_losses(model, x, y, [torch.zeros(1, device=device), *rates.log().to(device)])
+        raw, share, plain = common.detilted_window_losses(
+            model, x, y, [torch.zeros(1, device=device), *rates.log().to(device)])
         full = load_run(full_out, device)[2]
         full_split = train.HeldOut(args, data, selector, device).evaluate(full, contextlib.nullcontext())
         return {"raw": raw, "detilted": share, "by_pick_rate": plain, "full_split": full_split}
